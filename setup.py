@@ -1,0 +1,30 @@
+"""Install the hybrid engine and the rlhf pipeline.
+
+Nothing is compiled at install time: the C++/CUDA ops under csrc/ are JIT-compiled with ninja on first
+use by hybrid_engine.ops.builder, so `pip install -e .` works on a machine with only Python and pip.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="hybrid-engine-rlhf",
+    version="0.1.0",
+    description="A hybrid train/inference engine and an InstructGPT-style RLHF pipeline on DeepSpeed",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hybrid_engine*", "rlhf*"]),
+    package_data={"": ["*.cpp", "*.cu", "*.h", "*.cuh", "*.json", "*.txt"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "deepspeed>=0.14",
+        "transformers>=4.45",
+        "peft>=0.12",
+        "ninja",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest", "pytest-benchmark", "ruff"]},
+    entry_points={"console_scripts": ["rlhf=rlhf.cli:main"]},
+)
