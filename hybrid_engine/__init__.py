@@ -1,0 +1,27 @@
+"""hybrid_engine: fast rollouts from the very model you train.
+
+    engine = hybrid_engine.wrap(model, max_seq_len=512, max_batch_size=8)
+    engine.eval(); out = engine.generate(input_ids, attention_mask, max_new_tokens=64)
+    engine.train()  # back to the module's own forward, with autograd
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .engine import EngineConfig, HybridEngine
+from .generation import GenerationOutput
+
+__all__ = ["EngineConfig", "GenerationOutput", "HybridEngine", "wrap"]
+
+
+def wrap(model: nn.Module, max_seq_len: int = 512, max_batch_size: int = 8, tp_size: int = 1,
+         kernels: str | None = None, allow_fallback: bool = False, **options) -> HybridEngine:
+    """Wrap a Hugging Face causal LM (Llama, Mistral, Qwen2, OPT, GPT-2, GPT-NeoX), a PEFT model around one,
+    or a DeepSpeed engine around either. `options` are further EngineConfig fields."""
+    if max_seq_len < 2:
+        raise ValueError(f"max_seq_len={max_seq_len}: expected at least 2 (a prompt token and a new one)")
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size={max_batch_size}: expected at least 1")
+    config = EngineConfig(max_seq_len=max_seq_len, max_batch_size=max_batch_size, tp_size=tp_size, kernels=kernels,
+                          allow_fallback=allow_fallback, **options)
+    return HybridEngine(model, config)

@@ -1,0 +1,184 @@
+"""HybridEngine: one model, two modes. train() hands the module back to autograd; eval() describes the
+training parameters for the project's own inference forward (re-laying only the fused buffers) and
+generate() runs it over a preallocated KV cache."""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from . import ops as ops_lib
+from .cache import KVCache
+from .generation import GenerationOutput, SamplingParams, generate
+from .models import FAMILIES, InferenceModel, Relayer
+
+
+@dataclass
+class EngineConfig:
+    max_seq_len: int = 512        # prompt + new tokens, the KV cache's length
+    max_batch_size: int = 8       # rows of the KV cache
+    tp_size: int = 1              # tensor-parallel degree for generation
+    kernels: str | None = None    # auto | cuda | triton | cpu | torch; None reads $HYBRID_ENGINE_KERNELS
+    allow_fallback: bool = False  # unsupported architecture: delegate generate() to Hugging Face
+    release_cache_after_generate: bool = False  # DeepSpeed-Chat's --release_inference_cache
+
+
+@dataclass
+class SwitchStats:
+    """What the last eval() cost: wall time and bytes copied into re-laid buffers."""
+    seconds: float = 0.0
+    relaid_bytes: int = 0
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face module under a DeepSpeed engine and/or a PEFT model (LoRA layers stay in place)."""
+    inner = getattr(model, "module", None)
+    if inner is not None and type(model).__name__ == "DeepSpeedEngine":
+        model = inner
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        model = model.get_base_model()
+    return model
+
+
+class HybridEngine:
+    def __init__(self, model: nn.Module, config: EngineConfig):
+        self.module = model
+        self.config = config
+        self.hf_model = unwrap(model)
+        model_type = getattr(self.hf_model.config, "model_type", type(self.hf_model).__name__)
+        self.supported = model_type in FAMILIES
+        if not self.supported and not config.allow_fallback:
+            raise NotImplementedError(
+                f"hybrid_engine.wrap: architecture {model_type!r} ({type(self.hf_model).__name__}) is not supported; "
+                f"supported families: {', '.join(sorted(FAMILIES))} (pass allow_fallback=True to use Hugging Face "
+                "generate for it)")
+        if config.tp_size != 1:
+            raise NotImplementedError("tp_size > 1 is not available yet")
+        self.model_type = model_type
+        self.ops = ops_lib.select(config.kernels, self._device().type)
+        self.relayer = Relayer()
+        self.cache: KVCache | None = None
+        self.inference: InferenceModel | None = None
+        self.last_switch = SwitchStats()
+        self._warned_fallback = False
+        self.training = model.training
+
+    def _device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    def _dtype(self) -> torch.dtype:
+        return self.hf_model.get_input_embeddings().weight.dtype
+
+    # -- mode switches ---------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> HybridEngine:
+        """Training mode: the module's own forward, with autograd. The KV cache stays for the next rollout
+        unless release_memory() is called."""
+        if not mode:
+            return self.eval()
+        self.module.train()
+        self.inference = None
+        self.training = True
+        return self
+
+    @torch.no_grad()
+    def eval(self) -> HybridEngine:
+        """Inference mode: re-read the training parameters (in place) and refill the re-laid buffers."""
+        start = time.perf_counter()
+        self.module.eval()
+        self.training = False
+        if self.supported:
+            weights = FAMILIES[self.model_type](self.hf_model, self.relayer)
+            self.inference = InferenceModel(weights, self.ops)
+        self.last_switch = SwitchStats(time.perf_counter() - start, self.relayer.nbytes)
+        return self
+
+    @property
+    def relaid_bytes(self) -> int:
+        """Bytes of the buffers re-laid from the training weights (fused QKV, gate/up, LoRA merges)."""
+        return self.relayer.nbytes
+
+    def release_memory(self) -> None:
+        """Free the KV cache and every re-laid buffer; the next eval() re-creates them."""
+        self.cache = None
+        self.relayer.release()
+        self.inference = None
+
+    def _cache_for(self) -> KVCache:
+        w = self.inference.w
+        if self.cache is None:
+            self.cache = KVCache(len(w.layers), self.config.max_batch_size, w.num_kv_heads, self.config.max_seq_len,
+                                 w.head_dim, self._dtype(), self._device())
+        return self.cache
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None) -> GenerationOutput:
+        """Generate after left-padded prompts. See GenerationOutput for what comes back."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected (batch, prompt_len), got shape {tuple(input_ids.shape)}")
+        B, P = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: expected at least 1")
+        if P + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds max_seq_len "
+                             f"{self.config.max_seq_len}")
+        if B > self.config.max_batch_size:
+            raise ValueError(f"batch size {B} exceeds max_batch_size {self.config.max_batch_size}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p={top_p}: expected a value in (0, 1]")
+        if top_k < 0:
+            raise ValueError(f"top_k={top_k}: expected 0 (off) or a positive count")
+        if temperature <= 0.0:
+            raise ValueError(f"temperature={temperature}: expected a positive value")
+        if self.training:
+            self.eval()
+        cfg = self.hf_model.config
+        if eos_token_id is None:
+            eos_token_id = getattr(self.hf_model.generation_config, "eos_token_id", None)
+        eos_ids = None
+        if eos_token_id is not None:
+            eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            eos_ids = torch.tensor(eos_list, dtype=torch.long, device=input_ids.device)
+        if pad_token_id is None:
+            pad_token_id = getattr(cfg, "pad_token_id", None)
+            if pad_token_id is None:
+                pad_token_id = int(eos_ids[0]) if eos_ids is not None else 0
+        params = SamplingParams(do_sample, temperature, top_k, top_p, generator)
+        if not self.supported:
+            return self._hf_generate(input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id)
+        out = generate(self.inference, self._cache_for(), input_ids, attention_mask, max_new_tokens, params,
+                       eos_ids, pad_token_id)
+        if self.config.release_cache_after_generate:
+            self.cache = None
+        return out
+
+    @torch.no_grad()
+    def _hf_generate(self, input_ids, attention_mask, max_new_tokens, params: SamplingParams, eos_token_id,
+                     pad_token_id) -> GenerationOutput:
+        if not self._warned_fallback:
+            warnings.warn(f"hybrid_engine: {self.model_type} has no inference path of its own; generate() delegates "
+                          "to Hugging Face generate", stacklevel=3)
+            self._warned_fallback = True
+        kwargs = dict(do_sample=params.do_sample, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                      pad_token_id=pad_token_id, output_scores=False, output_logits=True, return_dict_in_generate=True)
+        if params.do_sample:
+            kwargs.update(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+        res = self.hf_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        new = res.sequences[:, input_ids.shape[1]:]
+        logits = torch.stack(res.logits, dim=1).float() / params.temperature   # (B, N, V)
+        logprobs = torch.log_softmax(logits, -1).gather(-1, new[..., None]).squeeze(-1)
+        action_mask = torch.ones_like(new, dtype=torch.bool)
+        if eos_token_id is not None:
+            eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id, device=new.device)
+            hit = torch.isin(new, eos).long()
+            action_mask = (hit.cumsum(-1) - hit) == 0   # up to and including the first EOS
+        return GenerationOutput(res.sequences, logprobs.masked_fill(~action_mask, 0.0), action_mask)

@@ -1,0 +1,96 @@
+"""Prefill + decode loop over the preallocated KV cache: greedy or sampled tokens, per-row stop at EOS,
+logprobs of the chosen tokens and the action mask."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cache import KVCache
+from .models import InferenceModel
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor    # (B, P + N) long: the prompts as given (left padded), then the new tokens
+    logprobs: torch.Tensor     # (B, N) float: log softmax(logits / temperature) at each new token, 0 after EOS
+    action_mask: torch.Tensor  # (B, N) bool: new tokens up to and including EOS
+
+
+@dataclass
+class SamplingParams:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+
+def filter_logits(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the nucleus of mass top_p (Hugging Face's
+    semantics: the smallest set whose probability exceeds top_p, at least one token). scores: (B, V)."""
+    if top_k > 0 and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]                # (B, 1)
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)                        # (B, V) ascending
+        drop_sorted = cum <= (1 - top_p)
+        drop_sorted[..., -1] = False                                              # keep the most likely
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def next_tokens(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose one token per row; returns (tokens (B,), logprobs (B,)) with logprobs of softmax(logits / T)."""
+    scores = logits / params.temperature if params.temperature != 1.0 else logits   # (B, V) fp32
+    logp_all = torch.log_softmax(scores, dim=-1)
+    if params.do_sample:
+        probs = filter_logits(scores, params.top_k, params.top_p).softmax(dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=params.generator).squeeze(-1)
+    else:
+        tokens = logits.argmax(dim=-1)
+    return tokens, logp_all.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model: InferenceModel, cache: KVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             max_new_tokens: int, params: SamplingParams, eos_ids: torch.Tensor | None,
+             pad_token_id: int) -> GenerationOutput:
+    """Generate up to max_new_tokens after left-padded prompts. Stops early once every row has hit EOS, so
+    N (the number of new-token columns) may be smaller than max_new_tokens, as with Hugging Face."""
+    B, P = input_ids.shape
+    device = input_ids.device
+    key_mask = torch.zeros(B, cache.max_seq_len, dtype=torch.bool, device=device)  # (B, S_max)
+    key_mask[:, :P] = attention_mask.bool()
+    key_mask[:, P:] = True
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)                # (B, P)
+
+    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+    action_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+
+    logits = model.forward(input_ids, positions, cache, 0, key_mask)              # (B, V)
+    next_pos = positions[:, -1:] + 1                                               # (B, 1)
+    steps = 0
+    for t in range(max_new_tokens):
+        tok, logp = next_tokens(logits, params)
+        alive = ~finished
+        tok = torch.where(alive, tok, pad_token_id)
+        tokens[:, t] = tok
+        logprobs[:, t] = torch.where(alive, logp, 0.0)
+        action_mask[:, t] = alive
+        steps = t + 1
+        if eos_ids is not None:
+            finished |= torch.isin(tok, eos_ids)
+            # one host sync per step buys the early exit; a CUDA-graph decode would check every k steps
+            if bool(finished.all()):
+                break
+        if t + 1 == max_new_tokens:
+            break
+        logits = model.forward(tok[:, None], next_pos, cache, P + t, key_mask)
+        next_pos += 1
+    sequences = torch.cat([input_ids, tokens[:, :steps]], dim=1)
+    return GenerationOutput(sequences, logprobs[:, :steps].contiguous(), action_mask[:, :steps].contiguous())

@@ -1,0 +1,104 @@
+"""Helpers the family files share: reading a projection's effective weight and re-laying fused buffers."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import Linear, Norm
+
+
+def activation(name: str):
+    """The activation a Hugging Face config names, as a function."""
+    table = {
+        "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
+        # gelu_new / gelu_pytorch_tanh / gelu_fast are all the tanh approximation of GELU
+        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    }
+    if name not in table:
+        raise NotImplementedError(f"activation {name!r} is not supported; supported: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def is_lora(module: nn.Module) -> bool:
+    """A PEFT LoRA layer wrapping a Linear or Conv1D (it has a base_layer and lora_A/lora_B)."""
+    return hasattr(module, "base_layer") and hasattr(module, "lora_A")
+
+
+def _lora_delta(module: nn.Module) -> torch.Tensor | None:
+    """The summed low-rank update of the active adapters, in the base layer's weight layout, or None."""
+    if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
+        return None
+    delta = None
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if getattr(module, "use_dora", {}).get(name, False):
+            raise NotImplementedError("LoRA with DoRA is not supported by the inference path")
+        d = module.get_delta_weight(name)
+        delta = d if delta is None else delta + d
+    return delta
+
+
+class Relayer:
+    """The buffers the engine re-lays on eval() (fused QKV, fused gate/up, LoRA-merged weights).
+
+    They are allocated on the first eval() and refilled in place on each later one, so a switch costs one
+    copy of those weights and no allocation. Everything else is read in place from the training module.
+    """
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+    def release(self) -> None:
+        self.buffers.clear()
+
+    def _buffer(self, key: str, like: torch.Tensor, shape) -> torch.Tensor:
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape != torch.Size(shape) or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
+    def weight(self, key: str, module: nn.Module) -> torch.Tensor:
+        """The weight to compute with: the parameter itself, or base + LoRA delta in a buffer."""
+        base = _base(module).weight
+        delta = _lora_delta(module) if is_lora(module) else None
+        if delta is None:
+            return base
+        return torch.add(base, delta.to(base.dtype), out=self._buffer(key, base, base.shape))
+
+    def linear(self, key: str, module: nn.Module, transposed: bool = False) -> Linear:
+        return Linear(self.weight(key, module), _base(module).bias, transposed)
+
+    def fused(self, key: str, modules: list[nn.Module]) -> Linear:
+        """One (sum of out, in) Linear standing for several nn.Linear applied to the same input."""
+        bases = [_base(m) for m in modules]
+        first = bases[0].weight
+        rows = [b.weight.shape[0] for b in bases]
+        weight = self._buffer(key + ".weight", first, (sum(rows), first.shape[1]))
+        for dst, module, base in zip(weight.split(rows), modules, bases):
+            dst.copy_(base.weight)
+            delta = _lora_delta(module) if is_lora(module) else None
+            if delta is not None:
+                dst.add_(delta.to(dst.dtype))
+        bias = None
+        if any(b.bias is not None for b in bases):
+            bias = self._buffer(key + ".bias", first, (sum(rows),))
+            for dst, base in zip(bias.split(rows), bases):
+                dst.copy_(base.bias) if base.bias is not None else dst.zero_()
+        return Linear(weight, bias)
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base_layer if is_lora(module) else module
+
+
+def layer_norm(module: nn.Module, rms: bool) -> Norm:
+    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-5)
+    return Norm(module.weight, getattr(module, "bias", None), eps, rms)

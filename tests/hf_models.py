@@ -1,0 +1,87 @@
+"""Tiny random-initialised Hugging Face models with awkward shapes, saved and loaded back through
+`save_pretrained` / `AutoModelForCausalLM.from_pretrained` as users' checkpoints are."""
+from __future__ import annotations
+
+import torch
+from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig,
+                          Qwen2Config)
+
+VOCAB = 101  # odd on purpose
+
+CONFIGS = {
+    # grouped-query attention, head dim 12 (not a power of two), rope_theta 5000, untied head
+    "llama": lambda: LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=12, rope_theta=5000.0,
+                                 max_position_embeddings=128, tie_word_embeddings=False),
+    # Llama-3 rope scaling, GQA 6:2 with head dim 10, tied embeddings
+    "llama3_rope": lambda: LlamaConfig(vocab_size=VOCAB, hidden_size=60, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=6, num_key_value_heads=2, head_dim=10,
+                                       max_position_embeddings=128, tie_word_embeddings=True,
+                                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 16},
+                                       rope_theta=500000.0),
+    # sliding window shorter than prompt + answer
+    "mistral": lambda: MistralConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=1, head_dim=12, sliding_window=9,
+                                     max_position_embeddings=128, rope_theta=20000.0),
+    # QKV bias, tied embeddings, GQA
+    "qwen2": lambda: Qwen2Config(vocab_size=VOCAB, hidden_size=56, intermediate_size=88, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 tie_word_embeddings=True, rope_theta=1_000_000.0),
+    # word_embed_proj_dim != hidden_size (project_in/out), learned positions offset by 2
+    "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                             word_embed_proj_dim=32, max_position_embeddings=128, pad_token_id=1, bos_token_id=2,
+                             eos_token_id=2),
+    # post-norm OPT (as opt-350m)
+    "opt_post_norm": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=40, ffn_dim=64, num_hidden_layers=2,
+                                       num_attention_heads=4, do_layer_norm_before=False,
+                                       max_position_embeddings=128, pad_token_id=1, bos_token_id=2, eos_token_id=2),
+    # Conv1D layout, head dim 10
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=40, n_layer=2, n_head=4, n_positions=128,
+                               bos_token_id=0, eos_token_id=0),
+    # partial rotary (a quarter of head dim 16), parallel residual
+    "gpt_neox": lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, rotary_pct=0.25, use_parallel_residual=True,
+                                      max_position_embeddings=128, rotary_emb_base=7000, bos_token_id=0,
+                                      eos_token_id=0),
+    # sequential residual, half rotary of head dim 12
+    "gpt_neox_seq": lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                          num_attention_heads=4, rotary_pct=0.5, use_parallel_residual=False,
+                                          max_position_embeddings=128, bos_token_id=0, eos_token_id=0),
+}
+
+
+def tiny_model(name: str, tmp_path, seed: int = 0, dtype=torch.float32):
+    """Build the named config with random weights, save it, and load it back from disk."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[name]())
+    # larger-than-default init spreads the logits, so greedy choices are not near-ties
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    path = tmp_path / name
+    model.save_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def left_padded_prompts(batch_lengths: list[int], pad_id: int, seed: int = 1, low: int = 3):
+    """Random prompts of the given lengths, left padded to the longest: (input_ids, attention_mask)."""
+    g = torch.Generator().manual_seed(seed)
+    P = max(batch_lengths)
+    ids = torch.full((len(batch_lengths), P), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(batch_lengths):
+        ids[i, P - n:] = torch.randint(low, VOCAB, (n,), generator=g)
+        mask[i, P - n:] = 1
+    return ids, mask
+
+
+def hf_logprobs(model, sequences, attention_mask, prompt_len, temperature: float = 1.0):
+    """log softmax(logits / T) of the Hugging Face forward at each token after the prompt: (B, N)."""
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions).logits.float()
+    logp = torch.log_softmax(logits[:, prompt_len - 1:-1] / temperature, dim=-1)
+    return logp.gather(-1, sequences[:, prompt_len:, None]).squeeze(-1)
