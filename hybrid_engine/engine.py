@@ -147,7 +147,8 @@ class HybridEngine:
         eos_ids = None
         if eos_token_id is not None:
             eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-            eos_ids = torch.tensor(eos_list, dtype=torch.long, device=input_ids.device)
+            if eos_list:  # an empty list means: never stop early
+                eos_ids = torch.tensor(eos_list, dtype=torch.long, device=input_ids.device)
         if pad_token_id is None:
             pad_token_id = getattr(cfg, "pad_token_id", None)
             if pad_token_id is None:

@@ -1,0 +1,163 @@
+"""Op builder: JIT-compile the C++/CUDA sources under csrc/ with ninja, in the manner of DeepSpeed's op_builder.
+
+Each builder declares its `sources()`, `include_paths()`, `cxx_flags()`, `nvcc_flags()` and `is_compatible()`;
+`load()` checks the toolchain, compiles once through `torch.utils.cpp_extension.load` into
+`$HYBRID_ENGINE_CACHE` (default `~/.cache/hybrid_engine/`) and caches the module for the process. Two
+builders exist, named here and nowhere else: `CpuOpsBuilder` (every C++ CPU twin in one extension, so CI pays
+for one build) and `CudaOpsBuilder` (the CUDA kernels plus their thin torch binding, GPU machines only).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"  # the repository's csrc/, next to hybrid_engine/
+_LOADED: dict[str, object] = {}  # builder name -> loaded module, so each extension is built/loaded once
+
+
+class BuildError(RuntimeError):
+    """An op could not be built or loaded: the message says what is missing."""
+
+
+def cache_dir() -> Path:
+    """Where the JIT builds live: $HYBRID_ENGINE_CACHE or ~/.cache/hybrid_engine, one folder per torch version."""
+    root = os.environ.get("HYBRID_ENGINE_CACHE") or Path.home() / ".cache" / "hybrid_engine"
+    return Path(root) / f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+class OpBuilder:
+    """One extension: its sources and flags, a compatibility check, and a cached load()."""
+
+    name = ""
+
+    def sources(self) -> list[Path]:
+        raise NotImplementedError
+
+    def include_paths(self) -> list[Path]:
+        return [CSRC]
+
+    def cxx_flags(self) -> list[str]:
+        return ["-O3", "-std=c++17"]
+
+    def nvcc_flags(self) -> list[str]:
+        return []
+
+    def ldflags(self) -> list[str]:
+        return []
+
+    def is_compatible(self) -> tuple[bool, str]:
+        """(ok, reason): whether this machine can build and run the op, and why not."""
+        missing = [str(p) for p in self.sources() if not p.exists()]
+        if missing:
+            return False, f"{self.name}: sources not found: {', '.join(missing)}"
+        return True, "ok"
+
+    def _check_toolchain(self) -> None:
+        from torch.utils import cpp_extension
+
+        try:
+            cpp_extension.verify_ninja_availability()
+        except RuntimeError as err:
+            raise BuildError(f"{self.name}: ninja is required to JIT-compile C++ ops (pip install ninja)") from err
+        cxx = os.environ.get("CXX", "c++")
+        if shutil.which(cxx) is None:
+            raise BuildError(f"{self.name}: no C++ compiler: {cxx!r} not found on PATH (install g++ or set CXX)")
+
+    def load(self, verbose: bool = False):
+        """Compile (first call on a machine, ~40 s) or load (later calls) the extension; cached per process."""
+        if self.name in _LOADED:
+            return _LOADED[self.name]
+        ok, reason = self.is_compatible()
+        if not ok:
+            raise BuildError(reason)
+        self._check_toolchain()
+        from torch.utils import cpp_extension
+
+        build_dir = cache_dir() / self.name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            module = cpp_extension.load(
+                name=self.name, sources=[str(p) for p in self.sources()],
+                extra_include_paths=[str(p) for p in self.include_paths()], extra_cflags=self.cxx_flags(),
+                extra_cuda_cflags=self.nvcc_flags(), extra_ldflags=self.ldflags(),
+                build_directory=str(build_dir), verbose=verbose)
+        except (RuntimeError, OSError) as err:
+            raise BuildError(f"{self.name}: build failed in {build_dir}: {err}") from err
+        _LOADED[self.name] = module
+        return module
+
+
+class CpuOpsBuilder(OpBuilder):
+    """Every C++ CPU twin (norms, rotary + cache append, decode/prefill attention, TP pack/unpack)."""
+
+    def __init__(self) -> None:
+        # AVX2+FMA code only where the CPU has both; the name keeps such a build apart in a shared cache.
+        self.simd = ["-mavx2", "-mfma"] if {"avx2", "fma"} <= _cpu_flags() else []
+        self.name = "hybrid_engine_cpu_ops" + ("_avx2" if self.simd else "")
+
+    def sources(self) -> list[Path]:
+        cpu = CSRC / "cpu"
+        return [cpu / f for f in ("bindings.cpp", "norm.cpp", "rotary.cpp", "attention.cpp", "tensor_parallel.cpp")]
+
+    def cxx_flags(self) -> list[str]:
+        # OpenMP: at::parallel_for's threads and `omp simd` reductions (fp32 sums vectorised without -ffast-math).
+        return super().cxx_flags() + ["-fopenmp"] + self.simd
+
+    def ldflags(self) -> list[str]:
+        return ["-fopenmp"]
+
+
+def cuda_arch_flags() -> list[str]:
+    """-gencode flags from TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0"), else from every visible GPU."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        archs = [a.strip() for a in env.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
+    else:
+        archs = sorted({"{}.{}".format(*torch.cuda.get_device_capability(i))
+                        for i in range(torch.cuda.device_count())})
+    flags = []
+    for arch in archs:
+        num = arch.replace("+PTX", "").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if arch.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+class CudaOpsBuilder(OpBuilder):
+    """The CUDA kernels (decode attention, rotary + cache append, TP pack/unpack) and their torch binding."""
+
+    name = "hybrid_engine_cuda_ops"
+
+    def sources(self) -> list[Path]:
+        return [CSRC / "cuda_bindings.cpp", CSRC / "attention" / "decode_attention.cu",
+                CSRC / "tensor_parallel" / "tp_pack.cu"]
+
+    def nvcc_flags(self) -> list[str]:
+        return ["-O3", "-std=c++17", "-lineinfo"] + cuda_arch_flags()
+
+    def is_compatible(self) -> tuple[bool, str]:
+        if torch.version.cuda is None:
+            return False, f"{self.name}: this torch ({torch.__version__}) is built without CUDA"
+        if not torch.cuda.is_available():
+            return False, f"{self.name}: no CUDA GPU visible"
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+            return False, f"{self.name}: nvcc not found (set CUDA_HOME to a CUDA toolkit)"
+        return super().is_compatible()
