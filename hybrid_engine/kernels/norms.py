@@ -1,5 +1,4 @@
 """Fused residual add + RMSNorm / LayerNorm in Triton: one program per row, statistics in fp32."""
-from typing import Optional
 
 import torch
 import triton
@@ -43,7 +42,8 @@ def _launch(x, residual, weight, bias, eps, rms, out_dtype):
     check(x.dim() >= 1 and x.numel() > 0, "norm", f"x must be non-empty, got shape {tuple(x.shape)}")
     N = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
-        check(t is None or tuple(t.shape) == (N,), "norm", f"{name} must be ({N},), got {None if t is None else tuple(t.shape)}")
+        check(t is None or tuple(t.shape) == (N,), "norm",
+              f"{name} must be ({N},), got {getattr(t, 'shape', '')}")
     check(residual is None or residual.shape == x.shape, "norm", "residual must have the shape of x")
     x2 = x.reshape(-1, N).contiguous()  # (rows, N)
     res2 = residual.reshape(-1, N).contiguous() if residual is not None else None
@@ -67,26 +67,26 @@ def rms_norm_residual_op(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton_op("hybrid_engine::layer_norm", mutates_args=())
-def layer_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+def layer_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   eps: float) -> torch.Tensor:
     return _launch(x, None, weight, bias, eps, False, x.dtype)[0]
 
 
 @triton_op("hybrid_engine::layer_norm_residual", mutates_args=())
-def layer_norm_residual_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+def layer_norm_residual_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                            eps: float, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(x, residual, weight, bias, eps, False, x.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """reference.rms_norm in one kernel. x: (..., N); weight: (N,). Returns out, or (out, x + residual)."""
     if residual is None:
         return torch.ops.hybrid_engine.rms_norm(x, weight, eps)
     return torch.ops.hybrid_engine.rms_norm_residual(x, weight, eps, residual)
 
 
-def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
-               residual: Optional[torch.Tensor] = None):
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+               residual: torch.Tensor | None = None):
     """reference.layer_norm in one kernel. x: (..., N); weight, bias: (N,). Returns out, or (out, x + residual)."""
     if residual is None:
         return torch.ops.hybrid_engine.layer_norm(x, weight, bias, eps)

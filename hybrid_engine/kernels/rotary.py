@@ -1,5 +1,4 @@
 """Rotary embedding of q and k fused with the KV-cache write, in Triton: one program per token."""
-from typing import Optional
 
 import torch
 import triton
@@ -18,7 +17,7 @@ def _rotate(ptrs, offs_d, cos, sin, HALF, ROT, live, HAS_ROT: tl.constexpr):
         first = offs_d < HALF
         partner = tl.where(first, offs_d + HALF, offs_d - HALF)
         xp = tl.load(ptrs + (partner - offs_d)[None, :], mask=live & in_rot[None, :], other=0.0).to(tl.float32)
-        xp = tl.where(first, -xp, xp)[None, :] if False else tl.where(first[None, :], -xp, xp)
+        xp = tl.where(first[None, :], -xp, xp)
         x = x * cos[None, :] + xp * sin[None, :]
     return x
 
@@ -67,7 +66,7 @@ def _launch(q, k, v, cos, sin, k_cache, v_cache, start, q_out):
     rot = cos.shape[-1] if cos is not None else 0
     if cos is not None:
         check(tuple(cos.shape) == (B, T, rot) and sin.shape == cos.shape and rot % 2 == 0 and rot <= D,
-              "rotary_kv_append", f"cos, sin must be (B, T, R) = ({B}, {T}, R), R even <= {D}; got {tuple(cos.shape)}")
+              "rotary_kv_append", f"cos, sin must be ({B}, {T}, R), R even <= {D}; got {tuple(cos.shape)}")
         cos, sin = cos.contiguous(), sin.contiguous()
     if B * T == 0:
         return
@@ -94,8 +93,8 @@ def kv_append_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
     _launch(q, k, v, None, None, k_cache, v_cache, start, None)
 
 
-def rotary_kv_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: Optional[torch.Tensor],
-                     sin: Optional[torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Tensor, start: int):
+def rotary_kv_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
+                     sin: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int):
     """reference.rotary_kv_append in one kernel. q: (B, T, H, D); k, v: (B, T, Hkv, D); cos, sin: (B, T, R);
     k_cache, v_cache: (B_max, Hkv, S_max, D). Returns q rotated (a new tensor), or q itself without cos."""
     if cos is None:

@@ -1,19 +1,39 @@
 """The ops the inference forward calls, each with a dispatch table of backends.
 
-`select(kernels)` returns an `OpSet`: one callable per op, chosen once when the engine is built, so the
-decode loop pays no dispatch cost per call. Backends: `torch` (the reference in reference.py) for now.
+`select(kernels, device)` returns an `OpSet`: one callable per op, chosen once when the engine is built, so the
+decode loop pays no dispatch cost per call. Backends, fastest first:
+
+  cuda    C++/CUDA kernels (csrc/attention, csrc/tensor_parallel), JIT-built by builder.CudaOpsBuilder. It has
+          no norm or prefill kernel: those ops use Triton (else torch), and `backends()` says so.
+  triton  Triton kernels (hybrid_engine/kernels); on CPU only under TRITON_INTERPRET=1 (slow; for tests).
+  cpu     C++ CPU twins (csrc/cpu), JIT-built by builder.CpuOpsBuilder; every op.
+  torch   the plain PyTorch references (reference.py); every op, every device.
+
+`kernels` is one of auto|cuda|triton|cpu|torch, or None for $HYBRID_ENGINE_KERNELS (default auto). `auto`
+takes, per op, the first backend in its order for the device that loads, and warns once when it falls back.
+An explicitly requested backend that cannot load raises `BackendError`, naming the op and why.
 """
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+
+import torch
 
 from . import reference
+from .builder import BuildError, CpuOpsBuilder, CudaOpsBuilder
 
 OP_NAMES = ("rms_norm", "layer_norm", "rotary_kv_append", "prefill_attention", "decode_attention",
             "tp_pack", "tp_unpack")
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}  # interpreted Triton: never auto
+CUDA_LACKS = ("rms_norm", "layer_norm", "prefill_attention")  # served by Triton (else torch) under `cuda`
+
+
+class BackendError(RuntimeError):
+    """An explicitly requested backend cannot serve an op on this device."""
 
 
 @dataclass(frozen=True)
@@ -37,13 +57,98 @@ def requested_backend(kernels: str | None = None) -> str:
     return name
 
 
-def select(kernels: str | None = None, device: str = "cpu") -> OpSet:
-    """Choose one implementation per op for `device`."""
-    requested_backend(kernels)
-    fns = {name: getattr(reference, name) for name in OP_NAMES}
-    return OpSet(**fns, choices={name: ("torch", "reference") for name in OP_NAMES})
+def _load_triton(device: str) -> dict:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BuildError("triton: no CUDA GPU visible")
+    if device not in ("cuda", "cpu"):
+        raise BuildError(f"triton: no kernels for device {device!r}")
+    try:
+        from .. import kernels
+    except ImportError as err:
+        raise BuildError(f"triton: cannot import the Triton kernels ({err})") from err
+    if device == "cpu" and not kernels.INTERPRETED:
+        raise BuildError("triton: CPU tensors need the interpreter: set TRITON_INTERPRET=1 before importing "
+                         "hybrid_engine.kernels")
+    if device == "cuda" and kernels.INTERPRETED:
+        raise BuildError("triton: TRITON_INTERPRET=1 is set, so the kernels would not be compiled for the GPU")
+    return {name: getattr(kernels, name) for name in OP_NAMES}
 
 
-def backends(kernels: str | None = None, device: str = "cpu") -> dict:
+def _load(backend: str, device: str) -> dict:
+    """{op: function} that `backend` provides on `device`; raises BuildError with the reason if it cannot."""
+    if backend == "torch":
+        return {name: getattr(reference, name) for name in OP_NAMES}
+    if backend == "cpu":
+        if device != "cpu":
+            raise BuildError(f"cpu: the C++ CPU twins run on CPU tensors, not {device!r}")
+        from .cpu import make_ops
+        return make_ops(CpuOpsBuilder().load())
+    if backend == "cuda":
+        if device != "cuda":
+            raise BuildError(f"cuda: the CUDA kernels run on CUDA tensors, not {device!r}")
+        from .cuda import make_ops
+        return make_ops(CudaOpsBuilder().load())
+    return _load_triton(device)
+
+
+_WARNED: set[str] = set()
+_CACHE: dict[tuple[str, str], OpSet] = {}
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _select_auto(device: str) -> tuple[dict, dict]:
+    fns, choices, failures = {}, {}, {}
+    for backend in AUTO_ORDER.get(device, ("torch",)):
+        try:
+            table = _load(backend, device)
+        except BuildError as err:
+            failures[backend] = str(err)
+            continue
+        for name, fn in table.items():
+            if name not in fns:
+                fns[name] = fn
+                why = "; ".join(f"{b} unavailable: {r}" for b, r in failures.items())
+                choices[name] = (backend, f"auto: fastest that loads on {device}" + (f" ({why})" if why else ""))
+    if failures:
+        detail = "; ".join(failures.values())
+        _warn_once(f"hybrid_engine.ops: kernels='auto' on {device} fell back for some ops ({detail})")
+    return fns, choices
+
+
+def _select_explicit(backend: str, device: str) -> tuple[dict, dict]:
+    try:
+        table = _load(backend, device)
+    except BuildError as err:
+        ops = ", ".join(OP_NAMES)
+        raise BackendError(f"kernels={backend!r} on {device}: ops {ops} cannot use it: {err}") from err
+    choices = {name: (backend, "requested") for name in table}
+    if backend == "cuda":  # the documented gap: no CUDA norm or prefill kernel, so Triton's, else torch's
+        try:
+            helper, via = _load("triton", device), "triton"
+        except BuildError as err:
+            helper, via = _load("torch", device), f"torch (triton unavailable: {err})"
+        for name in CUDA_LACKS:
+            table[name] = helper[name]
+            choices[name] = (via.split(" ")[0], f"requested cuda has no {name} kernel; using {via}")
+    return table, choices
+
+
+def select(kernels: str | None = None, device: str | torch.device = "cpu") -> OpSet:
+    """Choose one implementation per op for `device` (a device or its type: "cpu", "cuda", "cuda:1")."""
+    backend = requested_backend(kernels)
+    dev = torch.device(device).type
+    key = (backend, dev)
+    if key not in _CACHE:
+        fns, choices = _select_auto(dev) if backend == "auto" else _select_explicit(backend, dev)
+        _CACHE[key] = OpSet(**fns, choices=choices)
+    return _CACHE[key]
+
+
+def backends(kernels: str | None = None, device: str | torch.device = "cpu") -> dict:
     """What each op uses and why: {op: (backend, reason)}."""
-    return select(kernels, device).choices
+    return dict(select(kernels, device).choices)

@@ -52,7 +52,7 @@ class OpBuilder:
         return [CSRC]
 
     def cxx_flags(self) -> list[str]:
-        return ["-O3", "-std=c++17"]
+        return ["-O3"]
 
     def nvcc_flags(self) -> list[str]:
         return []
@@ -112,7 +112,8 @@ class CpuOpsBuilder(OpBuilder):
 
     def sources(self) -> list[Path]:
         cpu = CSRC / "cpu"
-        return [cpu / f for f in ("bindings.cpp", "norm.cpp", "rotary.cpp", "attention.cpp", "tensor_parallel.cpp")]
+        names = ("bindings.cpp", "norm.cpp", "rotary.cpp", "attention.cpp", "tensor_parallel.cpp")
+        return [cpu / name for name in names]
 
     def cxx_flags(self) -> list[str]:
         # OpenMP: at::parallel_for's threads and `omp simd` reductions (fp32 sums vectorised without -ffast-math).
@@ -149,7 +150,7 @@ class CudaOpsBuilder(OpBuilder):
                 CSRC / "tensor_parallel" / "tp_pack.cu"]
 
     def nvcc_flags(self) -> list[str]:
-        return ["-O3", "-std=c++17", "-lineinfo"] + cuda_arch_flags()
+        return ["-O3", "-lineinfo"] + cuda_arch_flags()
 
     def is_compatible(self) -> tuple[bool, str]:
         if torch.version.cuda is None:

@@ -1,0 +1,237 @@
+"""Attention in Triton: causal flash-attention forward for prefill, and flash-decoding over the KV cache.
+
+Both take the key_mask convention of reference.py (True on real tokens) and grouped-query attention (query
+head h reads kv head h // G). Online softmax in fp32; a pad query attends only to itself, as the reference.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import INTERPRETED, block, check, upcast
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _online_step(s, allowed, m_i, l_i, acc, v, UPCAST: tl.constexpr):
+    """One block of the online softmax: scores s (M, N), value block v (N, D) -> updated m_i, l_i, acc."""
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no allowed key yet stay at 0
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, T, H, G, D, scale, window,
+                    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b,
+                    HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_live = offs_d[None, :] < D
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :],
+                mask=(offs_m[:, None] < T) & d_live, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi = tl.minimum(T, start_m + BLOCK_M)  # causal: no key past the block's last query
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(0, start_m - window + 1) // BLOCK_N * BLOCK_N
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_live = offs_n < T
+        kv_mask = n_live[:, None] & d_live
+        k = tl.load(k_ptr + b * sk_b + hk * sk_h + offs_n[:, None] * sk_t + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * sv_b + hk * sv_h + offs_n[:, None] * sv_t + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        real = tl.load(mask_ptr + b * sm_b + offs_n, mask=n_live, other=0) != 0
+        s = _dot(q, tl.trans(k), UPCAST) * scale
+        allowed = (offs_n[None, :] <= offs_m[:, None]) & real[None, :] & n_live[None, :]
+        if HAS_WINDOW:
+            allowed = allowed & (offs_m[:, None] - offs_n[None, :] < window)
+        allowed = allowed | (offs_m[:, None] == offs_n[None, :])
+        m_i, l_i, acc = _online_step(s, allowed, m_i, l_i, acc, v, UPCAST)
+    out = acc / l_i[:, None]
+    o_ptrs = o_ptr + ((b * H + h) * T + offs_m[:, None]) * D + offs_d[None, :]
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(offs_m[:, None] < T) & d_live)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, part_ptr, ml_ptr, length, chunk, H, G, D, scale,
+                   sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b,
+                   SPLITS: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (b, kv head, split): the G query heads of one kv head against slots [split*chunk, +chunk)."""
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    g_live = offs_g < G
+    d_live = offs_d[None, :] < D
+    heads = hk * G + offs_g  # (BLOCK_G,) query heads of this kv head
+    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + offs_d[None, :], mask=g_live[:, None] & d_live,
+                other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    lo = split * chunk
+    hi = tl.minimum(length, lo + chunk)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_live = offs_n < hi
+        kv_mask = n_live[:, None] & d_live
+        k = tl.load(k_ptr + b * sk_b + hk * sk_h + offs_n[:, None] * sk_s + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * sv_b + hk * sv_h + offs_n[:, None] * sv_s + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        real = tl.load(mask_ptr + b * sm_b + offs_n, mask=n_live, other=0) != 0
+        s = _dot(q, tl.trans(k), UPCAST) * scale
+        m_i, l_i, acc = _online_step(s, (real & n_live)[None, :], m_i, l_i, acc, v, UPCAST)
+    row = b * H + heads  # (BLOCK_G,) rows of the (B * H) outputs
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + row[:, None] * D + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=g_live[:, None] & d_live)
+    else:  # unnormalised partials, combined by _decode_reduce_kernel
+        part = row * SPLITS + split
+        tl.store(part_ptr + part[:, None] * D + offs_d[None, :], acc, mask=g_live[:, None] & d_live)
+        tl.store(ml_ptr + part * 2, m_i, mask=g_live)
+        tl.store(ml_ptr + part * 2 + 1, l_i, mask=g_live)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_ptr, ml_ptr, o_ptr, D, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_live = offs_s < SPLITS
+    m = tl.load(ml_ptr + (row * SPLITS + offs_s) * 2, mask=s_live, other=float("-inf"))
+    l = tl.load(ml_ptr + (row * SPLITS + offs_s) * 2 + 1, mask=s_live, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))  # splits with no real key weigh nothing
+    parts = tl.load(part_ptr + (row * SPLITS + offs_s[:, None]) * D + offs_d[None, :],
+                    mask=s_live[:, None] & (offs_d[None, :] < D), other=0.0)
+    out = tl.sum(parts * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(o_ptr + row * D + offs_d, out.to(o_ptr.dtype.element_ty), mask=offs_d < D)
+
+
+def _blocks(dtype: torch.dtype, D: int) -> tuple[int, int]:
+    # Interpreted: 32x32 tiles (fewer, larger numpy steps). GPU: 64x64 tiles in 16-bit; 32x64 in fp32,
+    # whose (M, D) accumulators and K/V tiles are twice as large in registers.
+    if INTERPRETED:
+        return 32, 32
+    return (32, 64) if dtype == torch.float32 or D > 128 else (64, 64)
+
+
+@triton_op("hybrid_engine::prefill_attention", mutates_args=())
+def prefill_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float,
+                         sliding_window: int | None = None) -> torch.Tensor:
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    check(k.shape == v.shape and tuple(k.shape) == (B, Hkv, T, D) and Hkv > 0 and H % Hkv == 0,
+          "prefill_attention", f"k, v must be (B, Hkv, T, D) = ({B}, Hkv | {H}, {T}, {D}), got {tuple(k.shape)}")
+    check(tuple(key_mask.shape) == (B, T) and key_mask.dtype == torch.bool, "prefill_attention",
+          f"key_mask must be bool ({B}, {T}), got {key_mask.dtype} {tuple(key_mask.shape)}")
+    check(all(t.stride(-1) == 1 for t in (q, k, v)), "prefill_attention", "q, k, v must be contiguous in D")
+    out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    mask = key_mask.contiguous().view(torch.uint8)  # (B, T)
+    block_m, block_n = _blocks(q.dtype, D)
+    grid = (triton.cdiv(T, block_m), B * H)
+    wrap_triton(_prefill_kernel)[grid](
+        q, k, v, mask, out, T, H, H // Hkv, D, scale, sliding_window or 0,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), mask.stride(0),
+        HAS_WINDOW=sliding_window is not None, UPCAST=upcast(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block(D))
+    return out
+
+
+def decode_splits(batch_kv_heads: int, length: int, device: torch.device) -> int:
+    """How many pieces to cut the cache into: enough programs for ~2 waves of SMs, >= 128 slots each."""
+    if INTERPRETED:
+        return min(4, triton.cdiv(length, 64))  # small, but > 1 on the tests' longer caches
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, batch_kv_heads), triton.cdiv(length, 128), 64))
+
+
+@triton_op("hybrid_engine::decode_attention", mutates_args=())
+def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
+                        length: int, scale: float, num_splits: int = 0) -> torch.Tensor:
+    B, H, D = q.shape
+    Hkv = k_cache.shape[1]
+    check(k_cache.shape == v_cache.shape and k_cache.shape[0] >= B and k_cache.shape[3] == D and H % Hkv == 0,
+          "decode_attention", f"k_cache must be (>= {B}, Hkv | {H}, S_max, {D}), got {tuple(k_cache.shape)}")
+    check(1 <= length <= k_cache.shape[2], "decode_attention", f"length {length} not in [1, {k_cache.shape[2]}]")
+    check(key_mask.dtype == torch.bool and key_mask.shape[0] >= B and key_mask.shape[1] >= length,
+          "decode_attention", f"key_mask must be bool (>= {B}, >= {length}), got {tuple(key_mask.shape)}")
+    check(all(t.stride(-1) == 1 for t in (q, k_cache, v_cache)), "decode_attention",
+          "inputs must be contiguous in D")
+    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    G = H // Hkv
+    mask = key_mask.contiguous().view(torch.uint8)
+    splits = num_splits or decode_splits(B * Hkv, length, q.device)
+    block_n = 32 if INTERPRETED else 64
+    chunk = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n
+    splits = triton.cdiv(length, chunk)
+    part = torch.empty((B * H * splits, D) if splits > 1 else (0,), dtype=torch.float32, device=q.device)
+    ml = torch.empty((B * H * splits * 2,) if splits > 1 else (0,), dtype=torch.float32, device=q.device)
+    wrap_triton(_decode_kernel)[(B, Hkv, splits)](
+        q, k_cache, v_cache, mask, out, part, ml, length, chunk, H, G, D, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), mask.stride(0),
+        SPLITS=splits, UPCAST=upcast(q.dtype), BLOCK_G=block(G), BLOCK_N=block_n, BLOCK_D=block(D))
+    if splits > 1:
+        wrap_triton(_decode_reduce_kernel)[(B * H,)](part, ml, out, D, SPLITS=splits, BLOCK_S=block(splits, 2),
+                                                     BLOCK_D=block(D))
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float,
+                      sliding_window: int | None = None) -> torch.Tensor:
+    """reference.prefill_attention. q: (B, H, T, D); k, v: (B, Hkv, T, D); key_mask: (B, T). -> (B, H, T, D)."""
+    return torch.ops.hybrid_engine.prefill_attention(q, k, v, key_mask, scale, sliding_window)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
+                     length: int, scale: float, num_splits: int = 0) -> torch.Tensor:
+    """reference.decode_attention. q: (B, H, D); caches (B_max, Hkv, S_max, D); key_mask (B, S_max) -> (B, H, D).
+
+    num_splits: pieces of the cache reduced separately (flash-decoding); 0 picks from the SM count.
+    """
+    return torch.ops.hybrid_engine.decode_attention(q, k_cache, v_cache, key_mask, length, scale, num_splits)
