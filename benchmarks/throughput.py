@@ -1,0 +1,162 @@
+"""Hybrid engine generation vs Hugging Face `generate`: same model, same weights, same prompts, greedy, one run.
+
+    python benchmarks/throughput.py                       # CPU, ~15M-parameter Llama-style model, batch 1 8 32
+    python benchmarks/throughput.py --device cuda --dtype bf16 --model-size 1b --batch-sizes 1 16 64 \
+        --prompt-len 256 --new-tokens 256 --json throughput.json
+
+Prints a table (tokens/s of each, the speedup, whether both produced identical tokens) and, on CUDA, the
+achieved memory bandwidth of a decode step against the H200's ~4.3 TB/s copy ceiling.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hybrid_engine  # noqa: E402
+
+SIZES = {
+    # ~15.6M parameters: big enough that matmuls matter, small enough for a 2-core CPU
+    "15m": dict(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False),
+    # ~1.1B parameters, Llama-3.2-1B's shape with a 32k vocabulary
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PEAK_BYTES_PER_S = 4.3e12  # H200 device-memory copy ceiling measured on the reference machine (GPU.md)
+
+
+def build_model(size: str, dtype: torch.dtype, device: str, seq_len: int):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=max(seq_len, 512), bos_token_id=None,
+                      eos_token_id=None, pad_token_id=0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fns: dict, device: str, repeats: int) -> tuple[dict, dict]:
+    """Median wall time of each function over `repeats` calls after one warm-up, and its last result.
+
+    The functions take turns within each repeat, so load from elsewhere on the machine falls on both sides
+    of a ratio alike.
+    """
+    outs = {name: fn() for name, fn in fns.items()}
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            outs[name] = fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}, outs
+
+
+def prompts(batch: int, prompt_len: int, vocab: int, device: str):
+    """Left-padded prompts of lengths spread between half and all of prompt_len."""
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(3, vocab, (batch, prompt_len), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(batch):
+        pad = (i * prompt_len // 2) // max(batch, 1)
+        ids[i, :pad], mask[i, :pad] = 0, 0
+    return ids.to(device), mask.to(device)
+
+
+def run(args) -> list[dict]:
+    dtype = DTYPES[args.dtype]
+    seq_len = args.prompt_len + args.new_tokens
+    model = build_model(args.model_size, dtype, args.device, seq_len)
+    n_params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    engine = hybrid_engine.wrap(model, max_seq_len=seq_len, max_batch_size=max(args.batch_sizes),
+                                kernels=args.kernels).eval()
+    print(f"model: Llama-style {n_params / 1e6:.1f}M params, {args.dtype}, {args.device}; "
+          f"kernels: {sorted(set(b for b, _ in engine.ops.choices.values()))}", flush=True)
+    rows = []
+    for batch in args.batch_sizes:
+        ids, mask = prompts(batch, args.prompt_len, model.config.vocab_size, args.device)
+        hf_fn = lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,  # noqa: E731
+                                       min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        eng_fn = lambda n=args.new_tokens: engine.generate(ids, mask, max_new_tokens=n, eos_token_id=[])  # noqa: E731
+        with torch.inference_mode():
+            secs, outs = timed({"hf": hf_fn, "engine": eng_fn}, args.device, args.repeats)
+        hf_s, eng_s, hf_out, eng_out = secs["hf"], secs["engine"], outs["hf"], outs["engine"]
+        new = batch * args.new_tokens
+        row = dict(batch_size=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                   hf_tokens_per_s=new / hf_s, engine_tokens_per_s=new / eng_s, speedup=hf_s / eng_s,
+                   outputs_equal=bool(torch.equal(hf_out, eng_out.sequences)))
+        if args.device == "cuda" and args.new_tokens > 1:
+            prefill_s = timed({"prefill": lambda: eng_fn(1)}, args.device, args.repeats)[0]["prefill"]
+            step_s = (eng_s - prefill_s) / (args.new_tokens - 1)
+            cfg = model.config
+            head_dim = cfg.hidden_size // cfg.num_attention_heads
+            mean_len = args.prompt_len + args.new_tokens / 2
+            kv_bytes = (2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * mean_len * head_dim
+                        * torch.empty((), dtype=dtype).element_size())
+            row.update(decode_step_ms=step_s * 1e3,
+                       decode_bandwidth_fraction=(weight_bytes + kv_bytes) / step_s / PEAK_BYTES_PER_S)
+        rows.append(row)
+        print_row(row, header=len(rows) == 1)
+    return rows
+
+
+def print_row(row: dict, header: bool) -> None:
+    if header:
+        print(f"{'batch':>5} {'prompt':>6} {'new':>5} {'HF tok/s':>10} {'engine tok/s':>12} {'speedup':>7} "
+              f"{'equal':>5}" + (f" {'step ms':>8} {'bw frac':>7}" if "decode_step_ms" in row else ""))
+    line = (f"{row['batch_size']:>5} {row['prompt_len']:>6} {row['new_tokens']:>5} {row['hf_tokens_per_s']:>10.1f} "
+            f"{row['engine_tokens_per_s']:>12.1f} {row['speedup']:>6.2f}x {str(row['outputs_equal']):>5}")
+    if "decode_step_ms" in row:
+        line += f" {row['decode_step_ms']:>8.2f} {row['decode_bandwidth_fraction']:>7.2f}"
+    print(line, flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run both (default cpu)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="weights and cache dtype (default fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--model-size", default="15m", choices=sorted(SIZES),
+                   help="random-initialised Llama-style model: 15m (default) or 1b")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="batch sizes to run (default 1 8 32)")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt length, rows left padded up to half (default 64)")
+    p.add_argument("--new-tokens", type=int, default=64, help="new tokens per row, no early stop (default 64)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement, median kept (default 3)")
+    p.add_argument("--kernels", default=None, help="engine kernels: auto|cuda|triton|cpu|torch (default: "
+                   "$HYBRID_ENGINE_KERNELS or auto)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", default=None, help="also write the rows as a JSON list to this path")
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run(args)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(rows, f, indent=2)
+        os.replace(tmp, args.json)
+    if not all(r["outputs_equal"] for r in rows):
+        print("WARNING: the engine's tokens differ from Hugging Face's in some rows", file=sys.stderr)
+        return 1 if args.dtype == "fp32" else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
