@@ -1,0 +1,132 @@
+"""What steps 1 and 2 share: the config fields (DeepSpeed-Chat's flags and defaults), argparse generated from
+the dataclass (every field carries its ``--help`` text), and small loop helpers.
+
+Flags are DeepSpeed-Chat's names in dash form (``--zero-stage``, ``--lora-dim``, ``--gradient-checkpointing``).
+A ``prefix`` lets one parser hold several steps (``--sft-learning-rate``, ``--rm-learning-rate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+from dataclasses import dataclass, field
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import torch
+
+from rlhf.models import ModelOptions
+
+
+def opt(default: Any, help: str, **kwargs) -> Any:
+    """A dataclass field with its --help text."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class StepConfig:
+    """Options common to SFT and reward-model training (DeepSpeed-Chat defaults unless noted)."""
+
+    model_name_or_path: str | None = opt(None, "Hugging Face model id or local path; none: build from --preset")
+    tokenizer_name_or_path: str | None = opt(None, "tokenizer id or path (default: the model's)")
+    data: list[str] = opt([], "data files or dataset dirs, each PATH or PATH:WEIGHT (JSON, JSONL, .jsonl.gz)")
+    data_split: str = opt("2,4,4", "proportions of each pair source for steps 1,2,3 (normalised, disjoint)")
+    output_dir: str = opt("outputs/model", "where the checkpoint is written")
+    max_seq_len: int = opt(512, "max tokens of prompt + answer (longer sequences are truncated)")
+    per_device_train_batch_size: int = opt(16, "training batch size per device")
+    per_device_eval_batch_size: int = opt(16, "evaluation batch size per device")
+    learning_rate: float = opt(1e-3, "initial learning rate (after warmup)")
+    weight_decay: float = opt(0.0, "weight decay (not applied to biases and norms)")
+    num_train_epochs: int = opt(1, "passes over the training data")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
+    lr_scheduler_type: str = opt("cosine", "learning-rate schedule after warmup",
+                                 choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                          "constant_with_warmup"])
+    num_warmup_steps: int = opt(0, "optimizer steps of linear warmup")
+    max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs)")
+    eval_fraction: float = opt(0.1, "share of this step's records held out for evaluation")
+    seed: int = opt(1234, "seed of the data split, shuffling and initialisation")
+    # Our default is fp32 (DeepSpeed-Chat's fp16 does not run on CPU); use bf16 on GPUs that support it.
+    dtype: str = opt("fp32", "training precision", choices=["fp32", "bf16", "fp16"])
+    zero_stage: int = opt(0, "ZeRO stage for this model", choices=[0, 1, 2, 3])
+    offload: bool = opt(False, "offload optimizer state (and ZeRO-3 parameters) to CPU memory")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    dropout: float | None = opt(None, "override the model's dropout probabilities (default: keep the model's)")
+    lora_dim: int = opt(0, "LoRA rank (0: no LoRA)")
+    lora_module_name: str = opt("layers.", "LoRA is applied to Linear layers whose name contains this")
+    only_optimize_lora: bool = opt(False, "train only the LoRA weights")
+    lora_learning_rate: float = opt(5e-4, "learning rate of the LoRA weights")
+    print_loss: bool = opt(False, "print the loss of every step")
+    log_interval: int = opt(10, "optimizer steps between metrics.jsonl records")
+    disable_tqdm: bool = opt(False, "no progress bars")
+
+    def model_options(self) -> ModelOptions:
+        # Weights stay fp32: DeepSpeed casts the engine to bf16/fp16 and keeps fp32 master weights itself.
+        return ModelOptions(dtype="fp32", dropout=self.dropout, gradient_checkpointing=self.gradient_checkpointing,
+                            lora_dim=self.lora_dim, lora_module_name=self.lora_module_name,
+                            only_optimize_lora=self.only_optimize_lora)
+
+
+def _scalar_type(annotation: Any) -> type:
+    if get_origin(annotation) in (Union, types.UnionType):
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, config_cls: type, prefix: str = "",
+                    skip: tuple[str, ...] = (), defaults: Any = None) -> None:
+    """One ``--{prefix}{field-name}`` flag per dataclass field, with its help text and default."""
+    defaults = defaults or config_cls()
+    hints = get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
+        flag = f"--{prefix}{f.name.replace('_', '-')}"
+        dest = f"{prefix.replace('-', '_')}{f.name}"
+        default = getattr(defaults, f.name)
+        meta = dict(f.metadata)
+        shown = default not in (None, [], False)
+        help_text = meta.pop("help", f.name) + (f" (default: {default})" if shown else "")
+        kind = _scalar_type(hints[f.name])
+        if kind is bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        elif get_origin(kind) is list:
+            parser.add_argument(flag, dest=dest, nargs="+", default=list(default), metavar="PATH[:WEIGHT]",
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=dest, type=kind, default=default, help=help_text, **meta)
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace, prefix: str = "", **overrides) -> Any:
+    """Build ``config_cls`` from the flags ``add_config_args`` added (skipped fields keep their defaults)."""
+    values = {}
+    for f in dataclasses.fields(config_cls):
+        dest = f"{prefix.replace('-', '_')}{f.name}"
+        if hasattr(args, dest):
+            values[f.name] = getattr(args, dest)
+    values.update(overrides)
+    return config_cls(**values)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum floats over ranks (identity in a single process)."""
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def num_update_steps(num_batches: int, cfg: StepConfig) -> int:
+    """Optimizer steps the run will take (what the learning-rate schedule spans)."""
+    total = math.ceil(num_batches / cfg.gradient_accumulation_steps) * cfg.num_train_epochs
+    return min(total, cfg.max_steps) if cfg.max_steps > 0 else total

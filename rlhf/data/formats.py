@@ -1,0 +1,165 @@
+"""Read preference, SFT and hh-rlhf records from JSON / JSONL / .jsonl.gz files or a `datasets` directory.
+
+Every format is normalised to one record type, ``Example(prompt, chosen, rejected)``; ``rejected`` is None
+for SFT-only records. The format is detected per record from its fields:
+
+- ``prompt, chosen, rejected``            preference (DeepSpeed-Chat's local json)
+- ``prompt, response`` / ``prompt, chosen`` SFT demonstration
+- ``chosen, rejected`` (no prompt)        Anthropic hh-rlhf dialogue: the prompt is everything up to and
+                                          including the last ``"\\n\\nAssistant:"`` of ``chosen``.
+
+A bad record raises ``DataError`` whose one-line message names the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+HH_ASSISTANT = "\n\nAssistant:"
+EXPECTED = "expected prompt+chosen+rejected, prompt+response, or hh-rlhf chosen/rejected"
+
+
+class DataError(ValueError):
+    """A data file or record that cannot be used; the message names file, line and field."""
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    chosen: str  # the demonstration for SFT, the preferred answer for the reward model
+    rejected: str | None = None  # None for SFT-only records
+
+    @property
+    def is_pair(self) -> bool:
+        return self.rejected is not None
+
+
+def split_hh_dialogue(text: str) -> tuple[str, str] | None:
+    """Split an hh-rlhf dialogue into (prompt up to and including the last "\\n\\nAssistant:", answer)."""
+    cut = text.rfind(HH_ASSISTANT)
+    if cut < 0:
+        return None
+    cut += len(HH_ASSISTANT)
+    return text[:cut], text[cut:].lstrip(" ")
+
+
+def _field(record: dict, name: str, where: str) -> str:
+    value = record[name]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: field '{name}' is empty")
+    return value
+
+
+def parse_record(record: object, where: str) -> Example:
+    """Normalise one record; ``where`` ("file:line") prefixes every error message."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: record must be a JSON object, got {type(record).__name__}")
+    if "prompt" in record:
+        prompt = _field(record, "prompt", where)
+        if "rejected" in record:
+            if "chosen" not in record:
+                raise DataError(f"{where}: field 'chosen' missing ({EXPECTED})")
+            return Example(prompt, _field(record, "chosen", where), _field(record, "rejected", where))
+        for answer in ("response", "chosen"):
+            if answer in record:
+                return Example(prompt, _field(record, answer, where))
+        raise DataError(f"{where}: field 'chosen' missing ({EXPECTED})")
+    if "chosen" in record and "rejected" in record:
+        chosen, rejected = _field(record, "chosen", where), _field(record, "rejected", where)
+        chosen_split, rejected_split = split_hh_dialogue(chosen), split_hh_dialogue(rejected)
+        if chosen_split is None:
+            raise DataError(f"{where}: field 'chosen' has no '\\n\\nAssistant:' turn (hh-rlhf dialogue expected)")
+        if rejected_split is None:
+            raise DataError(
+                f"{where}: field 'rejected' has no '\\n\\nAssistant:' turn (hh-rlhf dialogue expected)"
+            )
+        return Example(chosen_split[0], chosen_split[1], rejected_split[1])
+    missing = "chosen" if "rejected" in record else "prompt"
+    raise DataError(f"{where}: field '{missing}' missing ({EXPECTED})")
+
+
+def _iter_json_records(path: Path) -> Iterator[tuple[int, object]]:
+    """Yield (line number, record). A JSON list is numbered by the line its element starts on."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from e
+    stripped = text.lstrip()
+    if not stripped:
+        raise DataError(f"{path}: file is empty")
+    if stripped.startswith("["):
+        yield from _iter_json_list(path, text)
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from e
+
+
+def _iter_json_list(path: Path, text: str) -> Iterator[tuple[int, object]]:
+    # Decode element by element so each record keeps the line number it starts on.
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+
+    def skip(pos: int) -> int:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    def fail(pos: int, what: str) -> DataError:
+        lineno = text.count("\n", 0, pos) + 1
+        return DataError(f"{path}:{lineno}: bad JSON ({what})")
+
+    pos = skip(pos)
+    if pos < len(text) and text[pos] == "]":
+        return
+    while True:
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise fail(e.pos, e.msg) from e
+        yield text.count("\n", 0, pos) + 1, record
+        pos = skip(end)
+        if pos >= len(text):
+            raise fail(pos, "unterminated list")
+        if text[pos] == "]":
+            return
+        if text[pos] != ",":
+            raise fail(pos, "expected ',' or ']'")
+        pos = skip(pos + 1)
+
+
+def _load_dataset_dir(path: Path) -> list[Example]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(f"{path}: is a directory; reading a dataset directory needs the `datasets` package") from e
+    dataset = datasets.load_from_disk(str(path))
+    if isinstance(dataset, datasets.DatasetDict):  # prefer the train split of a saved DatasetDict
+        dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+    return [parse_record(row, f"{path}:{i + 1}") for i, row in enumerate(dataset)]
+
+
+def load_examples(path: str | Path) -> list[Example]:
+    """Read every record of a JSON list, JSONL (optionally gzipped) file, or a `datasets` directory."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        examples = _load_dataset_dir(path)
+    else:
+        examples = [parse_record(record, f"{path}:{lineno}") for lineno, record in _iter_json_records(path)]
+    if not examples:
+        raise DataError(f"{path}: no records")
+    return examples

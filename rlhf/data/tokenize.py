@@ -1,0 +1,210 @@
+"""Tokenized datasets and collators for the three steps.
+
+- Step 1 (SFT): prompt + answer + EOS, RIGHT-padded; labels are -100 on the prompt and on padding, so the
+  loss is the answer's only.
+- Step 2 (RM): (chosen, rejected) sequences; a batch of B pairs is one (2B, T) tensor, the B chosen rows
+  first, then the B rejected rows (DeepSpeed-Chat's layout), right-padded.
+- Step 3 (PPO): prompts only, LEFT-padded so every row's generation starts at the same column; prompts
+  longer than ``max_prompt_len`` tokens are dropped and counted.
+
+Prompts are formatted with the tokenizer's chat template when it has one, else as
+``"Human: {prompt}\\n\\nAssistant:"``; an hh-rlhf prompt already ends with "Assistant:" and is used as is.
+Prompt and answer are tokenized separately and concatenated, so the prompt/answer boundary is exact
+whatever the tokenizer merges.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+from rlhf.data.formats import Example
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = "Human: {prompt}\n\nAssistant:"
+IGNORE_INDEX = -100  # labels with this value are skipped by the cross-entropy of HF causal LMs
+
+
+def _has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def format_prompt(tokenizer, prompt: str) -> str:
+    """The text the model sees before its answer."""
+    if prompt.rstrip().endswith("Assistant:"):  # an hh-rlhf dialogue carries its own turns
+        return prompt
+    if _has_chat_template(tokenizer):
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return DEFAULT_TEMPLATE.format(prompt=prompt)
+
+
+def pad_token_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+    return pad
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of the formatted prompt (with BOS when the tokenizer adds one and no chat template did)."""
+    text = format_prompt(tokenizer, prompt)
+    # A chat template writes its own BOS; adding special tokens again would double it.
+    templated = _has_chat_template(tokenizer) and not prompt.rstrip().endswith("Assistant:")
+    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
+
+
+def encode_answer(tokenizer, answer: str) -> list[int]:
+    """Token ids of an answer followed by EOS (the reward model scores the EOS position)."""
+    text = answer if _has_chat_template(tokenizer) else " " + answer.lstrip()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)  # (B, T)
+    for i, row in enumerate(rows):
+        if len(row):
+            if left:
+                out[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            else:
+                out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def _mask(rows: Sequence[Sequence[int]], left: bool = False) -> torch.Tensor:
+    return _pad([[1] * len(r) for r in rows], 0, left=left)
+
+
+class SFTDataset(Dataset):
+    """(input_ids, labels) per example; ``collate`` right-pads a batch."""
+
+    def __init__(self, rows: list[tuple[list[int], list[int]]], pad_id: int, num_dropped: int = 0):
+        self.rows, self.pad_id, self.num_dropped = rows, pad_id, num_dropped
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+        return self.rows[i]
+
+    def collate(self, batch: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        ids = [b[0] for b in batch]
+        return {
+            "input_ids": _pad(ids, self.pad_id),  # (B, T)
+            "attention_mask": _mask(ids),  # (B, T)
+            "labels": _pad([b[1] for b in batch], IGNORE_INDEX),  # (B, T)
+        }
+
+
+class PairDataset(Dataset):
+    """(chosen_ids, rejected_ids) per pair; ``collate`` gives (2B, T): chosen rows, then rejected rows."""
+
+    def __init__(self, rows: list[tuple[list[int], list[int]]], pad_id: int):
+        self.rows, self.pad_id = rows, pad_id
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+        return self.rows[i]
+
+    def collate(self, batch: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        seqs = [b[0] for b in batch] + [b[1] for b in batch]
+        return {"input_ids": _pad(seqs, self.pad_id), "attention_mask": _mask(seqs)}  # (2B, T) each
+
+
+class PromptDataset(Dataset):
+    """Prompt token ids; ``collate`` LEFT-pads. ``num_dropped`` counts prompts over the length limit."""
+
+    def __init__(self, rows: list[list[int]], pad_id: int, num_dropped: int = 0, prompts: list[str] | None = None):
+        self.rows, self.pad_id, self.num_dropped = rows, pad_id, num_dropped
+        self.prompts = prompts or []  # the raw prompt texts, aligned with rows (e.g. for a gold score)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list[int]:
+        return self.rows[i]
+
+    def collate(self, batch: list[list[int]]) -> dict[str, torch.Tensor]:
+        return {"input_ids": _pad(batch, self.pad_id, left=True), "attention_mask": _mask(batch, left=True)}
+
+
+def build_sft_dataset(tokenizer, examples: Sequence[Example], max_seq_len: int = 512) -> SFTDataset:
+    """Prompt + chosen answer, truncated to ``max_seq_len``; an example whose prompt fills it is dropped."""
+    rows, dropped = [], 0
+    for ex in examples:
+        prompt_ids, answer_ids = encode_prompt(tokenizer, ex.prompt), encode_answer(tokenizer, ex.chosen)
+        if len(prompt_ids) >= max_seq_len:  # nothing of the answer would be left to learn from
+            dropped += 1
+            continue
+        ids = (prompt_ids + answer_ids)[:max_seq_len]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_seq_len]
+        rows.append((ids, labels))
+    if dropped:
+        logger.warning(
+            "SFT: dropped %d of %d examples whose prompt fills max_seq_len=%d", dropped, len(examples), max_seq_len
+        )
+    return SFTDataset(rows, pad_token_id(tokenizer), dropped)
+
+
+def build_pair_dataset(tokenizer, examples: Sequence[Example], max_seq_len: int = 512) -> PairDataset:
+    """(prompt + chosen, prompt + rejected), each truncated to ``max_seq_len``; SFT-only examples are skipped."""
+    rows = []
+    for ex in examples:
+        if ex.rejected is None:
+            continue
+        prompt_ids = encode_prompt(tokenizer, ex.prompt)
+        chosen = (prompt_ids + encode_answer(tokenizer, ex.chosen))[:max_seq_len]
+        rejected = (prompt_ids + encode_answer(tokenizer, ex.rejected))[:max_seq_len]
+        rows.append((chosen, rejected))
+    return PairDataset(rows, pad_token_id(tokenizer))
+
+
+def build_prompt_dataset(tokenizer, examples: Sequence[Example], max_prompt_len: int = 256) -> PromptDataset:
+    """Step-3 prompts; those longer than ``max_prompt_len`` tokens are dropped, counted and logged."""
+    rows, prompts, dropped = [], [], 0
+    for ex in examples:
+        ids = encode_prompt(tokenizer, ex.prompt)
+        if len(ids) > max_prompt_len:
+            dropped += 1
+            continue
+        rows.append(ids)
+        prompts.append(ex.prompt)
+    if dropped:
+        logger.warning(
+            "PPO: dropped %d of %d prompts longer than max_prompt_len=%d tokens",
+            dropped,
+            len(examples),
+            max_prompt_len,
+        )
+    return PromptDataset(rows, pad_token_id(tokenizer), dropped, prompts)
+
+
+def make_dataloader(
+    dataset: SFTDataset | PairDataset | PromptDataset,
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int = 1234,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader with the dataset's collator; each rank gets its own shard when torch.distributed runs."""
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    elif shuffle:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, collate_fn=dataset.collate, drop_last=drop_last
+    )

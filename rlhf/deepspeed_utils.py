@@ -1,0 +1,174 @@
+"""DeepSpeed set-up shared by the three steps: process group, ds_config, engine with optimizer and schedule.
+
+Works in a plain single process on CPU (gloo, env defaults filled in) and under the ``deepspeed`` /
+``torchrun`` launchers, which set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
+
+Optimizer choice: DeepSpeed's FusedAdam needs CUDA, so we create the optimizer ourselves: torch AdamW on
+CPU and for GPU without offload (``fused=True`` on CUDA), DeepSpeedCPUAdam when ZeRO offloads the optimizer
+state to the CPU (it is ~5x faster there than torch's, and DeepSpeed expects it for offload).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _single_process_cpu() -> bool:
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) == 1
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed once; idempotent.
+
+    Without a launcher it runs as rank 0 of 1 (MASTER_ADDR 127.0.0.1, a free-ish MASTER_PORT). On CPU the
+    backend is gloo, on CUDA NCCL.
+    """
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))  # concurrent test runs do not clash
+    import deepspeed
+
+    if _single_process_cpu():
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (30-90 s on first use) that only
+        # helps several processes on one host; one process needs no collective, so skip the build.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=backend)
+    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+def ds_config(
+    micro_batch_size: int,
+    gradient_accumulation_steps: int = 1,
+    zero_stage: int = 0,
+    offload: bool = False,
+    dtype: str = "fp32",
+    gradient_clipping: float = 1.0,
+    world_size: int | None = None,
+    steps_per_print: int = 10**9,
+) -> dict:
+    """A ds_config.json as a dict. The optimizer and scheduler are created by ``initialize``, not here."""
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"dtype must be fp32, bf16 or fp16, got {dtype}")
+    device = "cpu" if offload else "none"
+    zero = {
+        "stage": zero_stage,
+        "offload_param": {"device": device if zero_stage == 3 else "none"},
+        "offload_optimizer": {"device": device},
+        "stage3_param_persistence_threshold": 10_000,
+        "stage3_max_live_parameters": 30_000_000,
+        "stage3_prefetch_bucket_size": 30_000_000,
+        "memory_efficient_linear": False,
+    }
+    return {
+        "train_batch_size": micro_batch_size * gradient_accumulation_steps * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "steps_per_print": steps_per_print,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16", "loss_scale_window": 100},
+        "gradient_clipping": gradient_clipping,
+        "prescale_gradients": False,
+        "wall_clock_breakdown": False,
+        # We pass a torch optimizer under offload on CPU-only hosts; DeepSpeed would otherwise insist on its own.
+        "zero_force_ds_cpu_optimizer": False,
+    }
+
+
+def param_groups(model: nn.Module, weight_decay: float, lora_lr: float | None = None) -> list[dict]:
+    """Trainable parameters split into decay / no-decay (biases and norms) groups, and LoRA at its own lr."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim < 2 or "bias" in name or "norm" in name.lower()
+        is_lora = "lora_" in name
+        groups.setdefault((no_decay, is_lora), []).append(param)
+    out = []
+    for (no_decay, is_lora), params in groups.items():
+        group = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
+        if is_lora and lora_lr is not None:
+            group["lr"] = lora_lr
+        out.append(group)
+    if not out:
+        raise ValueError("the model has no trainable parameters")
+    return out
+
+
+def make_optimizer(groups: list[dict], lr: float, offload: bool, betas=(0.9, 0.95)) -> torch.optim.Optimizer:
+    if offload and torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available() and not offload)
+
+
+def initialize(
+    model: nn.Module,
+    config: dict,
+    lr: float,
+    weight_decay: float = 0.0,
+    num_training_steps: int = 1,
+    num_warmup_steps: int = 0,
+    scheduler: str = "cosine",
+    lora_lr: float | None = None,
+):
+    """Wrap ``model`` in a DeepSpeed engine with AdamW (trainable parameters only) and a warmup + decay schedule.
+
+    ``num_training_steps`` counts optimizer steps (after gradient accumulation). Returns the engine.
+    """
+    import deepspeed
+    from transformers import get_scheduler
+
+    offload = config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    optimizer = make_optimizer(param_groups(model, weight_decay, lora_lr), lr, offload)
+    lr_scheduler = get_scheduler(
+        scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=num_warmup_steps,
+        num_training_steps=max(1, num_training_steps),
+    )
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config)
+    return engine
+
+
+def init_inference(model: nn.Module, config: dict):
+    """A DeepSpeed engine for a frozen model (reference / reward model in PPO): ZeRO-3 shards it, no optimizer."""
+    import deepspeed
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    zero = dict(config["zero_optimization"], offload_optimizer={"device": "none"})
+    config = dict(config, zero_optimization=zero)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine

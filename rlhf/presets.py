@@ -1,0 +1,139 @@
+"""Named presets: a model config, a tokenizer and step budgets that run together.
+
+``tiny`` is the default run of ``rlhf train``: a word-level tokenizer built from the synthetic task's
+vocabulary and a ~0.8M-parameter Llama-style model, sized so SFT + RM take about two minutes and PPO the
+rest of a ten-minute budget on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+
+from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+from rlhf.data.synthetic import VOCABULARY
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+# Words of the default "Human: ...\n\nAssistant:" format; the word-level tokenizer splits on whitespace.
+FORMAT_WORDS = ("Human:", "Assistant:")
+
+
+def build_word_tokenizer(words: tuple[str, ...] = VOCABULARY) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over ``words`` (plus special and format tokens) that adds BOS.
+
+    It saves with ``save_pretrained`` and loads with ``AutoTokenizer.from_pretrained``; decoding joins words
+    with single spaces, which is all the synthetic task's gold score needs.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab: dict[str, int] = {}
+    for token in (*SPECIAL_TOKENS.values(), *FORMAT_WORDS, *words):
+        vocab.setdefault(token, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bos = SPECIAL_TOKENS["bos_token"]
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS)
+
+
+@dataclass
+class StepBudget:
+    """Batch size, learning rate and epochs of one training step."""
+
+    per_device_train_batch_size: int
+    learning_rate: float
+    num_train_epochs: int = 1
+    weight_decay: float = 0.0
+    num_warmup_steps: int = 0
+
+
+@dataclass
+class PPOBudget:
+    """Step-3 knobs the preset fixes; names follow DeepSpeed-Chat's flags."""
+
+    per_device_generation_batch_size: int = 16
+    per_device_training_batch_size: int = 16
+    ppo_epochs: int = 1
+    generation_batches: int = 1
+    num_train_steps: int = 40  # PPO steps (generation + update rounds) of the tiny run
+    max_prompt_seq_len: int = 256
+    max_answer_seq_len: int = 256
+    actor_learning_rate: float = 9.65e-6
+    critic_learning_rate: float = 5e-6
+    kl_ctl: float = 0.1
+    clip_reward_value: float = 5.0
+    temperature: float = 1.0
+
+
+@dataclass
+class Preset:
+    """Everything a named run needs besides the data paths."""
+
+    name: str
+    model: dict = field(default_factory=dict)  # LlamaConfig keyword arguments (vocabulary ids are added)
+    sft: StepBudget = field(default_factory=lambda: StepBudget(16, 1e-3))
+    reward: StepBudget = field(default_factory=lambda: StepBudget(16, 5e-5))
+    ppo: PPOBudget = field(default_factory=PPOBudget)
+    max_seq_len: int = 512
+    data_split: str = "2,4,4"
+    # Synthetic data sizes; used only when the run is given no --data.
+    synthetic_sft: int = 2000
+    synthetic_pairs: int = 2000
+    seed: int = 1234
+
+    def model_config(self, tokenizer) -> LlamaConfig:
+        """The actor / reward-model config with the tokenizer's vocabulary size and special ids."""
+        return LlamaConfig(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **self.model,
+        )
+
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        return build_word_tokenizer()
+
+
+TINY = Preset(
+    name="tiny",
+    # ~0.8M parameters: 4 layers of width 128 with grouped-query attention (4 query, 2 kv heads).
+    model=dict(
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=384,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    ),
+    sft=StepBudget(per_device_train_batch_size=32, learning_rate=1e-3, num_train_epochs=2, num_warmup_steps=10),
+    reward=StepBudget(per_device_train_batch_size=32, learning_rate=5e-4, num_train_epochs=2, num_warmup_steps=10),
+    ppo=PPOBudget(
+        per_device_generation_batch_size=32,
+        per_device_training_batch_size=32,
+        num_train_steps=40,
+        max_prompt_seq_len=16,
+        max_answer_seq_len=16,
+        actor_learning_rate=1e-4,
+        critic_learning_rate=5e-4,
+    ),
+    max_seq_len=40,
+    # Step 1 learns from the SFT-only demonstrations (all of them); the preference pairs go half to the
+    # reward model and half to PPO as prompts, so the SFT model is not skewed toward "chosen" answers.
+    data_split="0,1,1",
+    synthetic_sft=2000,
+    synthetic_pairs=2000,
+)
+
+PRESETS = {"tiny": TINY}
+
+
+def get_preset(name: str, **overrides) -> Preset:
+    """A copy of the named preset, with top-level fields replaced by ``overrides``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset '{name}'; choose from {', '.join(sorted(PRESETS))}")
+    return replace(copy.deepcopy(PRESETS[name]), **overrides)

@@ -1,0 +1,279 @@
+"""Data formats, bad-input errors, per-step splits, blending, tokenization and padding."""
+
+import gzip
+import json
+from collections import Counter
+
+import pytest
+
+from rlhf.data import (
+    IGNORE_INDEX,
+    DataError,
+    Example,
+    build_pair_dataset,
+    build_prompt_dataset,
+    build_sft_dataset,
+    encode_prompt,
+    format_prompt,
+    load_examples,
+    load_step_examples,
+    make_dataloader,
+    parse_data_spec,
+    parse_data_split,
+    split_indices,
+    step_slice,
+)
+from rlhf.data.synthetic import gold_score, gold_scores, make_preference_examples, make_sft_examples
+from rlhf.presets import build_word_tokenizer
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+PAIRS = [{"prompt": f"review: pizza {t}", "chosen": "great fun", "rejected": "bad dull"}
+         for t in ("movie", "book")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_word_tokenizer()
+
+
+# ---- formats ---------------------------------------------------------------------------------------------------
+
+
+def test_jsonl_preference(tmp_path):
+    examples = load_examples(write_jsonl(tmp_path / "d.jsonl", PAIRS))
+    assert examples == [Example("review: pizza movie", "great fun", "bad dull"),
+                        Example("review: pizza book", "great fun", "bad dull")]
+
+
+def test_json_list(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps(PAIRS, indent=2))
+    assert [e.prompt for e in load_examples(tmp_path / "d.json")] == ["review: pizza movie", "review: pizza book"]
+
+
+def test_jsonl_gz(tmp_path):
+    path = tmp_path / "d.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in PAIRS))
+    assert [e.rejected for e in load_examples(path)] == ["bad dull", "bad dull"]
+
+
+def test_sft_prompt_response_and_prompt_chosen(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c", "chosen": "d"}])
+    assert load_examples(path) == [Example("a", "b", None), Example("c", "d", None)]
+
+
+def test_hh_rlhf_dialogue(tmp_path):
+    chosen = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: fine, thanks"
+    rejected = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: go away"
+    (example,) = load_examples(write_jsonl(tmp_path / "hh.jsonl", [{"chosen": chosen, "rejected": rejected}]))
+    assert example.prompt == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:"
+    assert (example.chosen, example.rejected) == ("fine, thanks", "go away")
+
+
+def test_dataset_directory(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(PAIRS).save_to_disk(str(tmp_path / "ds"))
+    assert [e.chosen for e in load_examples(tmp_path / "ds")] == ["great fun", "great fun"]
+
+
+# ---- bad input: one line naming file, line and field ----------------------------------------------------------
+
+
+def test_missing_field_names_file_line_field(tmp_path):
+    records = [PAIRS[0]] * 6 + [{"prompt": "p", "rejected": "r"}]
+    with pytest.raises(DataError, match=r"data\.jsonl:7: field 'chosen' missing \(expected prompt\+chosen"):
+        load_examples(write_jsonl(tmp_path / "data.jsonl", records))
+
+
+def test_missing_prompt(tmp_path):
+    with pytest.raises(DataError, match=r"d\.jsonl:2: field 'prompt' missing"):
+        load_examples(write_jsonl(tmp_path / "d.jsonl", [PAIRS[0], {"response": "x"}]))
+
+
+def test_bad_json_line(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps(PAIRS[0]) + "\n\n" + '{"prompt": "x", "chosen": \n')
+    with pytest.raises(DataError, match=r"d\.jsonl:3: bad JSON"):
+        load_examples(tmp_path / "d.jsonl")
+
+
+def test_bad_json_list_element_line(tmp_path):
+    (tmp_path / "d.json").write_text('[\n {"prompt": "a", "response": "b"},\n {"prompt": "a" "response": 1}\n]')
+    with pytest.raises(DataError, match=r"d\.json:3: bad JSON"):
+        load_examples(tmp_path / "d.json")
+
+
+def test_wrong_field_type(tmp_path):
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'rejected' must be a string, got int"):
+        load_examples(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "chosen": "b", "rejected": 3}]))
+
+
+def test_empty_field(tmp_path):
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'prompt' is empty"):
+        load_examples(write_jsonl(tmp_path / "d.jsonl", [{"prompt": " ", "response": "b"}]))
+
+
+def test_hh_without_assistant_turn(tmp_path):
+    record = {"chosen": "\n\nHuman: hi\n\nAssistant: yo", "rejected": "\n\nHuman: hi"}
+    with pytest.raises(DataError, match=r"hh\.jsonl:1: field 'rejected' has no"):
+        load_examples(write_jsonl(tmp_path / "hh.jsonl", [record]))
+
+
+def test_record_not_object(tmp_path):
+    (tmp_path / "d.jsonl").write_text('["a", "b"]\n')
+    # A line holding a list is a JSONL record, not a JSON-list file, once it is not the first character.
+    (tmp_path / "e.jsonl").write_text(json.dumps(PAIRS[0]) + "\n" + '"text"\n')
+    with pytest.raises(DataError, match=r"e\.jsonl:2: record must be a JSON object, got str"):
+        load_examples(tmp_path / "e.jsonl")
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "d.jsonl").write_text("\n  \n")
+    with pytest.raises(DataError, match=r"d\.jsonl: file is empty"):
+        load_examples(tmp_path / "d.jsonl")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.jsonl: file not found"):
+        load_examples(tmp_path / "nope.jsonl")
+
+
+def test_data_error_is_value_error_and_one_line(tmp_path):
+    with pytest.raises(ValueError) as info:
+        load_examples(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p"}]))
+    assert "\n" not in str(info.value)
+
+
+# ---- data specs, splits and blending ---------------------------------------------------------------------------
+
+
+def test_parse_data_spec():
+    assert parse_data_spec("a.jsonl:2").weight == 2.0
+    assert parse_data_spec("a.jsonl").weight == 1.0
+    assert str(parse_data_spec("dir/b.jsonl:0.5").path) == "dir/b.jsonl"
+    with pytest.raises(DataError, match=r"--data a\.jsonl:x: weight 'x' is not a number"):
+        parse_data_spec("a.jsonl:x")
+    with pytest.raises(DataError, match="positive"):
+        parse_data_spec("a.jsonl:0")
+    with pytest.raises(DataError, match="positive"):
+        parse_data_spec("a.jsonl:-1")
+
+
+def test_parse_data_split():
+    assert parse_data_split("2,4,4") == pytest.approx((0.2, 0.4, 0.4))
+    for bad in ("2,4", "a,b,c", "0,0,0", "1,-1,2"):
+        with pytest.raises(DataError, match="--data-split"):
+            parse_data_split(bad)
+
+
+def test_split_disjoint_covering_deterministic():
+    slices = split_indices(103, (0.2, 0.4, 0.4), seed=7)
+    assert [len(s) for s in slices] == [21, 41, 41]
+    flat = [i for s in slices for i in s]
+    assert sorted(flat) == list(range(103))  # disjoint and nothing lost
+    assert split_indices(103, (0.2, 0.4, 0.4), seed=7) == slices  # same on every rank
+    assert split_indices(103, (0.2, 0.4, 0.4), seed=8) != slices
+
+
+def test_step_slices_of_a_pair_source_and_sft_only_source():
+    pairs = [Example(f"p{i}", "c", "r") for i in range(50)]
+    got = [step_slice(pairs, k, (0.2, 0.4, 0.4), seed=1) for k in (1, 2, 3)]
+    assert [len(g) for g in got] == [10, 20, 20]
+    assert not {e.prompt for e in got[0]} & {e.prompt for e in got[1]}
+    sft = [Example(f"s{i}", "c") for i in range(30)]
+    assert len(step_slice(sft, 1, (0.2, 0.4, 0.4), seed=1)) == 30  # SFT-only: all of it for step 1
+    assert step_slice(sft, 2, (0.2, 0.4, 0.4), seed=1) == []
+
+
+def test_blending_weights(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "chosen": "c", "rejected": "r"} for i in range(40)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "chosen": "c", "rejected": "r"} for i in range(40)])
+    blended = load_step_examples([f"{a}:2", f"{b}:0.5"], step=2, split="0,1,1", seed=3)
+    counts = Counter(e.prompt[0] for e in blended)
+    assert counts == {"a": 40, "b": 10}  # 20 records each for step 2, times 2 and 0.5
+    assert load_step_examples([f"{a}:2", f"{b}:0.5"], step=2, split="0,1,1", seed=3) == blended
+    step3 = load_step_examples([str(a)], step=3, split="0,1,1", seed=3)
+    assert not {e.prompt for e in step3} & {e.prompt for e in blended}
+
+
+# ---- tokenization ----------------------------------------------------------------------------------------------
+
+
+def test_default_template_and_chat_template(tokenizer):
+    assert format_prompt(tokenizer, "review: pizza") == "Human: review: pizza\n\nAssistant:"
+    assert format_prompt(tokenizer, "\n\nHuman: hi\n\nAssistant:") == "\n\nHuman: hi\n\nAssistant:"
+    templated = build_word_tokenizer()
+    templated.chat_template = "{% for m in messages %}Human: {{ m['content'] }}{% endfor %} Assistant: the"
+    assert format_prompt(templated, "review: pizza") == "Human: review: pizza Assistant: the"
+    ids = encode_prompt(templated, "review: pizza")
+    assert templated.convert_ids_to_tokens(ids) == ["Human:", "review:", "pizza", "Assistant:", "the"]
+
+
+def test_sft_right_padding_and_labels(tokenizer):
+    examples = [Example("review: pizza movie", "great"), Example("review: book game", "the book was very fun")]
+    ds = build_sft_dataset(tokenizer, examples, max_seq_len=64)
+    batch = ds.collate([ds[0], ds[1]])
+    prompt_len = len(encode_prompt(tokenizer, "review: pizza movie"))  # <s> Human: review: pizza movie Assistant:
+    assert prompt_len == 6
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.shape == (2, 6 + 5 + 1)
+    assert mask[0].tolist() == [1] * 8 + [0] * 4 and mask[1].tolist() == [1] * 12
+    assert ids[0, 8:].tolist() == [tokenizer.pad_token_id] * 4
+    answer = [ids[0, 6].item(), tokenizer.eos_token_id]
+    assert labels[0].tolist() == [IGNORE_INDEX] * 6 + answer + [IGNORE_INDEX] * 4
+    assert tokenizer.decode(labels[1, 6:11]) == "the book was very fun"
+
+
+def test_pair_batch_layout(tokenizer):
+    ds = build_pair_dataset(tokenizer, [Example("review: pizza movie", "great fun", "bad")], max_seq_len=64)
+    batch = ds.collate([ds[0]])
+    assert batch["input_ids"].shape == (2, 9)  # chosen row first, rejected row second
+    assert tokenizer.decode(batch["input_ids"][0, 6:8]) == "great fun"
+    assert batch["attention_mask"][1].tolist() == [1] * 8 + [0]
+
+
+def test_prompt_left_padding_and_drop_count(tokenizer):
+    examples = [Example("review: pizza", "x", "y"), Example("review: pizza movie book", "x", "y"),
+                Example("review: " + " ".join(["movie"] * 20), "x", "y")]
+    ds = build_prompt_dataset(tokenizer, examples, max_prompt_len=8)
+    assert ds.num_dropped == 1 and len(ds) == 2
+    batch = next(iter(make_dataloader(ds, batch_size=2, shuffle=False)))
+    assert batch["input_ids"].shape == (2, 7)
+    assert batch["attention_mask"].tolist() == [[0, 0, 1, 1, 1, 1, 1], [1] * 7]
+    assert batch["input_ids"][0, :2].tolist() == [tokenizer.pad_token_id] * 2
+    assert batch["input_ids"][:, -1].tolist() == [tokenizer.convert_tokens_to_ids("Assistant:")] * 2
+
+
+def test_make_dataloader_shuffle_is_seeded(tokenizer):
+    ds = build_prompt_dataset(tokenizer, [Example(f"review: {t}", "x", "y") for t in ("pizza", "movie", "book",
+                                                                                     "game", "song", "park")])
+    first = [b["input_ids"].tolist() for b in make_dataloader(ds, 2, shuffle=True, seed=5)]
+    assert first == [b["input_ids"].tolist() for b in make_dataloader(ds, 2, shuffle=True, seed=5)]
+
+
+# ---- synthetic task --------------------------------------------------------------------------------------------
+
+
+def test_gold_score_rule():
+    prompt = "review: pizza movie"
+    assert gold_score(prompt, "great lovely fun amazing") == pytest.approx(0.75)  # net +4, no topic
+    assert gold_score(prompt, "the pizza was great lovely fun amazing") == pytest.approx(1.0)
+    assert gold_score(prompt, "bad awful") == pytest.approx(0.75 * (1 - 0.5) / 2)  # net -2 -> sentiment -0.5
+    assert gold_score(prompt, "the book was okay") == pytest.approx(0.375)  # book is not a prompt topic
+    assert gold_score(prompt, "") == 0.0 and gold_score(prompt, "okay " * 13) == 0.0
+    assert gold_score(prompt, "great </s> <pad>") == pytest.approx(0.75 * 1.25 / 2)
+    expected = [gold_score(prompt, "great"), gold_score(prompt, "bad")]
+    assert gold_scores([prompt, prompt], ["great", "bad"]) == expected
+
+
+def test_synthetic_is_deterministic_and_ranked():
+    assert make_sft_examples(50, seed=3) == make_sft_examples(50, seed=3)
+    assert make_sft_examples(50, seed=3) != make_sft_examples(50, seed=4)
+    pairs = make_preference_examples(200, seed=1)
+    assert all(gold_score(p["prompt"], p["chosen"]) > gold_score(p["prompt"], p["rejected"]) for p in pairs)
+    mean = sum(gold_score(e["prompt"], e["response"]) for e in make_sft_examples(1000, seed=0)) / 1000
+    assert 0.4 < mean < 0.6  # the SFT demonstrations leave PPO room to improve
