@@ -3,6 +3,8 @@ import os
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.library import wrap_triton
 
 # Decided when the kernels are decorated (triton reads TRITON_INTERPRET in @triton.jit): set it before
 # importing hybrid_engine.kernels to run the kernels on CPU tensors.
@@ -27,3 +29,18 @@ def block(n: int, least: int = 16) -> int:
 def check(cond: bool, op: str, what: str) -> None:
     if not cond:
         raise ValueError(f"hybrid_engine.kernels.{op}: {what}")
+
+
+def launch(kernel, grid):
+    """`wrap_triton(kernel)[grid]`: traceable by torch.compile. Interpreted kernels are plain Python, which
+    wrap_triton passes through untraced, so under fake tensors (the fake implementation of every op is its host
+    function run on them) the launch is skipped here: only output shapes and dtypes are wanted then."""
+    run = wrap_triton(kernel)[grid]
+    if not INTERPRETED:
+        return run
+
+    def run_unless_fake(*args, **kwargs):
+        if not any(isinstance(a, FakeTensor) for a in args):
+            run(*args, **kwargs)
+
+    return run_unless_fake

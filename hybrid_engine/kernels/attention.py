@@ -7,9 +7,9 @@ head h reads kv head h // G). Online softmax in fp32; a pad query attends only t
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._common import INTERPRETED, block, check, upcast
+from ._common import INTERPRETED, block, check, launch, upcast
 
 
 @triton.jit
@@ -171,7 +171,7 @@ def prefill_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
     mask = key_mask.contiguous().view(torch.uint8)  # (B, T)
     block_m, block_n = _blocks(q.dtype, D)
     grid = (triton.cdiv(T, block_m), B * H)
-    wrap_triton(_prefill_kernel)[grid](
+    launch(_prefill_kernel, grid)(
         q, k, v, mask, out, T, H, H // Hkv, D, scale, sliding_window or 0,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), mask.stride(0),
@@ -211,13 +211,13 @@ def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     splits = triton.cdiv(length, chunk)
     part = torch.empty((B * H * splits, D) if splits > 1 else (0,), dtype=torch.float32, device=q.device)
     ml = torch.empty((B * H * splits * 2,) if splits > 1 else (0,), dtype=torch.float32, device=q.device)
-    wrap_triton(_decode_kernel)[(B, Hkv, splits)](
+    launch(_decode_kernel, (B, Hkv, splits))(
         q, k_cache, v_cache, mask, out, part, ml, length, chunk, H, G, D, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), mask.stride(0),
         SPLITS=splits, UPCAST=upcast(q.dtype), BLOCK_G=block(G), BLOCK_N=block_n, BLOCK_D=block(D))
     if splits > 1:
-        wrap_triton(_decode_reduce_kernel)[(B * H,)](part, ml, out, D, SPLITS=splits, BLOCK_S=block(splits, 2),
+        launch(_decode_reduce_kernel, (B * H,))(part, ml, out, D, SPLITS=splits, BLOCK_S=block(splits, 2),
                                                      BLOCK_D=block(D))
     return out
 

@@ -3,9 +3,9 @@
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._common import block, check
+from ._common import block, check, launch
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def _launch(x, residual, weight, bias, eps, rms, out_dtype):
     res2 = residual.reshape(-1, N).contiguous() if residual is not None else None
     out = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
     summed = torch.empty_like(x2) if residual is not None else None
-    wrap_triton(_norm_kernel)[(x2.shape[0],)](
+    launch(_norm_kernel, (x2.shape[0],))(
         x2, res2, weight, bias, summed, out, N, eps, HAS_RES=residual is not None, HAS_W=weight is not None,
         HAS_B=bias is not None, RMS=rms, BLOCK=block(N, 16))
     return out.view(x.shape), (summed.view(x.shape) if summed is not None else None)

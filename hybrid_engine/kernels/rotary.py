@@ -3,9 +3,9 @@
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._common import block, check
+from ._common import block, check, launch
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def _launch(q, k, v, cos, sin, k_cache, v_cache, start, q_out):
         cos, sin = cos.contiguous(), sin.contiguous()
     if B * T == 0:
         return
-    wrap_triton(_rotary_kv_kernel)[(B * T,)](
+    launch(_rotary_kv_kernel, (B * T,))(
         q, k, v, cos, sin, q_out, k_cache, v_cache, start, T, H, Hkv, D, rot,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -2,9 +2,9 @@
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._common import check
+from ._common import check, launch
 
 
 @triton.jit
@@ -37,7 +37,7 @@ def _tp_copy(full: torch.Tensor, shard: torch.Tensor, rank: int, world: int, spl
             s = shard.view(-1)[out * inner:]
             src, dst = (f, s) if to_shard else (s, f)
             src_stride, dst_stride = (sum(splits) * inner, shard_dim * inner)[:: 1 if to_shard else -1]
-            wrap_triton(_copy_kernel)[(outer, triton.cdiv(cols, 1024))](src, dst, outer, cols, src_stride,
+            launch(_copy_kernel, (outer, triton.cdiv(cols, 1024)))(src, dst, outer, cols, src_stride,
                                                                         dst_stride, BLOCK=1024)
         off += size
         out += part

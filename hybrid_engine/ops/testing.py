@@ -1,0 +1,144 @@
+"""Checks of one backend's ops against the torch references, shared by the CPU, Triton and CUDA tests.
+
+Every check draws fresh random data (never zeros), poisons what the op writes (caches, TP buffers, and
+the allocator's free memory before ops that allocate their output) with NaN, and compares:
+  * fp32: to the fp32 reference within `FP32_TOL`;
+  * bf16 / fp16: the error against the fp32 reference is at most 2x the error of PyTorch's own
+    low-precision run of the reference (plus 1e-6 for results both get exactly right).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+FP32_TOL = {"atol": 2e-5, "rtol": 1e-5}
+
+
+def _rand(*shape, device, dtype=torch.float32, gen=None) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def poison_allocator(device, nbytes: int = 1 << 22) -> None:
+    """Fill then free a NaN block, so an output allocated next likely starts as NaN rather than zeros."""
+    torch.full((nbytes // 4,), float("nan"), device=device).sum()
+
+
+def assert_matches(name: str, out: torch.Tensor, ref32: torch.Tensor, ref_lowp: torch.Tensor | None) -> None:
+    """out (any dtype) against the fp32 reference; in low precision bounded by 2x torch's own error."""
+    assert out.shape == ref32.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref32.shape)}"
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, ref32, **FP32_TOL, equal_nan=True, msg=lambda m: f"{name}: {m}")
+        return
+    nan = ref32.isnan()
+    assert torch.equal(out.isnan(), nan), f"{name}: NaN where the reference has none (or the reverse)"
+    err = (out.float() - ref32).masked_fill(nan, 0).abs().max().item()
+    base = (ref_lowp.float() - ref32).masked_fill(nan, 0).abs().max().item()
+    assert err <= 2 * base + 1e-6, f"{name}: {out.dtype} error {err:.3g} > 2x torch's own {base:.3g}"
+
+
+def _lowp(t: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def check_norm(ops, device, dtype, shape, rms: bool, residual: bool, bias: bool = True, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    N = shape[-1]
+    x, res = _rand(*shape, device=device, gen=gen), _rand(*shape, device=device, gen=gen)
+    w, b = _rand(N, device=device, gen=gen), _rand(N, device=device, gen=gen)
+    args32 = (x, w, 1e-6) if rms else (x, w, b if bias else None, 1e-5)
+    argsl = tuple(_lowp(a, dtype) if isinstance(a, torch.Tensor) else a for a in args32)
+    fn, ref = (ops.rms_norm, reference.rms_norm) if rms else (ops.layer_norm, reference.layer_norm)
+    kw32 = {"residual": res} if residual else {}
+    kwl = {"residual": res.to(dtype)} if residual else {}
+    poison_allocator(device)
+    out = fn(*argsl, **kwl)
+    want32, wantl = ref(*args32, **kw32), ref(*argsl, **kwl)
+    if residual:
+        assert_matches("norm out", out[0], want32[0], wantl[0])
+        assert_matches("norm x + residual", out[1], want32[1], wantl[1])
+    else:
+        assert_matches("norm out", out, want32, wantl)
+
+
+def check_rotary_kv_append(ops, device, dtype, B, T, H, Hkv, D, rot: int | None, seed: int = 0) -> None:
+    """rot: rotary_dim (None: no rotary). Caches hold B + 1 rows and T + 6 slots, written at start=3."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (_rand(B, T, h, D, device=device, gen=gen) for h in (H, Hkv, Hkv))
+    cos = sin = None
+    if rot:
+        angles = _rand(B, T, rot // 2, device=device, gen=gen) * 3
+        cos = torch.cat([angles.cos()] * 2, dim=-1) * 1.1  # (B, T, rot), scaled as some ropes are
+        sin = torch.cat([angles.sin()] * 2, dim=-1) * 1.1
+    start, S = 3, T + 6
+
+    def run(fn, cast):
+        k_cache = torch.full((B + 1, Hkv, S, D), float("nan"), device=device, dtype=cast)
+        v_cache = torch.full_like(k_cache, float("nan"))
+        q_out = fn(q.to(cast), k.to(cast), v.to(cast), _lowp(cos, cast), _lowp(sin, cast), k_cache, v_cache, start)
+        return q_out, k_cache, v_cache
+
+    poison_allocator(device)
+    got = run(ops.rotary_kv_append, dtype)
+    want32 = run(reference.rotary_kv_append, torch.float32)
+    wantl = run(reference.rotary_kv_append, dtype)
+    for name, g, w32, wl in zip(("q", "k_cache", "v_cache"), got, want32, wantl):
+        assert_matches(f"rotary_kv_append {name}", g, w32, wl)
+
+
+def left_padded_mask(B: int, S: int, real: int, device, gen) -> torch.Tensor:
+    """(B, S) bool: row b has its last `real - pads_b` slots of the first `real` real, pads_b < real."""
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    for b in range(B):
+        pads = int(torch.randint(0, max(1, real // 2 + 1), (1,), generator=gen)) if b else 0  # row 0 unpadded
+        mask[b, pads:real] = True
+    return mask.to(device)
+
+
+def check_prefill(ops, device, dtype, B, H, Hkv, T, D, window: int | None = None, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (_rand(B, h, T, D, device=device, gen=gen) for h in (H, Hkv, Hkv))
+    mask = left_padded_mask(B, T, T, device, gen)
+    scale = D ** -0.5
+    poison_allocator(device)
+    out = ops.prefill_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale, window)
+    want32 = reference.prefill_attention(q, k, v, mask, scale, window)
+    wantl = reference.prefill_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale, window)
+    assert_matches("prefill_attention", out, want32, wantl)
+
+
+def check_decode(ops, device, dtype, B, H, Hkv, L, D, seed: int = 0, **kwargs) -> None:
+    """Caches of B + 1 rows and L + 5 slots (the slots past `length` hold NaN: they must not be read)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = _rand(B, H, D, device=device, gen=gen)
+    k_cache = torch.full((B + 1, Hkv, L + 5, D), float("nan"), device=device)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    k_cache[:, :, :L] = _rand(B + 1, Hkv, L, D, device=device, gen=gen)
+    v_cache[:, :, :L] = _rand(B + 1, Hkv, L, D, device=device, gen=gen)
+    mask = left_padded_mask(B, L + 5, L, device, gen)
+    scale = D ** -0.5
+    poison_allocator(device)
+    out = ops.decode_attention(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), mask, L, scale, **kwargs)
+    want32 = reference.decode_attention(q, k_cache, v_cache, mask, L, scale)
+    wantl = reference.decode_attention(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), mask, L, scale)
+    assert_matches("decode_attention", out, want32, wantl)
+
+
+def check_tp(ops, device, dtype, shape, splits, world, rank, dim, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    full = _rand(*shape, device=device, gen=gen).to(dtype)
+    shard_shape = list(shape)
+    shard_shape[dim] = sum(s // world for s in splits)
+    shard = torch.full(shard_shape, float("nan"), device=device, dtype=dtype)
+    got = ops.tp_pack(full, shard, rank, world, splits, dim)
+    want = reference.tp_pack(full, torch.empty_like(shard), rank, world, splits, dim)
+    assert got is shard and torch.equal(shard, want), "tp_pack"
+    src = _rand(*shard_shape, device=device, gen=gen).to(dtype)
+    back = torch.full_like(full, float("nan"))
+    back_ref = back.clone()
+    got = ops.tp_unpack(src, back, rank, world, splits, dim)
+    reference.tp_unpack(src, back_ref, rank, world, splits, dim)
+    assert got is back, "tp_unpack must return `full`"
+    untouched = back_ref.isnan()
+    assert torch.equal(back.isnan(), untouched), "tp_unpack wrote outside rank's parts (or missed some)"
+    assert torch.equal(back[~untouched], back_ref[~untouched]), "tp_unpack values"
