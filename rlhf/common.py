@@ -12,6 +12,7 @@ import dataclasses
 import math
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
@@ -35,6 +36,8 @@ class StepConfig:
     data: list[str] = opt([], "data files or dataset dirs, each PATH or PATH:WEIGHT (JSON, JSONL, .jsonl.gz)")
     data_split: str = opt("2,4,4", "proportions of each pair source for steps 1,2,3 (normalised, disjoint)")
     output_dir: str = opt("outputs/model", "where the checkpoint is written")
+    # Not inside output_dir: the atomic checkpoint save replaces that whole directory.
+    metrics_dir: str | None = opt(None, "where metrics.jsonl and the plot go (default: output dir's parent)")
     max_seq_len: int = opt(512, "max tokens of prompt + answer (longer sequences are truncated)")
     per_device_train_batch_size: int = opt(16, "training batch size per device")
     per_device_eval_batch_size: int = opt(16, "evaluation batch size per device")
@@ -62,6 +65,9 @@ class StepConfig:
     print_loss: bool = opt(False, "print the loss of every step")
     log_interval: int = opt(10, "optimizer steps between metrics.jsonl records")
     disable_tqdm: bool = opt(False, "no progress bars")
+
+    def metrics_path(self) -> str:
+        return self.metrics_dir or str(Path(self.output_dir).resolve().parent)
 
     def model_options(self) -> ModelOptions:
         # Weights stay fp32: DeepSpeed casts the engine to bf16/fp16 and keeps fp32 master weights itself.

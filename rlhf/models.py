@@ -62,7 +62,11 @@ def _build(auto_class, source: str | PretrainedConfig, options: ModelOptions) ->
     else:
         model = auto_class.from_config(config, dtype=dtype)
     if options.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5 renamed the switch; detect the feature rather than the version
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+        if options.lora_dim > 0 and options.only_optimize_lora:
+            model.enable_input_require_grads()  # frozen embeddings would otherwise cut the recomputed graph
         model.config.use_cache = False  # a KV cache is useless while checkpointing activations
     return model
 
@@ -136,8 +140,6 @@ class RewardModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         return gather_scores(self(input_ids, attention_mask), attention_mask)
 
-    def gradient_checkpointing_enable(self) -> None:
-        self.backbone.gradient_checkpointing_enable()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, options: ModelOptions | None = None) -> RewardModel:

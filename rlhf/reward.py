@@ -79,7 +79,7 @@ def run_reward(cfg: RewardConfig, model_config=None, tokenizer=None, metrics: Me
         raise ValueError("the reward model needs --model-name-or-path (or a preset's model config)")
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    metrics = metrics or MetricsLogger(cfg.output_dir, enabled=dist.is_main)
+    metrics = metrics or MetricsLogger(cfg.metrics_path(), enabled=dist.is_main)
     if not cfg.data:
         raise ValueError("the reward model needs --data with prompt/chosen/rejected or hh-rlhf records")
 

@@ -70,7 +70,7 @@ def run_sft(cfg: SFTConfig, model_config=None, tokenizer=None, metrics: MetricsL
         raise ValueError("SFT needs --model-name-or-path (or a preset's model config)")
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    metrics = metrics or MetricsLogger(cfg.output_dir, enabled=dist.is_main)
+    metrics = metrics or MetricsLogger(cfg.metrics_path(), enabled=dist.is_main)
     if not cfg.data:
         raise ValueError("SFT needs --data (prompt/response, prompt/chosen/rejected or hh-rlhf files)")
 
