@@ -91,9 +91,13 @@ def run(args) -> list[dict]:
     rows = []
     for batch in args.batch_sizes:
         ids, mask = prompts(batch, args.prompt_len, model.config.vocab_size, args.device)
-        hf_fn = lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,  # noqa: E731
-                                       min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-        eng_fn = lambda n=args.new_tokens: engine.generate(ids, mask, max_new_tokens=n, eos_token_id=[])  # noqa: E731
+        def hf_fn(ids=ids, mask=mask):
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                  min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+
+        def eng_fn(n=args.new_tokens, ids=ids, mask=mask):
+            return engine.generate(ids, mask, max_new_tokens=n, eos_token_id=[])
+
         with torch.inference_mode():
             secs, outs = timed({"hf": hf_fn, "engine": eng_fn}, args.device, args.repeats)
         hf_s, eng_s, hf_out, eng_out = secs["hf"], secs["engine"], outs["hf"], outs["engine"]
@@ -102,7 +106,7 @@ def run(args) -> list[dict]:
                    hf_tokens_per_s=new / hf_s, engine_tokens_per_s=new / eng_s, speedup=hf_s / eng_s,
                    outputs_equal=bool(torch.equal(hf_out, eng_out.sequences)))
         if args.device == "cuda" and args.new_tokens > 1:
-            prefill_s = timed({"prefill": lambda: eng_fn(1)}, args.device, args.repeats)[0]["prefill"]
+            prefill_s = timed({"prefill": lambda f=eng_fn: f(1)}, args.device, args.repeats)[0]["prefill"]
             step_s = (eng_s - prefill_s) / (args.new_tokens - 1)
             cfg = model.config
             head_dim = cfg.hidden_size // cfg.num_attention_heads

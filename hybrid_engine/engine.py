@@ -23,6 +23,7 @@ class EngineConfig:
     tp_size: int = 1              # tensor-parallel degree for generation
     kernels: str | None = None    # auto | cuda | triton | cpu | torch; None reads $HYBRID_ENGINE_KERNELS
     allow_fallback: bool = False  # unsupported architecture: delegate generate() to Hugging Face
+    force_fallback: bool = False  # use Hugging Face generate even for a supported family (for comparisons)
     release_cache_after_generate: bool = False  # DeepSpeed-Chat's --release_inference_cache
 
 
@@ -49,8 +50,8 @@ class HybridEngine:
         self.config = config
         self.hf_model = unwrap(model)
         model_type = getattr(self.hf_model.config, "model_type", type(self.hf_model).__name__)
-        self.supported = model_type in FAMILIES
-        if not self.supported and not config.allow_fallback:
+        self.supported = model_type in FAMILIES and not config.force_fallback
+        if model_type not in FAMILIES and not config.allow_fallback:
             raise NotImplementedError(
                 f"hybrid_engine.wrap: architecture {model_type!r} ({type(self.hf_model).__name__}) is not supported; "
                 f"supported families: {', '.join(sorted(FAMILIES))} (pass allow_fallback=True to use Hugging Face "
@@ -125,7 +126,8 @@ class HybridEngine:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+            raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids "
+                             f"{tuple(input_ids.shape)}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: expected at least 1")
         if P + max_new_tokens > self.config.max_seq_len:
@@ -158,6 +160,8 @@ class HybridEngine:
             return self._hf_generate(input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id)
         out = generate(self.inference, self._cache_for(), input_ids, attention_mask, max_new_tokens, params,
                        eos_ids, pad_token_id)
+        # made under inference_mode; clones are ordinary tensors a training forward may save for backward
+        out = GenerationOutput(out.sequences.clone(), out.logprobs.clone(), out.action_mask.clone())
         if self.config.release_cache_after_generate:
             self.cache = None
         return out
