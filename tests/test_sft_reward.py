@@ -80,3 +80,16 @@ def test_arg_builders_cover_every_field_with_help():
     assert (rm.learning_rate, rm.dropout, rm.data) == (1e-4, 0.0, [])
     with pytest.raises(SystemExit):
         parser.parse_args(["--sft-zero-stage", "5"])
+
+
+def test_train_cli_parses_preset_defaults_and_step_prefixes(capsys):
+    from rlhf.cli import main as cli_main
+    from rlhf.train import parse_args
+
+    args, preset = parse_args([])
+    assert preset.name == "tiny" and args.step == [1, 2, 3]
+    assert (args.sft_learning_rate, args.sft_per_device_train_batch_size) == (preset.sft.learning_rate, 32)
+    assert args.rm_learning_rate == preset.reward.learning_rate
+    args, preset = parse_args(["--actor-model", "some/model", "--step", "1", "--sft-zero-stage", "3"])
+    assert preset is None and args.sft_learning_rate == 1e-3 and args.sft_zero_stage == 3  # DeepSpeed-Chat's
+    assert cli_main([]) == 2 and "rlhf train" in capsys.readouterr().out

@@ -1,0 +1,35 @@
+"""The ``rlhf`` console script: ``rlhf train [...]`` runs the pipeline, ``rlhf chat PATH`` chats with a model."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: rlhf {train,chat} ...
+
+  rlhf train [options]     steps 1-3 (no options: the tiny preset end to end on CPU); rlhf train --help
+  rlhf chat PATH [options] chat with a saved actor; rlhf chat --help
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from rlhf.train import main as train_main
+
+        train_main(rest)
+        return 0
+    if command == "chat":
+        from rlhf.chat import main as chat_main  # written alongside PPO
+
+        chat_main(rest)
+        return 0
+    print(f"rlhf: unknown command '{command}'\n{USAGE}", end="", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

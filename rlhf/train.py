@@ -1,0 +1,191 @@
+"""The end-to-end command: ``rlhf train`` = ``python -m rlhf.train``.
+
+    rlhf train                                   # the tiny preset on the synthetic task, steps 1-3, on CPU
+    rlhf train --step 1 2 --actor-model facebook/opt-125m --data pairs.jsonl:2 hh.jsonl:1 --data-split 2,4,4
+    deepspeed --num_gpus 8 -m rlhf.train --actor-model ... --sft-zero-stage 3
+
+Layout of ``--output-dir``: ``actor/`` (step 1), ``reward/`` (step 2), ``ppo/`` (step 3), ``data/`` (the
+synthetic task's files when no ``--data`` is given), ``metrics.jsonl`` and ``training_curves.png``.
+Step options carry a prefix: ``--sft-learning-rate``, ``--rm-zero-stage``, and step 3's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf.common import add_config_args
+from rlhf.data import Example, build_prompt_dataset, load_step_examples, make_dataloader
+from rlhf.data.synthetic import gold_scores, write_synthetic_data
+from rlhf.metrics import MetricsLogger, plot
+from rlhf.presets import PRESETS, Preset, get_preset
+from rlhf.reward import RewardConfig, reward_config_from_args, run_reward
+from rlhf.sft import SFTConfig, run_sft, sft_config_from_args
+
+# Set once for the whole run rather than per step.
+SHARED = ("model_name_or_path", "tokenizer_name_or_path", "data", "data_split", "output_dir", "metrics_dir", "seed",
+          "max_seq_len", "disable_tqdm")
+SFT_PREFIX, RM_PREFIX = "sft-", "rm-"
+
+
+def preset_defaults(preset: Preset | None) -> tuple[SFTConfig, RewardConfig]:
+    """Step configs whose defaults come from the preset (DeepSpeed-Chat's defaults without one)."""
+    sft, reward = SFTConfig(), RewardConfig()
+    if preset is None:
+        return sft, reward
+    for cfg, budget in ((sft, preset.sft), (reward, preset.reward)):
+        for f in dataclasses.fields(budget):
+            setattr(cfg, f.name, getattr(budget, f.name))
+    return sft, reward
+
+
+def add_step3_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, preset: Preset | None) -> None:
+    """Step-3 (PPO) options. The PPO author fills this in (e.g. ``add_ppo_args(group, prefix="ppo-")`` with
+    ``preset.ppo`` as defaults)."""
+
+
+def run_step3(args: argparse.Namespace, preset: Preset | None, tokenizer, metrics: MetricsLogger,
+              paths: dict[str, str]) -> dict:
+    """Step 3 (PPO) from ``paths["actor"]`` and ``paths["reward"]`` into ``paths["ppo"]``; returns a summary.
+
+    ``paths["data"]`` holds the data specs, ``args.data_split`` the split. Keys of the returned summary are
+    printed on the final screen. Left for the PPO author to connect to ``rlhf.ppo``.
+    """
+    raise NotImplementedError("step 3 (PPO) is not connected to rlhf.train yet: fill rlhf.train.run_step3; "
+                              "run --step 1 2 meanwhile")
+
+
+def build_parser(preset: Preset | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf train", description="RLHF in three steps: SFT, reward model, PPO. "
+                                     "Without arguments: the tiny preset on the built-in synthetic task.")
+    parser.add_argument("--step", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
+                        help="steps to run (default: 1 2 3)")
+    parser.add_argument("--preset", choices=[*PRESETS, "none"], default=None,
+                        help="named model + budget preset (default: tiny, or none when --actor-model is given)")
+    parser.add_argument("--actor-model", default=None, help="HF id or path of the step-1 model (default: preset)")
+    parser.add_argument("--reward-model", default=None,
+                        help="HF id or path of the step-2 backbone (default: --actor-model, or the preset)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer id or path (default: the actor's)")
+    parser.add_argument("--data", nargs="+", default=[], metavar="PATH[:WEIGHT]",
+                        help="data sources; none: the built-in synthetic task")
+    parser.add_argument("--data-split", default=None,
+                        help="per-step proportions of pair sources (default: 2,4,4, or the preset's)")
+    parser.add_argument("--output-dir", default="outputs/run", help="run directory (default: outputs/run)")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of splits, shuffles and initialisation")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="max prompt+answer tokens for steps 1-2 (default: 512, or the preset's)")
+    parser.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
+    sft_defaults, rm_defaults = preset_defaults(preset)
+    add_config_args(parser.add_argument_group("step 1: supervised fine-tuning"), SFTConfig, SFT_PREFIX, SHARED,
+                    sft_defaults)
+    add_config_args(parser.add_argument_group("step 2: reward model"), RewardConfig, RM_PREFIX, SHARED,
+                    rm_defaults)
+    add_step3_args(parser.add_argument_group("step 3: PPO"), preset)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Preset | None]:
+    """Two passes: the preset chooses the defaults of the full parser."""
+    first, _ = build_parser(None).parse_known_args(argv)
+    name = first.preset or ("none" if first.actor_model else "tiny")
+    preset = None if name == "none" else get_preset(name)
+    args = build_parser(preset).parse_args(argv)
+    return args, preset
+
+
+def sample_gold_score(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 32,
+                      seed: int = 0, temperature: float = 1.0) -> float:
+    """Mean synthetic-task gold score of answers sampled with ``model.generate`` (the PPO baseline)."""
+    dataset = build_prompt_dataset(tokenizer, [Example(p, "") for p in prompts], max_prompt_len=10**6)
+    torch.manual_seed(seed)
+    model.eval()
+    scores: list[float] = []
+    for start, batch in zip(range(0, len(dataset), batch_size), make_dataloader(dataset, batch_size, shuffle=False)):
+        with torch.no_grad():
+            out = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        scores += gold_scores(dataset.prompts[start:start + len(answers)], answers)
+    return sum(scores) / max(len(scores), 1)
+
+
+def format_summary(summary: dict) -> str:
+    """The one-screen report printed at the end of a run."""
+    lines = ["", "=" * 64, "RLHF run summary", "=" * 64]
+    for section, values in summary.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"  {key:<28} {shown}")
+    lines.append("=" * 64)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, preset = parse_args(argv)
+    start = time.time()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"actor": str(out / "actor"), "reward": str(out / "reward"), "ppo": str(out / "ppo")}
+    metrics = MetricsLogger(out)
+    synthetic = not args.data
+    if synthetic and preset is None:
+        raise SystemExit("rlhf train: --data is required without a preset (the synthetic task needs its tokenizer)")
+    data = args.data
+    if synthetic:
+        files = write_synthetic_data(out / "data", preset.synthetic_sft, preset.synthetic_pairs, seed=args.seed)
+        data = [str(files["sft"]), str(files["pairs"])]
+    data_split = args.data_split or (preset.data_split if preset is not None and synthetic else "2,4,4")
+    max_seq_len = args.max_seq_len or (preset.max_seq_len if preset is not None else 512)
+    paths["data"] = json.dumps(data)
+    args.data, args.data_split = data, data_split
+
+    use_preset_model = args.actor_model is None and preset is not None
+    if use_preset_model:
+        tokenizer = preset.tokenizer()
+        model_config = preset.model_config(tokenizer)
+    else:
+        from rlhf.models import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer or args.actor_model or paths["actor"])
+        model_config = None
+    shared = dict(data=data, data_split=data_split, seed=args.seed, max_seq_len=max_seq_len,
+                  disable_tqdm=args.disable_tqdm, metrics_dir=str(out), tokenizer_name_or_path=args.tokenizer)
+    summary: dict[str, dict] = {}
+    if 1 in args.step:
+        cfg = sft_config_from_args(args, SFT_PREFIX, model_name_or_path=args.actor_model,
+                                   output_dir=paths["actor"], **shared)
+        summary["step 1: SFT"] = run_sft(cfg, model_config=model_config, tokenizer=tokenizer, metrics=metrics)
+        if synthetic:
+            summary["step 1: SFT"]["gold_score (sampled)"] = sft_gold_baseline(paths["actor"], tokenizer, data,
+                                                                               data_split, args.seed)
+    if 2 in args.step:
+        cfg = reward_config_from_args(args, RM_PREFIX, model_name_or_path=args.reward_model or args.actor_model,
+                                      output_dir=paths["reward"], **shared)
+        summary["step 2: reward model"] = run_reward(cfg, model_config=model_config, tokenizer=tokenizer,
+                                                     metrics=metrics)
+    if 3 in args.step:
+        summary["step 3: PPO"] = run_step3(args, preset, tokenizer, metrics, paths)
+    plot(out)
+    summary["run"] = {"output_dir": str(out), "seconds": time.time() - start}
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def sft_gold_baseline(actor_path: str, tokenizer, data: list[str], data_split: str, seed: int, n: int = 128) -> float:
+    """Gold score of the saved SFT actor on ``n`` step-3 prompts: the number PPO should beat."""
+    from transformers import AutoModelForCausalLM
+
+    prompts = [e.prompt for e in load_step_examples(data, step=3, split=data_split, seed=seed)[:n]]
+    model = AutoModelForCausalLM.from_pretrained(actor_path)
+    return sample_gold_score(model, tokenizer, prompts, seed=seed)
+
+
+if __name__ == "__main__":
+    main()
