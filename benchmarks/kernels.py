@@ -1,6 +1,7 @@
 """Each op under each backend that loads here, against the torch reference timed in the same run.
 
     python benchmarks/kernels.py                          # CPU, fp32, decode shapes of the default 15M model
+    python benchmarks/kernels.py --engine                 # ... and the engine's decode step per backend
     python benchmarks/kernels.py --device cuda --dtype bf16 --batch 64 --heads 32 --kv-heads 8 --head-dim 64 \
         --hidden 2048 --cache-len 512
 
@@ -86,6 +87,33 @@ def available_backends(device: str) -> list[str]:
     return names
 
 
+def engine_decode(a, backends: list[str]) -> None:
+    """The engine's decode (generate N tokens minus generate 1) under each CPU-side backend, interleaved in one
+    run with the throughput benchmark's model and prompts, so load elsewhere falls on every side alike."""
+    from throughput import build_model, prompts, timed
+
+    import hybrid_engine
+
+    seq_len = a.prompt_len + a.new_tokens
+    model = build_model(a.model_size, DTYPES[a.dtype], a.device, seq_len)
+    ids, mask = prompts(a.batch, a.prompt_len, model.config.vocab_size, a.device)
+    fns = {}
+    for backend in backends:
+        engine = hybrid_engine.wrap(model, max_seq_len=seq_len, max_batch_size=a.batch, kernels=backend).eval()
+        for n in (1, a.new_tokens):
+            fns[(backend, n)] = (lambda e=engine, n=n: e.generate(ids, mask, max_new_tokens=n, eos_token_id=[]))
+    with torch.inference_mode():
+        secs, outs = timed(fns, a.device, a.repeats)
+    base = outs[("torch", a.new_tokens)].sequences
+    torch_step = (secs[("torch", a.new_tokens)] - secs[("torch", 1)]) / (a.new_tokens - 1)
+    print(f"engine decode, {a.model_size} model, batch {a.batch}, prompt {a.prompt_len}, {a.new_tokens} new tokens")
+    print(f"{'backend':<9}{'step ms':>9}{'vs torch':>10}  tokens equal to torch's")
+    for backend in backends:
+        step = (secs[(backend, a.new_tokens)] - secs[(backend, 1)]) / (a.new_tokens - 1)
+        same = torch.equal(outs[(backend, a.new_tokens)].sequences, base)
+        print(f"{backend:<9}{step * 1e3:>9.2f}{torch_step / step:>9.2f}x  {same}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -100,6 +128,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7, help="timed rounds per measurement, median kept (CPU)")
     p.add_argument("--calls", type=int, default=200, help="calls per timed round (CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--engine", action="store_true", help="also time the engine's decode under each backend")
+    p.add_argument("--model-size", default="15m", help="throughput.py's model for --engine (default 15m)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row for --engine")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -119,6 +150,8 @@ def main() -> None:
             t = time_cuda(fn, args) if a.device == "cuda" else time_cpu(fn, args, a.repeats, a.calls)
             base = t if backend == "torch" else base
             print(f"{label:<26}{backend:<9}{impl:<8}{t * 1e6:>10.1f}{base / t:>9.2f}x")
+    if a.engine:
+        engine_decode(a, [b for b in backends if b != "triton" or a.device == "cuda"])
 
 
 if __name__ == "__main__":
