@@ -111,7 +111,8 @@ TINY = Preset(
         tie_word_embeddings=True,
     ),
     sft=StepBudget(per_device_train_batch_size=32, learning_rate=1e-3, num_train_epochs=2, num_warmup_steps=10),
-    reward=StepBudget(per_device_train_batch_size=32, learning_rate=5e-4, num_train_epochs=2, num_warmup_steps=10),
+    # One epoch at 1e-3 reaches ~0.95 held-out accuracy (two epochs: ~0.94-0.99 for twice the time).
+    reward=StepBudget(per_device_train_batch_size=32, learning_rate=1e-3, num_train_epochs=1, num_warmup_steps=5),
     ppo=PPOBudget(
         per_device_generation_batch_size=32,
         per_device_training_batch_size=32,
