@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 
 from . import ops as ops_lib
-from .cache import KVCache
+from .cache import KVCache, available_bytes
 from .generation import GenerationOutput, SamplingParams, generate
 from .models import FAMILIES, InferenceModel, Relayer
+from .zero import ZeroParams, build_weights
 
 
 @dataclass
@@ -25,13 +26,25 @@ class EngineConfig:
     allow_fallback: bool = False  # unsupported architecture: delegate generate() to Hugging Face
     force_fallback: bool = False  # use Hugging Face generate even for a supported family (for comparisons)
     release_cache_after_generate: bool = False  # DeepSpeed-Chat's --release_inference_cache
+    # ZeRO-3 (DeepSpeed-Chat's --unpin_actor_parameters, inverted): True keeps the gathered weights from eval()
+    # to train(); False streams the layers during each forward (memory of two groups, one all-gather of the
+    # layers per token); None: True when the whole model fits in half of the free memory.
+    pin_parameters: bool | None = None
+    gather_partition_size: int = 0  # ZeRO-3 / TP: layers per all-gather (next group prefetched); 0: all at once
+    tp_group: object = None          # TP process group; None: consecutive blocks of tp_size ranks of the world
 
 
 @dataclass
 class SwitchStats:
-    """What the last eval() cost: wall time and bytes copied into re-laid buffers."""
+    """What a mode switch cost: wall time in total and per part, and the bytes each part wrote."""
     seconds: float = 0.0
-    relaid_bytes: int = 0
+    relaid_bytes: int = 0     # written into re-laid buffers (fused QKV, gate/up, LoRA merges)
+    gather_s: float = 0.0     # ZeRO-3 all-gather (eval) of the parameters
+    gathered_bytes: int = 0   # full-size bytes the all-gather materialised on this rank
+    relay_s: float = 0.0      # describing the model and filling the re-laid buffers
+    tp_s: float = 0.0         # cutting the TP shards
+    tp_bytes: int = 0         # bytes of this rank's TP shards
+    release_s: float = 0.0    # partitioning the gathered parameters again (train switch)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -56,11 +69,18 @@ class HybridEngine:
                 f"hybrid_engine.wrap: architecture {model_type!r} ({type(self.hf_model).__name__}) is not supported; "
                 f"supported families: {', '.join(sorted(FAMILIES))} (pass allow_fallback=True to use Hugging Face "
                 "generate for it)")
-        if config.tp_size != 1:
-            raise NotImplementedError("tp_size > 1 is not available yet")
+        if config.tp_size > 1 and not self.supported:
+            raise NotImplementedError(f"tp_size={config.tp_size}: tensor parallelism needs the engine's own "
+                                      f"inference path; {model_type!r} has none")
         self.model_type = model_type
         self.ops = ops_lib.select(config.kernels, self._device().type)
         self.relayer = Relayer()
+        self.zero = ZeroParams(self.hf_model) if self.supported and ZeroParams.present(self.hf_model) else None
+        self.tp = None
+        if config.tp_size > 1:
+            from .parallel import TensorParallel
+            self.tp = TensorParallel(config.tp_size, config.tp_group, self.ops)
+        self.last_train_switch = SwitchStats()
         self.cache: KVCache | None = None
         self.inference: InferenceModel | None = None
         self.last_switch = SwitchStats()
@@ -79,9 +99,12 @@ class HybridEngine:
         unless release_memory() is called."""
         if not mode:
             return self.eval()
+        start = time.perf_counter()
         self.module.train()
         self.inference = None
         self.training = True
+        release_s = self.zero.release() if self.zero is not None else 0.0
+        self.last_train_switch = SwitchStats(time.perf_counter() - start, release_s=release_s)
         return self
 
     @torch.no_grad()
@@ -90,11 +113,23 @@ class HybridEngine:
         start = time.perf_counter()
         self.module.eval()
         self.training = False
+        stats = SwitchStats()
         if self.supported:
-            weights = FAMILIES[self.model_type](self.hf_model, self.relayer)
+            if self.zero is not None:
+                self.zero.release()  # a second eval() in a row: start from partitioned parameters
+            weights = build_weights(self.hf_model, FAMILIES[self.model_type], self.relayer, self.zero, self.tp,
+                                    self.config.gather_partition_size, self._pinned(), stats)
             self.inference = InferenceModel(weights, self.ops)
-        self.last_switch = SwitchStats(time.perf_counter() - start, self.relayer.nbytes)
+        stats.seconds = time.perf_counter() - start
+        self.last_switch = stats
         return self
+
+    def _pinned(self) -> bool:
+        if self.config.pin_parameters is not None or self.zero is None:
+            return self.config.pin_parameters is not False
+        free = available_bytes(self._device())
+        full = sum(p.ds_numel * p.element_size() for ps in self.zero.layer_params for p in ps)
+        return free is None or 2 * full < free
 
     @property
     def relaid_bytes(self) -> int:
@@ -102,15 +137,29 @@ class HybridEngine:
         return self.relayer.nbytes
 
     def release_memory(self) -> None:
-        """Free the KV cache and every re-laid buffer; the next eval() re-creates them."""
+        """Free the KV cache, every re-laid buffer and TP shard, and partition gathered ZeRO-3 parameters again;
+        the next eval() re-creates them."""
         self.cache = None
         self.relayer.release()
+        if self.tp is not None:
+            self.tp.release()
+        if self.zero is not None:
+            self.zero.release()
+        if self.inference is not None and hasattr(self.inference.w.layers, "reset"):
+            self.inference.w.layers.reset()
         self.inference = None
+
+    def live_buffers(self) -> dict:
+        """Bytes the engine holds now: KV cache, re-laid buffers, TP shards, gathered ZeRO-3 parameters."""
+        return {"kv_cache": self.cache.nbytes if self.cache is not None else 0, "relaid": self.relayer.nbytes,
+                "tp_shards": self.tp.nbytes if self.tp is not None else 0,
+                "gathered": self.zero.live_bytes if self.zero is not None else 0}
 
     def _cache_for(self) -> KVCache:
         w = self.inference.w
         if self.cache is None:
-            self.cache = KVCache(len(w.layers), self.config.max_batch_size, w.num_kv_heads, self.config.max_seq_len,
+            rows = self.config.max_batch_size * self.config.tp_size  # a TP group generates for all its ranks
+            self.cache = KVCache(len(w.layers), rows, w.num_kv_heads, self.config.max_seq_len,
                                  w.head_dim, self._dtype(), self._device())
         return self.cache
 
@@ -141,7 +190,7 @@ class HybridEngine:
             raise ValueError(f"top_k={top_k}: expected 0 (off) or a positive count")
         if temperature <= 0.0:
             raise ValueError(f"temperature={temperature}: expected a positive value")
-        if self.training:
+        if self.training or (self.supported and self.inference is None):  # after train() or release_memory()
             self.eval()
         cfg = self.hf_model.config
         if eos_token_id is None:
@@ -158,8 +207,18 @@ class HybridEngine:
         params = SamplingParams(do_sample, temperature, top_k, top_p, generator)
         if not self.supported:
             return self._hf_generate(input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id)
+        rows = None
+        if self.tp is not None:
+            input_ids, attention_mask, rows = self.tp.gather_prompts(input_ids, attention_mask, pad_token_id)
+            if input_ids.shape[1] + max_new_tokens > self.config.max_seq_len:
+                raise ValueError(f"TP group's longest prompt {input_ids.shape[1]} + max_new_tokens {max_new_tokens} "
+                                 f"exceeds max_seq_len {self.config.max_seq_len}")
+            if do_sample:
+                params.generator = self.tp.shared_generator(generator, input_ids.device)
         out = generate(self.inference, self._cache_for(), input_ids, attention_mask, max_new_tokens, params,
                        eos_ids, pad_token_id)
+        if rows is not None:
+            out = self.tp.own_rows(out, rows)
         # made under inference_mode; clones are ordinary tensors a training forward may save for backward
         out = GenerationOutput(out.sequences.clone(), out.logprobs.clone(), out.action_mask.clone())
         if self.config.release_cache_after_generate:

@@ -29,8 +29,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _single_process_cpu() -> bool:
-    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) == 1
+def _cpu_only() -> bool:
+    return not torch.cuda.is_available()
 
 
 def init_distributed(backend: str | None = None) -> DistInfo:
@@ -46,9 +46,9 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))  # concurrent test runs do not clash
     import deepspeed
 
-    if _single_process_cpu():
-        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (30-90 s on first use) that only
-        # helps several processes on one host; one process needs no collective, so skip the build.
+    if _cpu_only():
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (30-90 s on first use). One process
+        # needs no collective; several CPU processes use gloo's (torch.distributed), which is all we call.
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -22,6 +22,11 @@ def activation(name: str):
     return table[name]
 
 
+def is_partitioned(param: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter whose full data is not on this rank now (DeepSpeed holds only a shard of it)."""
+    return hasattr(param, "ds_numel") and param.data.numel() != param.ds_numel
+
+
 def is_lora(module: nn.Module) -> bool:
     """A PEFT LoRA layer wrapping a Linear or Conv1D (it has a base_layer and lora_A/lora_B)."""
     return hasattr(module, "base_layer") and hasattr(module, "lora_A")
@@ -59,6 +64,14 @@ class Relayer:
     def release(self) -> None:
         self.buffers.clear()
 
+    def release_layers(self) -> int:
+        """Drop the per-layer buffers (keys "<layer>.<name>"), keep the model-level ones; returns bytes freed."""
+        keys = [k for k in self.buffers if k.split(".", 1)[0].isdigit()]
+        freed = sum(self.buffers[k].numel() * self.buffers[k].element_size() for k in keys)
+        for key in keys:
+            del self.buffers[key]
+        return freed
+
     def _buffer(self, key: str, like: torch.Tensor, shape) -> torch.Tensor:
         buf = self.buffers.get(key)
         if buf is None or buf.shape != torch.Size(shape) or buf.dtype != like.dtype or buf.device != like.device:
@@ -68,6 +81,8 @@ class Relayer:
     def weight(self, key: str, module: nn.Module) -> torch.Tensor:
         """The weight to compute with: the parameter itself, or base + LoRA delta in a buffer."""
         base = _base(module).weight
+        if is_partitioned(base):  # ZeRO-3 layer not gathered now: a placeholder (zero.py re-describes it)
+            return base
         delta = _lora_delta(module) if is_lora(module) else None
         if delta is None:
             return base
@@ -80,6 +95,8 @@ class Relayer:
         """One (sum of out, in) Linear standing for several nn.Linear applied to the same input."""
         bases = [_base(m) for m in modules]
         first = bases[0].weight
+        if any(is_partitioned(b.weight) for b in bases):  # ZeRO-3 layer not gathered now: a placeholder
+            return Linear(first)
         rows = [b.weight.shape[0] for b in bases]
         weight = self._buffer(key + ".weight", first, (sum(rows), first.shape[1]))
         for dst, module, base in zip(weight.split(rows), modules, bases):

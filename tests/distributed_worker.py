@@ -1,0 +1,221 @@
+"""Multi-process scenarios of the hybrid engine under DeepSpeed (gloo, CPU, fp32), run by test_distributed.py.
+
+    python -m tests.distributed_worker OUT_DIR [SCENARIO ...]     # spawns 2 processes, writes OUT_DIR/rank*.json
+
+Every rank builds the same random model, wraps it in a DeepSpeed engine and compares the hybrid engine's greedy
+tokens for its own prompts with single-process Hugging Face `generate` on the same weights (a copy kept before
+DeepSpeed touched the model). One spawn runs every scenario: DeepSpeed and transformers take ~20 s to import.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+WORLD = 2
+NEW_TOKENS = 6
+
+
+def _setup(rank: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from rlhf.deepspeed_utils import init_distributed
+
+    init_distributed("gloo")
+
+
+def _model(name: str, lora: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    from tests.hf_models import CONFIGS
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[name]())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.2)  # PEFT starts B at zero; make the adapters matter
+    return model.eval()
+
+
+def _ds(model, stage: int, lr: float = 0.05):
+    import deepspeed
+
+    from rlhf.deepspeed_utils import ds_config
+
+    cfg = ds_config(2, 1, stage)
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the tiny norms
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    return engine
+
+
+def _prompts(rank: int):
+    from tests.hf_models import left_padded_prompts
+
+    lengths = [[6, 3, 5], [4, 7]][rank]  # different batch sizes and prompt lengths per rank
+    return left_padded_prompts(lengths, pad_id=0, seed=10 + rank)
+
+
+def _hf(ref, ids, mask):
+    return ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                        eos_token_id=None, pad_token_id=0)
+
+
+def _full_state(model) -> dict:
+    import deepspeed
+
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    with deepspeed.zero.GatheredParameters(params, enabled=bool(params)):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _partitioned(model) -> bool:
+    return all(p.data.numel() == 0 and p.ds_status.name == "NOT_AVAILABLE" for p in model.parameters()
+               if hasattr(p, "ds_id"))
+
+
+def _greedy_matches(engine, ref, rank) -> tuple[bool, str]:
+    ids, mask = _prompts(rank)
+    out = engine.eval().generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], pad_token_id=0)
+    hf = _hf(ref, ids, mask)
+    return torch.equal(out.sequences, hf), f"engine {out.sequences.tolist()} hf {hf.tolist()}"
+
+
+def scenario_zero3_tp1(rank):
+    import hybrid_engine
+
+    model = _model("llama")
+    ref = copy.deepcopy(model)
+    ds = _ds(model, 3)
+    res = {}
+    engine = hybrid_engine.wrap(ds, max_seq_len=24, max_batch_size=4)
+    res["greedy"] = _greedy_matches(engine, ref, rank)
+    res["gathered_on_eval"] = (engine.live_buffers()["gathered"] > 0, str(engine.live_buffers()))
+    engine.release_memory()
+    live = engine.live_buffers()
+    res["release_memory"] = (all(v == 0 for v in live.values()) and _partitioned(model), str(live))
+    # an optimizer step in training mode: the next rollout must read the new weights
+    ids, mask = _prompts(rank)
+    before = engine.eval().generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], pad_token_id=0).sequences
+    engine.train()
+    res["train_releases"] = (_partitioned(model), "")
+    labels = torch.randint(3, 101, ids.shape, generator=torch.Generator().manual_seed(rank))
+    loss = ds(input_ids=ids, attention_mask=mask, labels=labels).loss
+    ds.backward(loss)
+    ds.step()
+    ref.load_state_dict(_full_state(model))
+    after = engine.eval().generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], pad_token_id=0).sequences
+    hf = _hf(ref, ids, mask)
+    res["after_step"] = (torch.equal(after, hf) and not torch.equal(before, after),
+                         f"before {before.tolist()} after {after.tolist()} hf {hf.tolist()}")
+    engine.train()
+    # streamed: one layer at a time, the next prefetched, the previous released
+    streamed = hybrid_engine.wrap(ds, max_seq_len=24, max_batch_size=4, pin_parameters=False,
+                                  gather_partition_size=1)
+    res["streamed_greedy"] = _greedy_matches(streamed, ref, rank)
+    streamed.release_memory()
+    res["streamed_release"] = (_partitioned(model) and not any(streamed.live_buffers().values()),
+                               str(streamed.live_buffers()))
+    return res
+
+
+def _tp_scenario(rank, name: str, stage: int, lora: bool = False, group_size: int = 0):
+    import hybrid_engine
+
+    model = _model(name, lora)
+    ref = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ds = _ds(model, stage)
+    engine = hybrid_engine.wrap(ds, max_seq_len=24, max_batch_size=4, tp_size=2, gather_partition_size=group_size)
+    res = {"greedy": _greedy_matches(engine, ref, rank)}
+    w, cfg = engine.inference.w, ref.config
+    kv_local = cfg.num_key_value_heads // 2 or 1  # split when divisible, else the one kv head replicated
+    rows = (cfg.num_attention_heads // 2 + 2 * kv_local) * w.head_dim
+    res["sharded"] = (w.num_heads == cfg.num_attention_heads // 2 and w.num_kv_heads == kv_local
+                      and w.layers[0].qkv.weight.shape[0] == rows, f"{w.num_heads} {w.num_kv_heads}")
+    # sampling: the group samples the same tokens; each rank's logprobs equal the training forward's
+    from tests.hf_models import hf_logprobs
+
+    ids, mask = _prompts(rank)
+    out = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, do_sample=True, temperature=0.8, eos_token_id=[],
+                          pad_token_id=0, generator=torch.Generator().manual_seed(100 + rank))
+    full_mask = torch.cat([mask, torch.ones(ids.shape[0], NEW_TOKENS, dtype=mask.dtype)], dim=1)
+    gap = (out.logprobs - hf_logprobs(ref, out.sequences, full_mask, ids.shape[1], 0.8)).abs().max().item()
+    res["sampled_logprobs"] = (gap < 1e-5, f"gap {gap:.2e}")
+    engine.train()
+    if stage == 3:
+        res["train_releases"] = (_partitioned(model), "")
+    after = _full_state(model)
+    res["weights_bit_exact"] = (all(torch.equal(after[n], p) for n, p in before.items()), "")
+    engine.release_memory()
+    res["release_memory"] = (not any(engine.live_buffers().values()) and (stage < 3 or _partitioned(model)),
+                             str(engine.live_buffers()))
+    return res
+
+
+def scenario_zero3_tp2(rank):
+    return _tp_scenario(rank, "llama", 3, group_size=1)  # one layer per all-gather, the next prefetched
+
+
+def scenario_zero2_tp2(rank):
+    return _tp_scenario(rank, "llama", 2)
+
+
+def scenario_zero3_tp2_mqa(rank):
+    return _tp_scenario(rank, "mistral", 3)  # one kv head: replicated on both ranks
+
+
+def scenario_lora_zero3(rank):
+    import hybrid_engine
+
+    model = _model("llama", lora=True)
+    ref = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ds = _ds(model, 3)
+    engine = hybrid_engine.wrap(ds, max_seq_len=24, max_batch_size=4)
+    res = {"greedy": _greedy_matches(engine, ref, rank)}
+    engine.train()
+    after = _full_state(model)
+    res["weights_bit_exact"] = (all(torch.equal(after[n], p) for n, p in before.items()), "")
+    res["lora_tp2"] = _greedy_matches(hybrid_engine.wrap(ds, max_seq_len=24, max_batch_size=4, tp_size=2), ref, rank)
+    return res
+
+
+SCENARIOS = {name.removeprefix("scenario_"): fn for name, fn in globals().items() if name.startswith("scenario_")}
+
+
+def worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    torch.set_num_threads(1)
+    _setup(rank, port)
+    results = {}
+    for name in names:
+        try:
+            results[name] = {k: [bool(ok), msg] for k, (ok, msg) in SCENARIOS[name](rank).items()}
+        except Exception:  # noqa: BLE001 - reported to the test, which fails with the traceback
+            results[name] = {"error": [False, traceback.format_exc()]}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+def run(out_dir: str, names: list[str], port: int) -> None:
+    mp.spawn(worker, args=(port, out_dir, names), nprocs=WORLD, join=True)
+
+
+if __name__ == "__main__":
+    out, *chosen = sys.argv[1:]
+    run(out, chosen or list(SCENARIOS), 29400 + os.getpid() % 500)
