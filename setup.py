@@ -12,9 +12,10 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["hybrid_engine*", "rlhf*"]),
-    package_data={"": ["*.cpp", "*.cu", "*.h", "*.cuh", "*.json", "*.txt"]},
-    include_package_data=True,
+    # csrc/ ships inside the package as hybrid_engine/csrc, so a non-editable install can JIT-build its ops
+    packages=find_packages(include=["hybrid_engine*", "rlhf*"]) + ["hybrid_engine.csrc"],
+    package_dir={"hybrid_engine.csrc": "csrc"},
+    package_data={"hybrid_engine.csrc": ["*.cuh", "*.h", "*.cpp", "*.sh", "*/*.cpp", "*/*.cu", "*/*.h", "*/*.cuh"]},
     install_requires=[
         "torch>=2.4",
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",

@@ -30,6 +30,9 @@ OP_NAMES = ("rms_norm", "layer_norm", "rotary_kv_append", "prefill_attention", "
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}  # interpreted Triton: never auto
 CUDA_LACKS = ("rms_norm", "layer_norm", "prefill_attention")  # served by Triton (else torch) under `cuda`
+# Per-op exceptions to AUTO_ORDER, from benchmarks/kernels.py: on CPU, torch's SDPA flash kernel beats the C++
+# prefill at T=64 (1632 vs 1990 us), so auto keeps the reference there.
+AUTO_PREFER = {("cpu", "prefill_attention"): ("torch", "cpu")}
 
 
 class BackendError(RuntimeError):
@@ -102,18 +105,22 @@ def _warn_once(message: str) -> None:
 
 
 def _select_auto(device: str) -> tuple[dict, dict]:
-    fns, choices, failures = {}, {}, {}
+    tables, failures = {}, {}
     for backend in AUTO_ORDER.get(device, ("torch",)):
         try:
-            table = _load(backend, device)
+            tables[backend] = _load(backend, device)
         except BuildError as err:
             failures[backend] = str(err)
-            continue
-        for name, fn in table.items():
-            if name not in fns:
-                fns[name] = fn
-                why = "; ".join(f"{b} unavailable: {r}" for b, r in failures.items())
-                choices[name] = (backend, f"auto: fastest that loads on {device}" + (f" ({why})" if why else ""))
+    why = "; ".join(f"{b} unavailable: {r}" for b, r in failures.items())
+    fns, choices = {}, {}
+    for name in OP_NAMES:
+        order = AUTO_PREFER.get((device, name), AUTO_ORDER.get(device, ("torch",)))
+        backend = next(b for b in order if b in tables and name in tables[b])
+        fns[name] = tables[backend][name]
+        reason = f"auto: fastest that loads on {device}"
+        if (device, name) in AUTO_PREFER:
+            reason = f"auto: measured fastest on {device} (benchmarks/kernels.py)"
+        choices[name] = (backend, reason + (f" ({why})" if why else ""))
     if failures:
         detail = "; ".join(failures.values())
         _warn_once(f"hybrid_engine.ops: kernels='auto' on {device} fell back for some ops ({detail})")

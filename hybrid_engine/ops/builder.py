@@ -15,7 +15,10 @@ from pathlib import Path
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"  # the repository's csrc/, next to hybrid_engine/
+# An installed package carries the sources as hybrid_engine/csrc (setup.py maps csrc/ there); a checkout or an
+# editable install finds the repository's csrc/, next to hybrid_engine/.
+_PACKAGE = Path(__file__).resolve().parents[1]
+CSRC = next((p for p in (_PACKAGE / "csrc", _PACKAGE.parent / "csrc") if p.is_dir()), _PACKAGE.parent / "csrc")
 _LOADED: dict[str, object] = {}  # builder name -> loaded module, so each extension is built/loaded once
 
 
