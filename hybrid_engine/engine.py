@@ -39,8 +39,8 @@ class SwitchStats:
     """What a mode switch cost: wall time in total and per part, and the bytes each part wrote."""
     seconds: float = 0.0
     relaid_bytes: int = 0     # written into re-laid buffers (fused QKV, gate/up, LoRA merges)
-    gather_s: float = 0.0     # ZeRO-3 all-gather (eval) of the parameters
-    gathered_bytes: int = 0   # full-size bytes the all-gather materialised on this rank
+    gather_s: float = 0.0     # ZeRO-3 all-gather of the parameters (streamed: also those during generate())
+    gathered_bytes: int = 0   # full-size bytes the all-gathers materialised on this rank
     relay_s: float = 0.0      # describing the model and filling the re-laid buffers
     tp_s: float = 0.0         # cutting the TP shards
     tp_bytes: int = 0         # bytes of this rank's TP shards
@@ -219,6 +219,8 @@ class HybridEngine:
                        eos_ids, pad_token_id)
         if rows is not None:
             out = self.tp.own_rows(out, rows)
+        if self.zero is not None:  # streamed ZeRO-3 gathers during generation: count those too
+            self.last_switch.gather_s, self.last_switch.gathered_bytes = self.zero.gather_s, self.zero.gathered_bytes
         # made under inference_mode; clones are ordinary tensors a training forward may save for backward
         out = GenerationOutput(out.sequences.clone(), out.logprobs.clone(), out.action_mask.clone())
         if self.config.release_cache_after_generate:

@@ -56,6 +56,9 @@ class RolloutStats:
     new_tokens: int
     eval_switch_s: float
     relaid_bytes: int
+    gathered_bytes: int = 0     # ZeRO-3 parameters all-gathered by the eval() switch
+    tp_bytes: int = 0           # this rank's tensor-parallel shards written by it
+    train_switch_s: float = 0.0  # the train() switch (partitioning the gathered parameters again)
 
 
 @torch.no_grad()
@@ -71,8 +74,10 @@ def generate_experience(hybrid, actor, ref, reward, critic, prompt_ids: torch.Te
                           temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                           pad_token_id=pad_token_id, generator=generator)
     gen_s = time.perf_counter() - start
-    stats = RolloutStats(gen_s, int(out.action_mask.sum()), hybrid.last_switch.seconds, hybrid.last_switch.relaid_bytes)
+    switch = hybrid.last_switch
     hybrid.train()
+    stats = RolloutStats(gen_s, int(out.action_mask.sum()), switch.seconds, switch.relaid_bytes, switch.gathered_bytes,
+                         switch.tp_bytes, hybrid.last_train_switch.seconds)
     actor.eval()  # no dropout: the "old" logprobs must be those of the policy that generated
     P = prompt_ids.shape[1]
     action_mask = out.action_mask

@@ -97,6 +97,9 @@ class PPOConfig:
                                      "engine's fallback)")
     release_inference_cache: bool = opt(False, "free the KV cache after every rollout")
     inference_tp_size: int = opt(1, "tensor-parallel degree of generation (needs actor ZeRO-3)")
+    unpin_actor_parameters: bool = opt(False, "ZeRO-3: gather the actor's layers during each generation forward "
+                                       "instead of once per rollout (slower, less memory)")
+    tp_gather_partition_size: int = opt(8, "ZeRO-3: actor layers gathered at a time (0: all at once)")
     kernels: str | None = opt(None, "hybrid-engine kernels: auto|cuda|triton|cpu|torch")
     gold_task: str = opt("none", "score answers with a rule too: 'synthetic' (the built-in task) or 'none'",
                          choices=["none", "synthetic"])
@@ -148,7 +151,9 @@ class PPOTrainer:
                                          max_batch_size=cfg.per_device_generation_batch_size,
                                          tp_size=cfg.inference_tp_size, kernels=cfg.kernels,
                                          force_fallback=not cfg.enable_hybrid_engine,
-                                         release_cache_after_generate=cfg.release_inference_cache)
+                                         release_cache_after_generate=cfg.release_inference_cache,
+                                         pin_parameters=False if cfg.unpin_actor_parameters else None,
+                                         gather_partition_size=cfg.tp_gather_partition_size)
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
 
@@ -253,7 +258,9 @@ def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
         record = {"reward": exp.scores.mean().item(), "kl": sequence_kl(exp).mean().item(),
                   "logprob_gap": max_logprob_gap(exp), "answer_len": exp.action_mask.sum(-1).float().mean().item(),
                   "gen_tokens_per_s": stats.new_tokens / max(stats.seconds, 1e-9),
-                  "eval_switch_s": stats.eval_switch_s, "relaid_bytes": stats.relaid_bytes}
+                  "eval_switch_s": stats.eval_switch_s, "relaid_bytes": stats.relaid_bytes,
+                  "gathered_bytes": stats.gathered_bytes, "tp_bytes": stats.tp_bytes,
+                  "train_switch_s": stats.train_switch_s}
         if cfg.gold_task == "synthetic":
             texts = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
             record["gold"] = sum(trainer.gold(exp, texts)) / len(texts)

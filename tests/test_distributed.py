@@ -52,3 +52,56 @@ def test_zero3_tp2_single_kv_head_is_replicated(results):
 
 def test_lora_under_zero3(results):
     _check(results, "lora_zero3")
+
+
+@pytest.fixture(scope="module")
+def ppo_inputs(tmp_path_factory):
+    """A random tiny-preset actor and reward model (width 128: ZeRO-3 partitions their matrices) and the
+    synthetic task's pairs."""
+    import torch
+
+    from rlhf.data.synthetic import write_synthetic_data
+    from rlhf.models import create_actor, create_reward_model, save_actor, save_reward_model
+    from rlhf.presets import get_preset
+
+    root = tmp_path_factory.mktemp("ppo")
+    preset = get_preset("tiny")
+    preset.model.update(num_hidden_layers=2)
+    tokenizer = preset.tokenizer()
+    config = preset.model_config(tokenizer)
+    torch.manual_seed(0)
+    save_actor(create_actor(config), tokenizer, root / "actor")
+    save_reward_model(create_reward_model(config), tokenizer, root / "reward")
+    pairs = write_synthetic_data(root / "data", n_sft=10, n_pairs=200, seed=0)["pairs"]
+    return root, pairs
+
+
+@pytest.mark.parametrize("extra", [["--inference-tp-size", "2"], ["--unpin-actor-parameters",
+                                                                  "--tp-gather-partition-size", "1"]],
+                         ids=["tp2", "streamed"])
+def test_two_process_ppo_with_zero3_actor(ppo_inputs, extra):
+    import ast
+
+    from rlhf.metrics import read_metrics
+
+    root, pairs = ppo_inputs
+    out = root / ("out_" + extra[0].strip("-"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(29300 + os.getpid() % 400 + len(extra)), "-m", "rlhf.ppo",
+           "--actor-model-name-or-path", str(root / "actor"), "--critic-model-name-or-path", str(root / "reward"),
+           "--data", str(pairs), "--data-split", "0,1,1", "--output-dir", str(out), "--max-steps", "2",
+           "--per-device-generation-batch-size", "4", "--per-device-training-batch-size", "4",
+           "--max-prompt-seq-len", "16", "--max-answer-seq-len", "8", "--eval-prompts", "0", "--disable-tqdm",
+           "--num-warmup-steps", "0", "--actor-learning-rate", "1e-3", "--actor-zero-stage", "3", *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summaries = [ast.literal_eval(line) for line in proc.stdout.splitlines() if line.startswith("{'output_dir'")]
+    assert len(summaries) == 2  # one per rank
+    for summary in summaries:
+        assert summary["steps"] == 2
+        assert summary["max_logprob_gap"] < 1e-5, summary
+    records = [r for r in read_metrics(out) if r["step_name"] == "ppo"]
+    assert len(records) == 2
+    for r in records:  # the switch cost is logged every step
+        assert r["gathered_bytes"] > 0 and r["eval_switch_s"] > 0 and r["train_switch_s"] > 0
+        assert (r["tp_bytes"] > 0) == ("--inference-tp-size" in extra)
