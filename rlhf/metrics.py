@@ -53,7 +53,7 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
     return records
 
 
-def plot(output_dir: str | Path, path: str | Path | None = None, max_panels: int = 12) -> Path | None:
+def plot(output_dir: str | Path, path: str | Path | None = None, max_panels: int = 24) -> Path | None:
     """Draw each numeric metric of each step against its step number into a PNG; None when nothing to plot."""
     import matplotlib
 
