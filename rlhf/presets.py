@@ -111,7 +111,8 @@ TINY = Preset(
         tie_word_embeddings=True,
     ),
     # 4 epochs (228 steps): held-out loss 4.08 -> 2.68 and a sampled gold score of 0.43; 2 epochs stop at
-    # 2.79 / 0.37 (the model has not yet learned to name the prompt's topic). ~10 s on 2 idle cores.
+    # 2.79 / 0.37 (the model has not yet learned to name the prompt's topic). A step takes ~46 ms on 2 idle
+    # cores (measured), but several times that when other processes compete for the cores.
     sft=StepBudget(per_device_train_batch_size=32, learning_rate=1e-3, num_train_epochs=4, num_warmup_steps=10),
     # One epoch at 1e-3 reaches ~0.95 held-out accuracy (two epochs: ~0.94-0.99 for twice the time).
     reward=StepBudget(per_device_train_batch_size=32, learning_rate=1e-3, num_train_epochs=1, num_warmup_steps=5),
