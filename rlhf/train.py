@@ -22,6 +22,7 @@ import torch
 from rlhf.common import add_config_args
 from rlhf.data import Example, build_prompt_dataset, load_step_examples, make_dataloader
 from rlhf.data.synthetic import gold_scores, write_synthetic_data
+from rlhf.deepspeed_utils import init_distributed
 from rlhf.metrics import MetricsLogger, plot
 from rlhf.presets import PRESETS, Preset, get_preset
 from rlhf.reward import RewardConfig, reward_config_from_args, run_reward
@@ -115,6 +116,13 @@ def sample_gold_score(model, tokenizer, prompts: list[str], max_new_tokens: int 
     return sum(scores) / max(len(scores), 1)
 
 
+def barrier() -> None:
+    import torch.distributed
+
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
 def format_summary(summary: dict) -> str:
     """The one-screen report printed at the end of a run."""
     lines = ["", "=" * 64, "RLHF run summary", "=" * 64]
@@ -133,14 +141,17 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"actor": str(out / "actor"), "reward": str(out / "reward"), "ppo": str(out / "ppo")}
-    metrics = MetricsLogger(out)
+    dist = init_distributed()
+    metrics = MetricsLogger(out, enabled=dist.is_main)
     synthetic = not args.data
     if synthetic and preset is None:
         raise SystemExit("rlhf train: --data is required without a preset (the synthetic task needs its tokenizer)")
     data = args.data
     if synthetic:
-        files = write_synthetic_data(out / "data", preset.synthetic_sft, preset.synthetic_pairs, seed=args.seed)
-        data = [str(files["sft"]), str(files["pairs"])]
+        if dist.is_main:  # one writer; the others wait, then read the same files
+            write_synthetic_data(out / "data", preset.synthetic_sft, preset.synthetic_pairs, seed=args.seed)
+        barrier()
+        data = [str(out / "data" / "sft.jsonl"), str(out / "data" / "pairs.jsonl")]
     data_split = args.data_split or (preset.data_split if preset is not None and synthetic else "2,4,4")
     max_seq_len = args.max_seq_len or (preset.max_seq_len if preset is not None else 512)
     paths["data"] = json.dumps(data)
@@ -162,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = sft_config_from_args(args, SFT_PREFIX, model_name_or_path=args.actor_model,
                                    output_dir=paths["actor"], **shared)
         summary["step 1: SFT"] = run_sft(cfg, model_config=model_config, tokenizer=tokenizer, metrics=metrics)
-        if synthetic:
+        if synthetic and dist.is_main:
             summary["step 1: SFT"]["gold_score (sampled)"] = sft_gold_baseline(paths["actor"], tokenizer, data,
                                                                                data_split, args.seed)
     if 2 in args.step:
@@ -172,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                      metrics=metrics)
     if 3 in args.step:
         summary["step 3: PPO"] = run_step3(args, preset, tokenizer, metrics, paths)
+    if not dist.is_main:
+        return summary
     plot(out)
     summary["run"] = {"output_dir": str(out), "seconds": time.time() - start}
     print(format_summary(summary), flush=True)
