@@ -29,13 +29,22 @@ def _setup(rank: int, port: int) -> None:
     init_distributed("gloo")
 
 
+def _config(name: str):
+    from transformers import LlamaConfig
+
+    from tests.hf_models import CONFIGS, VOCAB
+
+    if name == "llama_6_3":  # 6 query heads over 3 kv heads: on 2 ranks the kv groups straddle the split
+        return LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                           num_attention_heads=6, num_key_value_heads=3, head_dim=10, max_position_embeddings=128)
+    return CONFIGS[name]()
+
+
 def _model(name: str, lora: bool = False):
     from transformers import AutoModelForCausalLM
 
-    from tests.hf_models import CONFIGS
-
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(CONFIGS[name]())
+    model = AutoModelForCausalLM.from_config(_config(name))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -143,7 +152,9 @@ def _tp_scenario(rank, name: str, stage: int, lora: bool = False, group_size: in
     engine = hybrid_engine.wrap(ds, max_seq_len=24, max_batch_size=4, tp_size=2, gather_partition_size=group_size)
     res = {"greedy": _greedy_matches(engine, ref, rank)}
     w, cfg = engine.inference.w, ref.config
-    kv_local = cfg.num_key_value_heads // 2 or 1  # split when divisible, else the one kv head replicated
+    from hybrid_engine.parallel import head_split
+
+    kv_local = len(head_split(cfg.num_attention_heads, cfg.num_key_value_heads, rank, 2)[1])
     rows = (cfg.num_attention_heads // 2 + 2 * kv_local) * w.head_dim
     res["sharded"] = (w.num_heads == cfg.num_attention_heads // 2 and w.num_kv_heads == kv_local
                       and w.layers[0].qkv.weight.shape[0] == rows, f"{w.num_heads} {w.num_kv_heads}")
@@ -177,6 +188,10 @@ def scenario_zero2_tp2(rank):
 
 def scenario_zero3_tp2_mqa(rank):
     return _tp_scenario(rank, "mistral", 3)  # one kv head: replicated on both ranks
+
+
+def scenario_zero3_tp2_straddle(rank):
+    return _tp_scenario(rank, "llama_6_3", 3)  # each rank keeps one kv head per local query head
 
 
 def scenario_lora_zero3(rank):

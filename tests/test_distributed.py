@@ -17,6 +17,27 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
 
+@pytest.mark.parametrize("heads,kv,world,expected", [
+    (4, 2, 2, [(2, [0]), (2, [1])]),               # kv heads split
+    (8, 4, 2, [(4, [0, 1]), (4, [2, 3])]),
+    (4, 1, 2, [(2, [0]), (2, [0])]),               # one kv head: replicated
+    (8, 2, 4, [(2, [0]), (2, [0]), (2, [1]), (2, [1])]),
+    (6, 3, 2, [(3, [0, 0, 1]), (3, [1, 2, 2])]),   # groups straddle ranks: one kv head per local query head
+])
+def test_head_split(heads, kv, world, expected):
+    from hybrid_engine.parallel import head_split
+
+    assert [head_split(heads, kv, r, world) for r in range(world)] == expected
+
+
+def test_tp_without_process_group_says_so(tmp_path):
+    import hybrid_engine
+    from tests.hf_models import tiny_model
+
+    with pytest.raises(RuntimeError, match="tp_size=2: torch.distributed is not initialised"):
+        hybrid_engine.wrap(tiny_model("llama", tmp_path), tp_size=2)
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
@@ -48,6 +69,10 @@ def test_zero2_tp2(results):
 
 def test_zero3_tp2_single_kv_head_is_replicated(results):
     _check(results, "zero3_tp2_mqa")
+
+
+def test_zero3_tp2_kv_groups_straddling_ranks(results):
+    _check(results, "zero3_tp2_straddle")
 
 
 def test_lora_under_zero3(results):
