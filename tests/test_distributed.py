@@ -130,3 +130,31 @@ def test_two_process_ppo_with_zero3_actor(ppo_inputs, extra):
     for r in records:  # the switch cost is logged every step
         assert r["gathered_bytes"] > 0 and r["eval_switch_s"] > 0 and r["train_switch_s"] > 0
         assert (r["tp_bytes"] > 0) == ("--inference-tp-size" in extra)
+
+
+def test_single_process_zero3_gathers_generates_and_releases(tmp_path):
+    """World size 1 (one GPU training a model with ZeRO-3 offload, say): DeepSpeed still empties param.data."""
+    import deepspeed
+    import torch
+
+    import hybrid_engine
+    from rlhf.deepspeed_utils import ds_config, init_distributed
+    from tests.hf_models import left_padded_prompts, tiny_model
+
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
+        pytest.skip("needs a single-process group")
+    init_distributed()
+    model = tiny_model("llama", tmp_path)
+    ids, mask = left_padded_prompts([5, 3], pad_id=0)
+    hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                        pad_token_id=0)
+    cfg = ds_config(2, 1, 3)
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    ds, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=cfg)
+    assert model.model.layers[0].mlp.up_proj.weight.numel() == 0
+    engine = hybrid_engine.wrap(ds, max_seq_len=16, max_batch_size=2)
+    out = engine.eval().generate(ids, mask, max_new_tokens=6, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(out.sequences, hf)
+    engine.release_memory()
+    assert not any(engine.live_buffers().values())
+    assert all(p.data.numel() == 0 for p in model.parameters())
