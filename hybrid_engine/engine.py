@@ -95,15 +95,23 @@ class HybridEngine:
 
     # -- mode switches ---------------------------------------------------------------------------
     def train(self, mode: bool = True) -> HybridEngine:
-        """Training mode: the module's own forward, with autograd. The KV cache stays for the next rollout
-        unless release_memory() is called."""
+        """Training mode: the module's own forward, with autograd. Under ZeRO-3 the gathered parameters are
+        partitioned again and the buffers made from them freed. The KV cache stays for the next rollout unless
+        release_memory() is called (or release_cache_after_generate is set)."""
         if not mode:
             return self.eval()
         start = time.perf_counter()
         self.module.train()
         self.inference = None
         self.training = True
-        release_s = self.zero.release() if self.zero is not None else 0.0
+        release_s = 0.0
+        if self.zero is not None:
+            # ZeRO-3 keeps the whole model off each rank while training: the fused and TP buffers, as large as
+            # most of the layers, go too (eval() reallocates them; the allocation is small next to the gather)
+            release_s = self.zero.release()
+            self.relayer.release()
+            if self.tp is not None:
+                self.tp.release()
         self.last_train_switch = SwitchStats(time.perf_counter() - start, release_s=release_s)
         return self
 

@@ -121,7 +121,9 @@ def scenario_zero3_tp1(rank):
     ids, mask = _prompts(rank)
     before = engine.eval().generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], pad_token_id=0).sequences
     engine.train()
-    res["train_releases"] = (_partitioned(model), "")
+    live = engine.live_buffers()
+    res["train_releases"] = (_partitioned(model) and live["kv_cache"] > 0 and sum(live.values()) == live["kv_cache"],
+                             str(live))
     labels = torch.randint(3, 101, ids.shape, generator=torch.Generator().manual_seed(rank))
     loss = ds(input_ids=ids, attention_mask=mask, labels=labels).loss
     ds.backward(loss)
@@ -169,7 +171,8 @@ def _tp_scenario(rank, name: str, stage: int, lora: bool = False, group_size: in
     res["sampled_logprobs"] = (gap < 1e-5, f"gap {gap:.2e}")
     engine.train()
     if stage == 3:
-        res["train_releases"] = (_partitioned(model), "")
+        live = engine.live_buffers()
+        res["train_releases"] = (_partitioned(model) and sum(live.values()) == live["kv_cache"], str(live))
     after = _full_state(model)
     res["weights_bit_exact"] = (all(torch.equal(after[n], p) for n, p in before.items()), "")
     engine.release_memory()
