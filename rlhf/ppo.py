@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 import hybrid_engine
 from rlhf.checkpoint import save_actor_checkpoint, save_reward_checkpoint
-from rlhf.common import add_config_args, config_from_args, opt, to_device
+from rlhf.common import add_config_args, all_reduce_sum, config_from_args, opt, to_device
 from rlhf.data import (
     build_prompt_dataset,
     build_sft_dataset,
@@ -103,7 +103,7 @@ class PPOConfig:
     kernels: str | None = opt(None, "hybrid-engine kernels: auto|cuda|triton|cpu|torch")
     gold_task: str = opt("none", "score answers with a rule too: 'synthetic' (the built-in task) or 'none'",
                          choices=["none", "synthetic"])
-    eval_prompts: int = opt(64, "held-out prompts scored before and after PPO")
+    eval_prompts: int = opt(256, "held-out prompts scored before and after PPO")
     print_answers: bool = opt(False, "print a prompt and its answer every log interval")
     log_interval: int = opt(1, "PPO rounds between metrics.jsonl records")
     seed: int = opt(1234, "seed of data order and sampling")
@@ -192,24 +192,29 @@ class PPOTrainer:
         for ema_p, p in zip(self.ema.parameters(), self.actor.module.parameters()):
             ema_p.mul_(self.cfg.ema_decay).add_(p.detach().to(ema_p.dtype), alpha=1 - self.cfg.ema_decay)
 
-    def gold(self, exp: Experience, prompts: list[str]) -> list[float]:
+    def gold(self, exp: Experience) -> list[float]:
+        """The synthetic task's rule on each decoded prompt and answer (rows carry their own prompts, so this
+        holds on every rank whatever its data shard)."""
+        prompts = self.tokenizer.batch_decode(exp.sequences[:, :exp.prompt_len], skip_special_tokens=True)
         answers = self.tokenizer.batch_decode(exp.sequences[:, exp.prompt_len:], skip_special_tokens=True)
         return gold_scores(prompts, answers)
 
     @torch.no_grad()
-    def evaluate(self, loader, prompts: list[str]) -> dict:
-        """Mean reward-model score (and gold score) of sampled answers to held-out prompts, fixed seed."""
+    def evaluate(self, loader) -> dict:
+        """Mean reward-model score (and gold score) of sampled answers to held-out prompts, fixed seed; the means
+        are over every rank's rows."""
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 7)
-        scores, golds, offset = [], [], 0
+        totals = [0.0, 0.0, 0.0]  # reward sum, gold sum, rows
         for batch in loader:
             exp, _ = self.rollout(to_device(batch, self.device), generator)
-            scores += exp.scores.tolist()
+            totals[0] += exp.scores.sum().item()
             if self.cfg.gold_task == "synthetic":
-                golds += self.gold(exp, prompts[offset:offset + len(exp.scores)])
-            offset += len(exp.scores)
-        out = {"reward": sum(scores) / max(len(scores), 1)}
-        if golds:
-            out["gold"] = sum(golds) / len(golds)
+                totals[1] += sum(self.gold(exp))
+            totals[2] += len(exp.scores)
+        reward, gold, rows = all_reduce_sum(totals, self.device)
+        out = {"reward": reward / max(rows, 1)}
+        if self.cfg.gold_task == "synthetic":
+            out["gold"] = gold / max(rows, 1)
         return out
 
 
@@ -244,7 +249,7 @@ def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
     rounds = min(rounds, cfg.max_steps) if cfg.max_steps else rounds
     minibatches = -(-cfg.per_device_generation_batch_size // cfg.per_device_training_batch_size)
     trainer = PPOTrainer(cfg, tokenizer, rounds * cfg.ppo_epochs * cfg.generation_batches * minibatches, dist.device)
-    before = trainer.evaluate(eval_loader, eval_set.prompts) if len(eval_set) else {}
+    before = trainer.evaluate(eval_loader) if len(eval_set) else {}
     metrics.log("ppo_eval", 0, **before)
 
     generator = torch.Generator(device=dist.device).manual_seed(cfg.seed + dist.rank)
@@ -262,8 +267,8 @@ def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
                   "gathered_bytes": stats.gathered_bytes, "tp_bytes": stats.tp_bytes,
                   "train_switch_s": stats.train_switch_s}
         if cfg.gold_task == "synthetic":
-            texts = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
-            record["gold"] = sum(trainer.gold(exp, texts)) / len(texts)
+            golds = trainer.gold(exp)
+            record["gold"] = sum(golds) / len(golds)
         buffer.append(exp)
         if len(buffer) < cfg.generation_batches:
             continue
@@ -288,7 +293,7 @@ def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
         if step >= rounds:
             break
     bar.close()
-    after = trainer.evaluate(eval_loader, eval_set.prompts) if len(eval_set) else {}
+    after = trainer.evaluate(eval_loader) if len(eval_set) else {}
     metrics.log("ppo_eval", step, **after)
     save_actor_checkpoint(trainer.actor.module, tokenizer, f"{cfg.output_dir}/actor")
     save_reward_checkpoint(trainer.critic.module, tokenizer, f"{cfg.output_dir}/critic")

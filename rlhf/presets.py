@@ -52,13 +52,15 @@ class StepBudget:
 
 @dataclass
 class PPOBudget:
-    """Step-3 knobs the preset fixes; names follow DeepSpeed-Chat's flags."""
+    """Step-3 knobs the preset fixes; each is a field of rlhf.ppo.PPOConfig (DeepSpeed-Chat's flag names)."""
 
     per_device_generation_batch_size: int = 16
     per_device_training_batch_size: int = 16
     ppo_epochs: int = 1
     generation_batches: int = 1
-    num_train_steps: int = 40  # PPO steps (generation + update rounds) of the tiny run
+    num_train_epochs: int = 1
+    max_steps: int = 0  # PPO rounds (generation + update); 0: every prompt once per epoch
+    num_warmup_steps: int = 100
     max_prompt_seq_len: int = 256
     max_answer_seq_len: int = 256
     actor_learning_rate: float = 9.65e-6
@@ -119,7 +121,9 @@ TINY = Preset(
     ppo=PPOBudget(
         per_device_generation_batch_size=32,
         per_device_training_batch_size=32,
-        num_train_steps=40,
+        num_train_epochs=4,
+        max_steps=100,
+        num_warmup_steps=0,
         max_prompt_seq_len=16,
         max_answer_seq_len=16,
         actor_learning_rate=1e-4,

@@ -24,6 +24,7 @@ from rlhf.data import Example, build_prompt_dataset, load_step_examples, make_da
 from rlhf.data.synthetic import gold_scores, write_synthetic_data
 from rlhf.deepspeed_utils import init_distributed
 from rlhf.metrics import MetricsLogger, plot
+from rlhf.ppo import PPOConfig, ppo_config_from_args, run_ppo
 from rlhf.presets import PRESETS, Preset, get_preset
 from rlhf.reward import RewardConfig, reward_config_from_args, run_reward
 from rlhf.sft import SFTConfig, run_sft, sft_config_from_args
@@ -45,20 +46,32 @@ def preset_defaults(preset: Preset | None) -> tuple[SFTConfig, RewardConfig]:
     return sft, reward
 
 
+# Step-3 options `rlhf train` sets for all steps (or derives from the step-1/2 outputs), so not flags of PPO's own.
+PPO_SHARED = ("actor_model_name_or_path", "critic_model_name_or_path", "data", "data_split", "output_dir", "seed",
+              "disable_tqdm")
+
+
+def ppo_defaults(preset: Preset | None) -> PPOConfig:
+    """PPOConfig whose defaults come from the preset's PPO budget (DeepSpeed-Chat's defaults without one)."""
+    cfg = PPOConfig()
+    if preset is not None:
+        for f in dataclasses.fields(preset.ppo):
+            setattr(cfg, f.name, getattr(preset.ppo, f.name))
+    return cfg
+
+
 def add_step3_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, preset: Preset | None) -> None:
-    """Step-3 (PPO) options. The PPO author fills this in (e.g. ``add_ppo_args(group, prefix="ppo-")`` with
-    ``preset.ppo`` as defaults)."""
+    """Step-3 (PPO) options under DeepSpeed-Chat's names (``--actor-zero-stage``, ``--inference-tp-size``, ...)."""
+    add_config_args(parser, PPOConfig, "", PPO_SHARED, ppo_defaults(preset))
 
 
 def run_step3(args: argparse.Namespace, preset: Preset | None, tokenizer, metrics: MetricsLogger,
               paths: dict[str, str]) -> dict:
-    """Step 3 (PPO) from ``paths["actor"]`` and ``paths["reward"]`` into ``paths["ppo"]``; returns a summary.
-
-    ``paths["data"]`` holds the data specs, ``args.data_split`` the split. Keys of the returned summary are
-    printed on the final screen. Left for the PPO author to connect to ``rlhf.ppo``.
-    """
-    raise NotImplementedError("step 3 (PPO) is not connected to rlhf.train yet: fill rlhf.train.run_step3; "
-                              "run --step 1 2 meanwhile")
+    """Step 3 (PPO) from ``paths["actor"]`` and ``paths["reward"]`` into ``paths["ppo"]``; returns a summary."""
+    cfg = ppo_config_from_args(args, "", actor_model_name_or_path=paths["actor"],
+                               critic_model_name_or_path=paths["reward"], data=args.data, data_split=args.data_split,
+                               output_dir=paths["ppo"], seed=args.seed, disable_tqdm=args.disable_tqdm)
+    return run_ppo(cfg, tokenizer=tokenizer, metrics=metrics)
 
 
 def build_parser(preset: Preset | None) -> argparse.ArgumentParser:
@@ -129,7 +142,9 @@ def format_summary(summary: dict) -> str:
     for section, values in summary.items():
         lines.append(f"[{section}]")
         for key, value in values.items():
-            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            shown = str(value)
+            if isinstance(value, float):  # small quantities (the logprob gap) keep their digits
+                shown = f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
             lines.append(f"  {key:<28} {shown}")
     lines.append("=" * 64)
     return "\n".join(lines)
@@ -156,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     max_seq_len = args.max_seq_len or (preset.max_seq_len if preset is not None else 512)
     paths["data"] = json.dumps(data)
     args.data, args.data_split = data, data_split
+    if synthetic:  # the built-in task has a rule to score answers by: PPO reports it before and after
+        args.gold_task = "synthetic"
 
     use_preset_model = args.actor_model is None and preset is not None
     if use_preset_model:
@@ -173,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = sft_config_from_args(args, SFT_PREFIX, model_name_or_path=args.actor_model,
                                    output_dir=paths["actor"], **shared)
         summary["step 1: SFT"] = run_sft(cfg, model_config=model_config, tokenizer=tokenizer, metrics=metrics)
-        if synthetic and dist.is_main:
+        if synthetic and dist.is_main and 3 not in args.step:  # with step 3, PPO measures it before and after
             summary["step 1: SFT"]["gold_score (sampled)"] = sft_gold_baseline(paths["actor"], tokenizer, data,
                                                                                data_split, args.seed)
     if 2 in args.step:
