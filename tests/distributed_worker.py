@@ -45,6 +45,7 @@ def _model(name: str, lora: bool = False):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_config(name))
+    model.generation_config.eos_token_id = None  # the tests generate a fixed number of tokens
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -195,6 +196,19 @@ def scenario_zero3_tp2_mqa(rank):
 
 def scenario_zero3_tp2_straddle(rank):
     return _tp_scenario(rank, "llama_6_3", 3)  # each rank keeps one kv head per local query head
+
+
+def scenario_families_tp2(rank):
+    """Every other family under TP 2, without DeepSpeed: Conv1D layout (GPT-2), per-head fused QKV and parallel
+    residual (GPT-NeoX), project_in/out and post-norm (OPT), QKV bias (Qwen2)."""
+    import hybrid_engine
+
+    res = {}
+    for name in ("gpt2", "gpt_neox", "opt", "opt_post_norm", "qwen2"):
+        model = _model(name)
+        res[name] = _greedy_matches(hybrid_engine.wrap(model, max_seq_len=24, max_batch_size=4, tp_size=2), model,
+                                    rank)
+    return res
 
 
 def scenario_lora_zero3(rank):

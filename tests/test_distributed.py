@@ -75,6 +75,10 @@ def test_zero3_tp2_kv_groups_straddling_ranks(results):
     _check(results, "zero3_tp2_straddle")
 
 
+def test_other_families_under_tp2(results):
+    _check(results, "families_tp2")
+
+
 def test_lora_under_zero3(results):
     _check(results, "lora_zero3")
 
