@@ -33,7 +33,7 @@ def test_weight_change_in_training_mode_is_seen_after_eval(llama):
 
 
 def test_inference_reads_training_parameters_in_place(llama):
-    engine = hybrid_engine.wrap(llama).eval()
+    engine = hybrid_engine.wrap(llama, pack_weights=False).eval()
     w = engine.inference.w
     assert w.embed.data_ptr() == llama.model.embed_tokens.weight.data_ptr()
     assert w.layers[0].o.weight.data_ptr() == llama.model.layers[0].self_attn.o_proj.weight.data_ptr()
@@ -41,6 +41,10 @@ def test_inference_reads_training_parameters_in_place(llama):
     fused = sum(p.numel() for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
                 for p in m.parameters()) * 4 * len(llama.model.layers)
     assert engine.relaid_bytes == fused  # only the fused QKV and gate/up buffers are copies
+    # packing for CPU decode adds one oneDNN copy of every projection (and the head), and says so
+    packed = hybrid_engine.wrap(llama).eval()
+    linears = sum(m.weight.numel() * 4 for m in llama.modules() if isinstance(m, torch.nn.Linear))
+    assert packed.packed_bytes == linears and packed.relaid_bytes == fused + linears
 
 
 def test_per_row_stop_at_eos_pads_after_and_exits_early(llama):

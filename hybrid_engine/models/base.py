@@ -15,16 +15,24 @@ import torch.nn.functional as F
 
 from ..cache import KVCache
 
+# Rows up to which a Linear uses its oneDNN-packed weight: decode steps (B rows) and small prefills. Larger
+# prefills are compute-bound, where MKL's plain sgemm is as good.
+PACKED_MAX_ROWS = 128
+
 
 @dataclass
 class Linear:
     """y = x @ W^T + b with W (out, in) as nn.Linear keeps it, or y = x @ W + b when `transposed`
-    (GPT-2's Conv1D keeps W as (in, out))."""
+    (GPT-2's Conv1D keeps W as (in, out)). `packed`, when set, is a oneDNN-blocked copy of W (see
+    common.pack_linears) used for small row counts."""
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     transposed: bool = False
+    packed: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.numel() <= PACKED_MAX_ROWS * x.shape[-1]:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if not self.transposed:
             return F.linear(x, self.weight, self.bias)
         out = x @ self.weight
@@ -58,7 +66,7 @@ class ModelWeights:
     embed: torch.Tensor                      # (V, E)
     layers: list[LayerWeights]
     final_norm: Norm | None
-    lm_head: torch.Tensor                    # (V, E)
+    lm_head: Linear                          # (V, E), no bias
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -192,4 +200,4 @@ class InferenceModel:
             h = self._norm(w.final_norm, h)
         if w.project_out is not None:
             h = w.project_out(h)
-        return F.linear(h, w.lm_head).float()
+        return w.lm_head(h).float()

@@ -1,7 +1,7 @@
 """GPT-2: learned absolute positions, LayerNorm, Conv1D projections stored (in, out), one fused c_attn."""
 from __future__ import annotations
 
-from .base import LayerWeights, ModelWeights
+from .base import LayerWeights, Linear, ModelWeights
 from .common import Relayer, activation, layer_norm
 
 
@@ -25,7 +25,7 @@ def gpt2_weights(model, relayer: Relayer) -> ModelWeights:
         embed=core.wte.weight,
         layers=layers,
         final_norm=layer_norm(core.ln_f, rms=False),
-        lm_head=relayer.weight("lm_head", model.get_output_embeddings()),
+        lm_head=Linear(relayer.weight("lm_head", model.get_output_embeddings())),
         num_heads=cfg.n_head,
         num_kv_heads=cfg.n_head,
         head_dim=cfg.n_embd // cfg.n_head,

@@ -1,7 +1,7 @@
 """GPT-NeoX (Pythia): LayerNorm, partial rotary, fused per-head QKV, parallel or sequential residual."""
 from __future__ import annotations
 
-from .base import LayerWeights, ModelWeights
+from .base import LayerWeights, Linear, ModelWeights
 from .common import Relayer, activation, layer_norm
 
 
@@ -23,7 +23,7 @@ def gpt_neox_weights(model, relayer: Relayer) -> ModelWeights:
         embed=core.embed_in.weight,
         layers=layers,
         final_norm=layer_norm(core.final_layer_norm, rms=False),
-        lm_head=relayer.weight("lm_head", model.get_output_embeddings()),
+        lm_head=Linear(relayer.weight("lm_head", model.get_output_embeddings())),
         num_heads=cfg.num_attention_heads,
         num_kv_heads=cfg.num_attention_heads,
         head_dim=cfg.hidden_size // cfg.num_attention_heads,

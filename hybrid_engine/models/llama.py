@@ -4,7 +4,7 @@ Qwen2 adds a bias to q/k/v; Mistral (and Qwen2 where configured) a sliding atten
 """
 from __future__ import annotations
 
-from .base import LayerWeights, ModelWeights
+from .base import LayerWeights, Linear, ModelWeights
 from .common import Relayer, activation, layer_norm
 
 
@@ -32,7 +32,7 @@ def llama_weights(model, relayer: Relayer) -> ModelWeights:
         embed=core.embed_tokens.weight,
         layers=layers,
         final_norm=layer_norm(core.norm, rms=True),
-        lm_head=relayer.weight("lm_head", model.get_output_embeddings()),
+        lm_head=Linear(relayer.weight("lm_head", model.get_output_embeddings())),
         num_heads=cfg.num_attention_heads,
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
         head_dim=head_dim,

@@ -2,7 +2,7 @@
 word-embedding width and the hidden width, pre- or post-norm (`do_layer_norm_before`, False for 350m)."""
 from __future__ import annotations
 
-from .base import LayerWeights, ModelWeights
+from .base import LayerWeights, Linear, ModelWeights
 from .common import Relayer, activation, layer_norm
 
 
@@ -25,7 +25,7 @@ def opt_weights(model, relayer: Relayer) -> ModelWeights:
         embed=dec.embed_tokens.weight,
         layers=layers,
         final_norm=layer_norm(dec.final_layer_norm, rms=False) if dec.final_layer_norm is not None else None,
-        lm_head=relayer.weight("lm_head", model.get_output_embeddings()),
+        lm_head=Linear(relayer.weight("lm_head", model.get_output_embeddings())),
         num_heads=cfg.num_attention_heads,
         num_kv_heads=cfg.num_attention_heads,
         head_dim=head_dim,
