@@ -26,6 +26,6 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "ruff"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "ruff", "datasets"]},  # datasets: the dataset-dir format
     entry_points={"console_scripts": ["rlhf=rlhf.cli:main"]},
 )
