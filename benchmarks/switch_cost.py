@@ -70,7 +70,8 @@ def measure(name: str, engine, vocab: int, repeats: int) -> dict:
 
     last = evals[-1]
     return dict(mode=name, eval_ms=med(evals, "seconds") * 1e3, gather_ms=med(evals, "gather_s") * 1e3,
-                relay_ms=med(evals, "relay_s") * 1e3, tp_ms=med(evals, "tp_s") * 1e3,
+                relay_ms=med(evals, "relay_s") * 1e3, pack_ms=med(evals, "pack_s") * 1e3,
+                tp_ms=med(evals, "tp_s") * 1e3,
                 gathered_mb=last.gathered_bytes / MB, relaid_mb=last.relaid_bytes / MB, tp_mb=last.tp_bytes / MB,
                 train_ms=med(trains, "seconds") * 1e3, gen_tok_s=statistics.median(tok_s))
 
@@ -111,7 +112,7 @@ def single_process_rows(repeats: int) -> list[dict]:
                                                           max_batch_size=BATCH), vocab, repeats)
     rows.append(row)
     rows.append(dict(mode="1 proc LoRA in fwd", eval_ms=rows[0]["eval_ms"], gather_ms=0.0, relay_ms=rows[0]["relay_ms"],
-                     tp_ms=0.0, gathered_mb=0.0, relaid_mb=rows[0]["relaid_mb"], tp_mb=0.0,
+                     pack_ms=rows[0]["pack_ms"], tp_ms=0.0, gathered_mb=0.0, relaid_mb=rows[0]["relaid_mb"], tp_mb=0.0,
                      train_ms=rows[0]["train_ms"], gen_tok_s=base_tok_s))
     return rows
 
@@ -159,7 +160,8 @@ def distributed_rows(repeats: int) -> list[dict]:
 
 
 COLUMNS = [("mode", "{:<24}"), ("eval_ms", "{:>8.1f}"), ("gather_ms", "{:>9.1f}"), ("relay_ms", "{:>8.1f}"),
-           ("tp_ms", "{:>6.1f}"), ("gathered_mb", "{:>11.1f}"), ("relaid_mb", "{:>9.1f}"), ("tp_mb", "{:>6.1f}"),
+           ("pack_ms", "{:>7.1f}"), ("tp_ms", "{:>6.1f}"), ("gathered_mb", "{:>11.1f}"), ("relaid_mb", "{:>9.1f}"),
+           ("tp_mb", "{:>6.1f}"),
            ("train_ms", "{:>8.1f}"), ("gen_tok_s", "{:>9.0f}")]
 
 

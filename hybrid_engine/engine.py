@@ -48,6 +48,7 @@ class SwitchStats:
     relay_s: float = 0.0      # describing the model and filling the re-laid buffers
     tp_s: float = 0.0         # cutting the TP shards
     tp_bytes: int = 0         # bytes of this rank's TP shards
+    pack_s: float = 0.0       # oneDNN packing of the projection weights for CPU decode (their bytes: in relaid)
     release_s: float = 0.0    # partitioning the gathered parameters again (train switch)
 
 
@@ -134,7 +135,9 @@ class HybridEngine:
                                     self.config.gather_partition_size, self._pinned(), stats)
             self.packed_bytes = 0
             if self._pack(weights):
+                t = time.perf_counter()
                 self.packed_bytes = pack_linears(weights, self.config.max_batch_size)
+                stats.pack_s = time.perf_counter() - t
                 stats.relaid_bytes += self.packed_bytes
             self.inference = InferenceModel(weights, self.ops)
         stats.seconds = time.perf_counter() - start
