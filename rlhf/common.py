@@ -118,6 +118,12 @@ def config_from_args(config_cls: type, args: argparse.Namespace, prefix: str = "
     return config_cls(**values)
 
 
+def add_launcher_args(parser: argparse.ArgumentParser) -> None:
+    """The flag the ``deepspeed`` launcher passes to every process (torchrun sets LOCAL_RANK instead)."""
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
+                        help="set by the deepspeed launcher; init_distributed reads LOCAL_RANK either way")
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 

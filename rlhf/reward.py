@@ -19,6 +19,7 @@ from rlhf.checkpoint import save_reward_checkpoint
 from rlhf.common import (
     StepConfig,
     add_config_args,
+    add_launcher_args,
     all_reduce_sum,
     config_from_args,
     num_update_steps,
@@ -167,6 +168,7 @@ def reward_config_from_args(args: argparse.Namespace, prefix: str = "", **overri
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Step 2: reward-model training on preference pairs")
+    add_launcher_args(parser)
     add_reward_args(parser)
     summary = run_reward(reward_config_from_args(parser.parse_args(argv)))
     print(summary)

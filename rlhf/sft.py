@@ -20,6 +20,7 @@ from rlhf.checkpoint import save_actor_checkpoint
 from rlhf.common import (
     StepConfig,
     add_config_args,
+    add_launcher_args,
     all_reduce_sum,
     config_from_args,
     num_update_steps,
@@ -152,6 +153,7 @@ def sft_config_from_args(args: argparse.Namespace, prefix: str = "", **overrides
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Step 1: supervised fine-tuning of the actor")
+    add_launcher_args(parser)
     add_sft_args(parser)
     summary = run_sft(sft_config_from_args(parser.parse_args(argv)))
     print(summary)

@@ -2,7 +2,7 @@
 
     rlhf train                                   # the tiny preset on the synthetic task, steps 1-3, on CPU
     rlhf train --step 1 2 --actor-model facebook/opt-125m --data pairs.jsonl:2 hh.jsonl:1 --data-split 2,4,4
-    deepspeed --num_gpus 8 -m rlhf.train --actor-model ... --sft-zero-stage 3
+    deepspeed --num_gpus 8 --module rlhf.train --actor-model ... --sft-zero-stage 3
 
 Layout of ``--output-dir``: ``actor/`` (step 1), ``reward/`` (step 2), ``ppo/`` (step 3), ``data/`` (the
 synthetic task's files when no ``--data`` is given), ``metrics.jsonl`` and ``training_curves.png``.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.common import add_config_args
+from rlhf.common import add_config_args, add_launcher_args
 from rlhf.data import Example, build_prompt_dataset, load_step_examples, make_dataloader
 from rlhf.data.synthetic import gold_scores, write_synthetic_data
 from rlhf.deepspeed_utils import init_distributed
@@ -77,6 +77,7 @@ def run_step3(args: argparse.Namespace, preset: Preset | None, tokenizer, metric
 def build_parser(preset: Preset | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf train", description="RLHF in three steps: SFT, reward model, PPO. "
                                      "Without arguments: the tiny preset on the built-in synthetic task.")
+    add_launcher_args(parser)
     parser.add_argument("--step", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
                         help="steps to run (default: 1 2 3)")
     parser.add_argument("--preset", choices=[*PRESETS, "none"], default=None,
