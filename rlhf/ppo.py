@@ -175,8 +175,10 @@ class PPOTrainer:
         actor_loss = policy_loss(logprobs, exp.logprobs, advantages, exp.action_mask, cfg.cliprange)
         self.actor.backward(actor_loss)
         self.actor.step()
+        ptx = None
         if ptx_batch is not None:
-            self.actor.backward(cfg.unsup_coef * lm_loss(self.actor, ptx_batch))
+            ptx = lm_loss(self.actor, to_device(ptx_batch, self.device))
+            self.actor.backward(cfg.unsup_coef * ptx)
             self.actor.step()
         values = action_values(self.critic, exp.sequences, exp.attention_mask, exp.prompt_len)
         critic_loss = value_loss(values, exp.values, returns, exp.action_mask, cfg.cliprange_value)
@@ -184,8 +186,11 @@ class PPOTrainer:
         self.critic.step()
         if self.ema is not None:
             self.update_ema()
-        return {"actor_loss": actor_loss.item(), "critic_loss": critic_loss.item(),
-                "advantage": masked_mean(advantages, exp.action_mask).item()}
+        out = {"actor_loss": actor_loss.item(), "critic_loss": critic_loss.item(),
+               "advantage": masked_mean(advantages, exp.action_mask).item()}
+        if ptx is not None:
+            out["ptx_loss"] = ptx.item()
+        return out
 
     @torch.no_grad()
     def update_ema(self) -> None:

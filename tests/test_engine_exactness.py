@@ -1,5 +1,6 @@
 """The engine's greedy tokens equal Hugging Face generate's and its logprobs equal the HF forward's, for every
-supported family on awkward tiny configs (fp32, CPU)."""
+supported family on awkward tiny configs (fp32, CPU), under every kernel backend that runs on a CPU: the torch
+references, the C++ CPU twins and the Triton kernels (interpreted; tests/conftest.py sets TRITON_INTERPRET)."""
 import pytest
 import torch
 
@@ -9,12 +10,14 @@ from tests.hf_models import CONFIGS, hf_logprobs, left_padded_prompts, tiny_mode
 NEW_TOKENS = 12
 
 
+@pytest.mark.parametrize("kernels", ["torch", "cpu", "triton"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_greedy_tokens_and_logprobs_match_hugging_face(name, tmp_path):
+def test_greedy_tokens_and_logprobs_match_hugging_face(name, kernels, tmp_path):
     model = tiny_model(name, tmp_path)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     ids, mask = left_padded_prompts([7, 3, 5, 1], pad)
-    engine = hybrid_engine.wrap(model, max_seq_len=32, max_batch_size=4)
+    engine = hybrid_engine.wrap(model, max_seq_len=32, max_batch_size=4, kernels=kernels)
+    assert {backend for backend, _ in engine.ops.choices.values()} == {kernels}
     engine.eval()
     # no EOS: every row runs the full length, so all tokens are compared
     out = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], pad_token_id=pad)

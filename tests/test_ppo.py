@@ -52,9 +52,12 @@ def test_ppo_raises_gold_score_with_exact_rollout_logprobs(run_dir, seed):
 
 def test_train_cli_step3_and_chat(run_dir, capsys, monkeypatch):
     summary = train_main(["--step", "3", "--output-dir", str(run_dir), "--max-steps", "2", "--enable-ema",
+                          "--unsupervised-data", str(run_dir / "data" / "sft.jsonl"), "--unsup-coef", "0.5",
                           "--disable-tqdm"])
     ppo = summary["step 3: PPO"]
     assert ppo["steps"] == 2 and "gold_before" in ppo and ppo["max_logprob_gap"] < 1e-5
+    records = [r for r in read_metrics(run_dir) if r["step_name"] == "ppo"]
+    assert len(records) == 2 and all(0 < r["ptx_loss"] < 10 for r in records)  # the PTX loss was mixed in
     assert (run_dir / "ppo" / "actor_ema" / "config.json").exists()
     screen = capsys.readouterr().out
     assert "RLHF run summary" in screen and "gold_after" in screen
