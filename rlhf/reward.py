@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from rlhf.checkpoint import save_reward_checkpoint
 from rlhf.common import (
@@ -22,15 +21,14 @@ from rlhf.common import (
     add_launcher_args,
     all_reduce_sum,
     config_from_args,
-    num_update_steps,
     opt,
     to_device,
 )
-from rlhf.data import build_pair_dataset, load_step_examples, make_dataloader, train_eval_split
-from rlhf.deepspeed_utils import ds_config, init_distributed, initialize
+from rlhf.data import build_pair_dataset
 from rlhf.losses import pairwise_loss
 from rlhf.metrics import MetricsLogger
-from rlhf.models import create_reward_model, gather_scores, load_tokenizer
+from rlhf.models import create_reward_model, gather_scores
+from rlhf.step_loop import prepare_step, train_loop
 
 
 @dataclass
@@ -74,78 +72,30 @@ def run_reward(cfg: RewardConfig, model_config=None, tokenizer=None, metrics: Me
     ``model_config`` builds a randomly initialised backbone when ``cfg.model_name_or_path`` is None.
     """
     start = time.time()
-    dist = init_distributed()
-    torch.manual_seed(cfg.seed)
-    if cfg.model_name_or_path is None and model_config is None:
-        raise ValueError("the reward model needs --model-name-or-path (or a preset's model config)")
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    metrics = metrics or MetricsLogger(cfg.metrics_path(), enabled=dist.is_main)
-    if not cfg.data:
-        raise ValueError("the reward model needs --data with prompt/chosen/rejected or hh-rlhf records")
-
-    examples = load_step_examples(cfg.data, step=2, split=cfg.data_split, seed=cfg.seed)
-    train_examples, eval_examples = train_eval_split(examples, cfg.eval_fraction, cfg.seed)
-    train_set = build_pair_dataset(tokenizer, train_examples, cfg.max_seq_len)
-    eval_set = build_pair_dataset(tokenizer, eval_examples, cfg.max_seq_len)
-    if len(train_set) == 0:
-        raise ValueError(f"reward model: no pairs for step 2 in {cfg.data} (--data-split {cfg.data_split})")
-    train_loader = make_dataloader(train_set, cfg.per_device_train_batch_size, shuffle=True, seed=cfg.seed)
-    eval_loader = make_dataloader(eval_set, cfg.per_device_eval_batch_size, shuffle=False)
-
-    model = create_reward_model(cfg.model_name_or_path or model_config, cfg.model_options())
-    total_steps = num_update_steps(len(train_loader), cfg)
-    config = ds_config(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.zero_stage,
-                       cfg.offload, cfg.dtype, world_size=dist.world_size)
-    engine = initialize(model, config, cfg.learning_rate, cfg.weight_decay, total_steps, cfg.num_warmup_steps,
-                        cfg.lr_scheduler_type, lora_lr=cfg.lora_learning_rate if cfg.lora_dim else None)
-
-    initial = evaluate_reward(engine, eval_loader, dist.device) if len(eval_set) else {}
+    s = prepare_step(cfg, 2, "reward", "the reward model", build_pair_dataset, create_reward_model, model_config,
+                     tokenizer, metrics)
+    initial = evaluate_reward(s.engine, s.eval_loader, s.dist.device) if len(s.eval_set) else {}
     if initial:
-        metrics.log("reward_eval", 0, **initial)
-    engine.train()
-    step, window, last_loss = 0, [], float("nan")
-    bar = tqdm(total=total_steps, desc="step 2 reward model", disable=cfg.disable_tqdm or not dist.is_main)
-    for epoch in range(cfg.num_train_epochs):
-        if hasattr(train_loader.sampler, "set_epoch"):  # DistributedSampler reshuffles per epoch
-            train_loader.sampler.set_epoch(epoch)
-        for batch in train_loader:
-            chosen, rejected = pair_scores(engine, to_device(batch, dist.device))
-            loss = pairwise_loss(chosen, rejected)
-            engine.backward(loss)
-            engine.step()
-            window.append((loss.item(), (chosen > rejected).float().mean().item()))
-            if not engine.is_gradient_accumulation_boundary():
-                continue
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if cfg.print_loss and dist.is_main:
-                print(f"reward epoch {epoch} step {step} loss {loss.item():.4f}")
-            if step % cfg.log_interval == 0 or step == total_steps:
-                last_loss = sum(w[0] for w in window) / len(window)
-                train_accuracy = sum(w[1] for w in window) / len(window)
-                metrics.log("reward", step, loss=last_loss, train_accuracy=train_accuracy, lr=engine.get_lr()[0])
-                window = []
-            if cfg.eval_interval and step % cfg.eval_interval == 0 and len(eval_set):
-                metrics.log("reward_eval", step, **evaluate_reward(engine, eval_loader, dist.device))
-            if step >= total_steps:
-                break
-        if step >= total_steps:
-            break
-    bar.close()
-    if window:
-        last_loss = sum(w[0] for w in window) / len(window)
+        s.metrics.log("reward_eval", 0, **initial)
 
-    final = evaluate_reward(engine, eval_loader, dist.device) if len(eval_set) else {}
+    def ranking_loss(engine, batch):
+        chosen, rejected = pair_scores(engine, batch)
+        return pairwise_loss(chosen, rejected), {"train_accuracy": (chosen > rejected).float().mean().item()}
+
+    def evaluate(engine):
+        return evaluate_reward(engine, s.eval_loader, s.dist.device)
+
+    step, last_loss = train_loop(s, cfg, "step 2 reward model", ranking_loss, evaluate if len(s.eval_set) else None,
+                                 cfg.eval_interval)
+    final = evaluate_reward(s.engine, s.eval_loader, s.dist.device) if len(s.eval_set) else {}
     if final:
-        metrics.log("reward_eval", step, **final)
-    save_reward_checkpoint(engine.module, tokenizer, cfg.output_dir)
+        s.metrics.log("reward_eval", step, **final)
+    save_reward_checkpoint(s.engine.module, s.tokenizer, cfg.output_dir)
     nan = float("nan")
     return {
         "output_dir": cfg.output_dir,
-        "train_pairs": len(train_set),
-        "eval_pairs": len(eval_set),
+        "train_pairs": len(s.train_set),
+        "eval_pairs": len(s.eval_set),
         "steps": step,
         "final_train_loss": last_loss,
         "initial_accuracy": initial.get("accuracy", nan),

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from rlhf.checkpoint import save_actor_checkpoint
 from rlhf.common import (
@@ -23,14 +22,13 @@ from rlhf.common import (
     add_launcher_args,
     all_reduce_sum,
     config_from_args,
-    num_update_steps,
     opt,
     to_device,
 )
-from rlhf.data import build_sft_dataset, load_step_examples, make_dataloader, train_eval_split
-from rlhf.deepspeed_utils import ds_config, init_distributed, initialize
+from rlhf.data import build_sft_dataset
 from rlhf.metrics import MetricsLogger
-from rlhf.models import create_actor, load_tokenizer
+from rlhf.models import create_actor
+from rlhf.step_loop import prepare_step, train_loop
 
 
 @dataclass
@@ -65,73 +63,23 @@ def run_sft(cfg: SFTConfig, model_config=None, tokenizer=None, metrics: MetricsL
     preset); ``tokenizer`` defaults to the model's.
     """
     start = time.time()
-    dist = init_distributed()
-    torch.manual_seed(cfg.seed)
-    if cfg.model_name_or_path is None and model_config is None:
-        raise ValueError("SFT needs --model-name-or-path (or a preset's model config)")
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    metrics = metrics or MetricsLogger(cfg.metrics_path(), enabled=dist.is_main)
-    if not cfg.data:
-        raise ValueError("SFT needs --data (prompt/response, prompt/chosen/rejected or hh-rlhf files)")
-
-    examples = load_step_examples(cfg.data, step=1, split=cfg.data_split, seed=cfg.seed)
-    train_examples, eval_examples = train_eval_split(examples, cfg.eval_fraction, cfg.seed)
-    train_set = build_sft_dataset(tokenizer, train_examples, cfg.max_seq_len)
-    eval_set = build_sft_dataset(tokenizer, eval_examples, cfg.max_seq_len)
-    if len(train_set) == 0:
-        raise ValueError(f"SFT: no training examples for step 1 in {cfg.data} with --data-split {cfg.data_split}")
-    train_loader = make_dataloader(train_set, cfg.per_device_train_batch_size, shuffle=True, seed=cfg.seed)
-    eval_loader = make_dataloader(eval_set, cfg.per_device_eval_batch_size, shuffle=False)
-
-    model = create_actor(cfg.model_name_or_path or model_config, cfg.model_options())
-    total_steps = num_update_steps(len(train_loader), cfg)
-    config = ds_config(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.zero_stage,
-                       cfg.offload, cfg.dtype, world_size=dist.world_size)
-    engine = initialize(model, config, cfg.learning_rate, cfg.weight_decay, total_steps, cfg.num_warmup_steps,
-                        cfg.lr_scheduler_type, lora_lr=cfg.lora_learning_rate if cfg.lora_dim else None)
-
-    initial = evaluate_sft(engine, eval_loader, dist.device) if len(eval_set) else {}
+    s = prepare_step(cfg, 1, "sft", "SFT", build_sft_dataset, create_actor, model_config, tokenizer, metrics)
+    initial = evaluate_sft(s.engine, s.eval_loader, s.dist.device) if len(s.eval_set) else {}
     if initial:
-        metrics.log("sft_eval", 0, **initial)
-    engine.train()
-    step, window, last_loss = 0, [], float("nan")
-    bar = tqdm(total=total_steps, desc="step 1 SFT", disable=cfg.disable_tqdm or not dist.is_main)
-    for epoch in range(cfg.num_train_epochs):
-        if hasattr(train_loader.sampler, "set_epoch"):  # DistributedSampler reshuffles per epoch
-            train_loader.sampler.set_epoch(epoch)
-        for batch in train_loader:
-            loss = engine(**to_device(batch, dist.device), use_cache=False).loss
-            engine.backward(loss)
-            engine.step()
-            window.append(loss.item())
-            if not engine.is_gradient_accumulation_boundary():
-                continue
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if cfg.print_loss and dist.is_main:
-                print(f"sft epoch {epoch} step {step} loss {loss.item():.4f}")
-            if step % cfg.log_interval == 0 or step == total_steps:
-                last_loss = sum(window) / len(window)
-                metrics.log("sft", step, loss=last_loss, lr=engine.get_lr()[0])
-                window = []
-            if step >= total_steps:
-                break
-        if step >= total_steps:
-            break
-    bar.close()
-    if window:
-        last_loss = sum(window) / len(window)
+        s.metrics.log("sft_eval", 0, **initial)
 
-    final = evaluate_sft(engine, eval_loader, dist.device) if len(eval_set) else {}
+    def lm_loss(engine, batch):
+        return engine(**batch, use_cache=False).loss, {}
+
+    step, last_loss = train_loop(s, cfg, "step 1 SFT", lm_loss)
+    final = evaluate_sft(s.engine, s.eval_loader, s.dist.device) if len(s.eval_set) else {}
     if final:
-        metrics.log("sft_eval", step, **final)
-    save_actor_checkpoint(engine.module, tokenizer, cfg.output_dir)
+        s.metrics.log("sft_eval", step, **final)
+    save_actor_checkpoint(s.engine.module, s.tokenizer, cfg.output_dir)
     return {
         "output_dir": cfg.output_dir,
-        "train_examples": len(train_set),
-        "eval_examples": len(eval_set),
+        "train_examples": len(s.train_set),
+        "eval_examples": len(s.eval_set),
         "steps": step,
         "final_train_loss": last_loss,
         "initial_eval_loss": initial.get("eval_loss", float("nan")),
