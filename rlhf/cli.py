@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from rlhf.common import run_cli
+
 USAGE = """usage: rlhf {train,chat} ...
 
   rlhf train [options]     steps 1-3 (no options: the tiny preset end to end on CPU); rlhf train --help
@@ -20,13 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "train":
         from rlhf.train import main as train_main
 
-        train_main(rest)
-        return 0
+        return run_cli(train_main, "rlhf train", rest)
     if command == "chat":
-        from rlhf.chat import main as chat_main  # written alongside PPO
+        from rlhf.chat import main as chat_main
 
-        chat_main(rest)
-        return 0
+        return run_cli(chat_main, "rlhf chat", rest)
     print(f"rlhf: unknown command '{command}'\n{USAGE}", end="", file=sys.stderr)
     return 2
 

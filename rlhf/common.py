@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
+import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -116,6 +119,20 @@ def config_from_args(config_cls: type, args: argparse.Namespace, prefix: str = "
             values[f.name] = getattr(args, dest)
     values.update(overrides)
     return config_cls(**values)
+
+
+def run_cli(main: Callable, prog: str, argv: list[str] | None = None) -> int:
+    """Run an entry point's `main(argv)`. Bad input (a ValueError, such as the data loader's DataError naming
+    file, line and field) ends the run with that one line on stderr and exit status 2, not a traceback;
+    RLHF_TRACEBACK=1 shows the traceback instead."""
+    try:
+        result = main(argv)
+    except ValueError as err:
+        if os.environ.get("RLHF_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
 
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> None:

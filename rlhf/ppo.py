@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import sys
 import time
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 import hybrid_engine
 from rlhf.checkpoint import save_actor_checkpoint, save_reward_checkpoint
-from rlhf.common import add_config_args, add_launcher_args, all_reduce_sum, config_from_args, opt, to_device
+from rlhf.common import add_config_args, add_launcher_args, all_reduce_sum, config_from_args, opt, run_cli, to_device
 from rlhf.data import (
     build_prompt_dataset,
     build_sft_dataset,
@@ -335,4 +336,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, "python -m rlhf.ppo"))

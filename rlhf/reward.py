@@ -9,6 +9,7 @@ accuracy (share with s_chosen > s_rejected) and the mean chosen and rejected sco
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from rlhf.common import (
     all_reduce_sum,
     config_from_args,
     opt,
+    run_cli,
     to_device,
 )
 from rlhf.data import build_pair_dataset
@@ -126,4 +128,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, "python -m rlhf.reward"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from rlhf.common import (
     all_reduce_sum,
     config_from_args,
     opt,
+    run_cli,
     to_device,
 )
 from rlhf.data import build_sft_dataset
@@ -109,4 +111,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, "python -m rlhf.sft"))

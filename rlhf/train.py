@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from rlhf.common import add_config_args, add_launcher_args
+from rlhf.common import add_config_args, add_launcher_args, run_cli
 from rlhf.data import Example, build_prompt_dataset, load_step_examples, make_dataloader
 from rlhf.data.synthetic import gold_scores, write_synthetic_data
 from rlhf.deepspeed_utils import init_distributed
@@ -219,4 +220,4 @@ def sft_gold_baseline(actor_path: str, tokenizer, data: list[str], data_split: s
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, "rlhf train"))
