@@ -30,10 +30,14 @@ def test_head_split(heads, kv, world, expected):
     assert [head_split(heads, kv, r, world) for r in range(world)] == expected
 
 
-def test_tp_without_process_group_says_so(tmp_path):
+def test_tp_without_process_group_says_so(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
     import hybrid_engine
     from tests.hf_models import tiny_model
 
+    # other tests in this process may have started a one-rank group (the pipeline's init_distributed)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
     with pytest.raises(RuntimeError, match="tp_size=2: torch.distributed is not initialised"):
         hybrid_engine.wrap(tiny_model("llama", tmp_path), tp_size=2)
 
