@@ -121,6 +121,16 @@ def config_from_args(config_cls: type, args: argparse.Namespace, prefix: str = "
     return config_cls(**values)
 
 
+def step_main(config_cls: type, run: Callable, description: str, argv: list[str] | None = None) -> dict:
+    """`python -m rlhf.<step>`: every field of `config_cls` as a flag, then `run(config)`; prints the summary."""
+    parser = argparse.ArgumentParser(description=description)
+    add_launcher_args(parser)
+    add_config_args(parser, config_cls)
+    summary = run(config_from_args(config_cls, parser.parse_args(argv)))
+    print(summary)
+    return summary
+
+
 def run_cli(main: Callable, prog: str, argv: list[str] | None = None) -> int:
     """Run an entry point's `main(argv)`. Bad input (a ValueError, such as the data loader's DataError naming
     file, line and field) ends the run with that one line on stderr and exit status 2, not a traceback;

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import hybrid_engine
 from rlhf.checkpoint import save_actor_checkpoint, save_reward_checkpoint
-from rlhf.common import add_config_args, add_launcher_args, all_reduce_sum, config_from_args, opt, run_cli, to_device
+from rlhf.common import add_config_args, all_reduce_sum, config_from_args, opt, run_cli, step_main, to_device
 from rlhf.data import (
     build_prompt_dataset,
     build_sft_dataset,
@@ -327,12 +327,7 @@ def ppo_config_from_args(args: argparse.Namespace, prefix: str = "", **overrides
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Step 3: PPO of the actor against the reward model")
-    add_launcher_args(parser)
-    add_ppo_args(parser)
-    summary = run_ppo(ppo_config_from_args(parser.parse_args(argv)))
-    print(summary)
-    return summary
+    return step_main(PPOConfig, run_ppo, "Step 3: PPO of the actor against the reward model", argv)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,11 @@ from rlhf.checkpoint import save_reward_checkpoint
 from rlhf.common import (
     StepConfig,
     add_config_args,
-    add_launcher_args,
     all_reduce_sum,
     config_from_args,
     opt,
     run_cli,
+    step_main,
     to_device,
 )
 from rlhf.data import build_pair_dataset
@@ -119,12 +119,7 @@ def reward_config_from_args(args: argparse.Namespace, prefix: str = "", **overri
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Step 2: reward-model training on preference pairs")
-    add_launcher_args(parser)
-    add_reward_args(parser)
-    summary = run_reward(reward_config_from_args(parser.parse_args(argv)))
-    print(summary)
-    return summary
+    return step_main(RewardConfig, run_reward, "Step 2: reward-model training on preference pairs", argv)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ from rlhf.checkpoint import save_actor_checkpoint
 from rlhf.common import (
     StepConfig,
     add_config_args,
-    add_launcher_args,
     all_reduce_sum,
     config_from_args,
     opt,
     run_cli,
+    step_main,
     to_device,
 )
 from rlhf.data import build_sft_dataset
@@ -102,12 +102,7 @@ def sft_config_from_args(args: argparse.Namespace, prefix: str = "", **overrides
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Step 1: supervised fine-tuning of the actor")
-    add_launcher_args(parser)
-    add_sft_args(parser)
-    summary = run_sft(sft_config_from_args(parser.parse_args(argv)))
-    print(summary)
-    return summary
+    return step_main(SFTConfig, run_sft, "Step 1: supervised fine-tuning of the actor", argv)
 
 
 if __name__ == "__main__":
