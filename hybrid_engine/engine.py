@@ -108,7 +108,8 @@ class HybridEngine:
             return self.eval()
         start = time.perf_counter()
         self.module.train()
-        self.inference = None
+        self.inference = None  # drops the packed copies with it (they are remade from the new weights)
+        self.packed_bytes = 0
         self.training = True
         release_s = 0.0
         if self.zero is not None:
@@ -181,8 +182,10 @@ class HybridEngine:
         self.inference = None
 
     def live_buffers(self) -> dict:
-        """Bytes the engine holds now: KV cache, re-laid buffers, TP shards, gathered ZeRO-3 parameters."""
+        """Bytes the engine holds now: KV cache, re-laid and packed buffers, TP shards, gathered ZeRO-3
+        parameters."""
         return {"kv_cache": self.cache.nbytes if self.cache is not None else 0, "relaid": self.relayer.nbytes,
+                "packed": self.packed_bytes,
                 "tp_shards": self.tp.nbytes if self.tp is not None else 0,
                 "gathered": self.zero.live_bytes if self.zero is not None else 0}
 
