@@ -34,7 +34,15 @@ from rlhf.data import (
 )
 from rlhf.data.synthetic import gold_scores
 from rlhf.deepspeed_utils import ds_config, init_distributed, init_inference, initialize
-from rlhf.experience import Experience, generate_experience, lm_loss, max_logprob_gap, sequence_kl
+from rlhf.experience import (
+    Experience,
+    action_logprobs,
+    action_values,
+    generate_experience,
+    lm_loss,
+    max_logprob_gap,
+    sequence_kl,
+)
 from rlhf.losses import gae, kl_penalized_rewards, masked_mean, policy_loss, value_loss
 from rlhf.metrics import MetricsLogger
 from rlhf.models import ModelOptions, RewardModel, create_actor, create_critic, load_tokenizer
@@ -166,8 +174,6 @@ class PPOTrainer:
 
     def train_on(self, exp: Experience, ptx_batch: dict | None) -> dict:
         """PPO losses on one minibatch of experience: actor step, critic step, and a PTX step when given."""
-        from rlhf.experience import action_logprobs, action_values
-
         cfg = self.cfg
         rewards = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, exp.scores, exp.action_mask, cfg.kl_ctl,
                                        cfg.clip_reward_value)
