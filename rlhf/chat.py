@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -18,7 +17,7 @@ from transformers import AutoModelForCausalLM
 import hybrid_engine
 from rlhf.common import run_cli
 from rlhf.data.tokenize import DEFAULT_TEMPLATE
-from rlhf.models import load_tokenizer
+from rlhf.models import load_tokenizer, require_checkpoint
 
 
 class Chat:
@@ -26,9 +25,7 @@ class Chat:
 
     def __init__(self, path: str, max_seq_len: int = 1024, max_new_tokens: int = 128, do_sample: bool = True,
                  temperature: float = 0.7, top_k: int = 0, top_p: float = 0.9, seed: int = 0, device: str = "cpu"):
-        if not (Path(path) / "config.json").is_file():
-            raise ValueError(f"{path}: not a saved model (no config.json); pass a checkpoint directory such as "
-                             "outputs/run/ppo/actor")
+        require_checkpoint(path, "pass a checkpoint directory such as outputs/run/ppo/actor")
         self.tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path).to(device)
         self.engine = hybrid_engine.wrap(model, max_seq_len=max_seq_len, max_batch_size=1, allow_fallback=True).eval()

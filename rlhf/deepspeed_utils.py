@@ -11,6 +11,7 @@ state to the CPU (it is ~5x faster there than torch's, and DeepSpeed expects it 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -161,14 +162,28 @@ def initialize(
     return engine
 
 
-def init_inference(model: nn.Module, config: dict):
-    """A DeepSpeed engine for a frozen model (reference / reward model in PPO): ZeRO-3 shards it, no optimizer."""
+def frozen_zero_stage(trainee_stage: int) -> int:
+    """ZeRO stage of a frozen model (reference, reward) beside a trainee at ``trainee_stage``: 3 when the trainee
+    shards its parameters, else 0 (DeepSpeed-Chat's rule). Stages 1 and 2 shard optimizer state and gradients,
+    which a frozen model has none of, and DeepSpeed refuses them without an optimizer."""
+    return 3 if trainee_stage == 3 else 0
+
+
+def init_inference(model: nn.Module, micro_batch_size: int, trainee_stage: int, offload: bool = False,
+                   dtype: str = "fp32"):
+    """A DeepSpeed engine for a frozen model (reference / reward model in PPO), no optimizer, at the ZeRO stage
+    ``frozen_zero_stage(trainee_stage)``. ``offload`` moves its parameters to CPU memory, which DeepSpeed does
+    under ZeRO-3 only; elsewhere the flag has nothing to act on and a warning says so."""
     import deepspeed
 
+    stage = frozen_zero_stage(trainee_stage)
+    if offload and stage != 3:
+        warnings.warn(f"parameter offload of a frozen model needs ZeRO-3; its trainee uses stage {trainee_stage}, "
+                      "so the model stays where it is", RuntimeWarning, stacklevel=2)
     for param in model.parameters():
         param.requires_grad_(False)
-    zero = dict(config["zero_optimization"], offload_optimizer={"device": "none"})
-    config = dict(config, zero_optimization=zero)
+    config = ds_config(micro_batch_size, 1, stage, offload and stage == 3, dtype)
+    config["zero_optimization"]["offload_optimizer"] = {"device": "none"}
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine

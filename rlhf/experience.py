@@ -25,6 +25,10 @@ class Experience:
     values: torch.Tensor          # (B, N) the critic's, before the update
     scores: torch.Tensor          # (B,) reward model score of each sequence
     rollout_logprobs: torch.Tensor  # (B, N) what the hybrid engine reported while generating
+    # Filled once per rollout, right after scoring (PPOTrainer.rollout), so every minibatch and epoch sees the same.
+    rewards: torch.Tensor | None = None     # (B, N) per-token reward: KL penalty plus the clipped score at the end
+    advantages: torch.Tensor | None = None  # (B, N)
+    returns: torch.Tensor | None = None     # (B, N) the critic's regression targets
 
     def minibatches(self, size: int):
         """Row slices of this experience with at most `size` rows each."""

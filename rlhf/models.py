@@ -36,6 +36,17 @@ class ModelOptions:
     only_optimize_lora: bool = False
 
 
+def require_checkpoint(path: str | Path, hint: str, reward: bool = False) -> None:
+    """One-line ValueError unless ``path`` is a saved checkpoint directory (``config.json``, and for a reward
+    model its value head); ``hint`` ends the message with what to pass instead. Checked before Hugging Face, whose
+    answer to a missing local path is a hub lookup and a traceback about the internet connection."""
+    files = ("config.json", VALUE_HEAD_FILE) if reward else ("config.json",)
+    missing = [name for name in files if not (Path(path) / name).is_file()]
+    if missing:
+        kind = "reward model" if reward else "model"
+        raise ValueError(f"{path}: not a saved {kind} (no {missing[0]}); {hint}")
+
+
 def load_tokenizer(name_or_path: str):
     """A tokenizer from a hub id or a local path; without a pad token it pads with EOS."""
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)

@@ -86,8 +86,10 @@ class PPOConfig:
     enable_ema: bool = opt(False, "keep an exponential moving average of the actor (saved as actor_ema/)")
     ema_decay: float = opt(0.992, "EMA decay")
     dtype: str = opt("fp32", "training precision of every model", choices=["fp32", "bf16", "fp16"])
-    actor_zero_stage: int = opt(0, "ZeRO stage of the actor (and the reference model)", choices=[0, 1, 2, 3])
-    critic_zero_stage: int = opt(0, "ZeRO stage of the critic (and the reward model)", choices=[0, 1, 2, 3])
+    actor_zero_stage: int = opt(0, "ZeRO stage of the actor (the reference model: 3 if this is 3, else 0)",
+                                choices=[0, 1, 2, 3])
+    critic_zero_stage: int = opt(0, "ZeRO stage of the critic (the reward model: 3 if this is 3, else 0)",
+                                 choices=[0, 1, 2, 3])
     offload: bool = opt(False, "offload actor/critic optimizer state to CPU")
     offload_reference_model: bool = opt(False, "offload the reference model's parameters (ZeRO-3) to CPU")
     offload_reward_model: bool = opt(False, "offload the reward model's parameters (ZeRO-3) to CPU")
@@ -148,13 +150,13 @@ class PPOTrainer:
                                 cfg.actor_weight_decay, total_steps, cfg.num_warmup_steps, cfg.lr_scheduler_type,
                                 lora_lr=cfg.actor_lora_learning_rate if cfg.actor_lora_dim else None)
         ref = create_actor(cfg.actor_model_name_or_path, ModelOptions())
-        self.ref = init_inference(ref, config(cfg.actor_zero_stage, cfg.offload_reference_model))
+        self.ref = init_inference(ref, micro, cfg.actor_zero_stage, cfg.offload_reference_model, cfg.dtype)
         critic = create_critic(cfg.critic_model_name_or_path, _options(cfg, "critic"))
         self.critic = initialize(critic, config(cfg.critic_zero_stage, cfg.offload), cfg.critic_learning_rate,
                                  cfg.critic_weight_decay, total_steps, cfg.num_warmup_steps, cfg.lr_scheduler_type,
                                  lora_lr=cfg.critic_lora_learning_rate if cfg.critic_lora_dim else None)
         reward = RewardModel.from_pretrained(cfg.critic_model_name_or_path)
-        self.reward = init_inference(reward, config(cfg.critic_zero_stage, cfg.offload_reward_model))
+        self.reward = init_inference(reward, micro, cfg.critic_zero_stage, cfg.offload_reward_model, cfg.dtype)
         self.ema = copy.deepcopy(self.actor.module).eval() if cfg.enable_ema else None
         self.hybrid = hybrid_engine.wrap(self.actor, max_seq_len=cfg.max_prompt_seq_len + cfg.max_answer_seq_len,
                                          max_batch_size=cfg.per_device_generation_batch_size,
@@ -167,17 +169,22 @@ class PPOTrainer:
         self.eos_id = tokenizer.eos_token_id
 
     def rollout(self, batch: dict, generator: torch.Generator) -> tuple[Experience, object]:
-        return generate_experience(self.hybrid, self.actor.module, self.ref.module, self.reward.module,
-                                   self.critic.module, batch["input_ids"], batch["attention_mask"],
-                                   self.cfg.max_answer_seq_len, self.eos_id, self.pad_id, self.cfg.temperature,
-                                   self.cfg.top_k, self.cfg.top_p, generator)
+        """Generate and score one batch of prompts; the experience comes back with its rewards, advantages and
+        returns filled."""
+        cfg = self.cfg
+        exp, stats = generate_experience(self.hybrid, self.actor.module, self.ref.module, self.reward.module,
+                                         self.critic.module, batch["input_ids"], batch["attention_mask"],
+                                         cfg.max_answer_seq_len, self.eos_id, self.pad_id, cfg.temperature,
+                                         cfg.top_k, cfg.top_p, generator)
+        exp.rewards = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, exp.scores, exp.action_mask, cfg.kl_ctl,
+                                           cfg.clip_reward_value)
+        exp.advantages, exp.returns = gae(exp.rewards, exp.values, exp.action_mask, cfg.gamma, cfg.lam)
+        return exp, stats
 
     def train_on(self, exp: Experience, ptx_batch: dict | None) -> dict:
         """PPO losses on one minibatch of experience: actor step, critic step, and a PTX step when given."""
         cfg = self.cfg
-        rewards = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, exp.scores, exp.action_mask, cfg.kl_ctl,
-                                       cfg.clip_reward_value)
-        advantages, returns = gae(rewards, exp.values, exp.action_mask, cfg.gamma, cfg.lam)
+        advantages, returns = exp.advantages, exp.returns
         logprobs = action_logprobs(self.actor, exp.sequences, exp.attention_mask, exp.prompt_len, cfg.temperature)
         actor_loss = policy_loss(logprobs, exp.logprobs, advantages, exp.action_mask, cfg.cliprange)
         self.actor.backward(actor_loss)

@@ -25,6 +25,7 @@ from rlhf.data import Example, build_prompt_dataset, load_step_examples, make_da
 from rlhf.data.synthetic import gold_scores, write_synthetic_data
 from rlhf.deepspeed_utils import init_distributed
 from rlhf.metrics import MetricsLogger, plot
+from rlhf.models import load_tokenizer, require_checkpoint
 from rlhf.ppo import PPOConfig, ppo_config_from_args, run_ppo
 from rlhf.presets import PRESETS, Preset, get_preset
 from rlhf.reward import RewardConfig, reward_config_from_args, run_reward
@@ -66,13 +67,21 @@ def add_step3_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, pr
     add_config_args(parser, PPOConfig, "", PPO_SHARED, ppo_defaults(preset))
 
 
-def run_step3(args: argparse.Namespace, preset: Preset | None, tokenizer, metrics: MetricsLogger,
-              paths: dict[str, str]) -> dict:
-    """Step 3 (PPO) from ``paths["actor"]`` and ``paths["reward"]`` into ``paths["ppo"]``; returns a summary."""
-    cfg = ppo_config_from_args(args, "", actor_model_name_or_path=paths["actor"],
-                               critic_model_name_or_path=paths["reward"], data=args.data, data_split=args.data_split,
-                               output_dir=paths["ppo"], seed=args.seed, disable_tqdm=args.disable_tqdm)
-    return run_ppo(cfg, tokenizer=tokenizer, metrics=metrics)
+def step3_config(args: argparse.Namespace, paths: dict[str, str]) -> PPOConfig:
+    """Step 3's config, validated. The actor and reward model are step 1's and step 2's outputs when this run
+    trains them, else ``--actor-model`` / ``--reward-model`` (as DeepSpeed-Chat's step-3 script takes both
+    paths), else ``OUTPUT_DIR/actor`` / ``OUTPUT_DIR/reward``; those not made by this run must be checkpoints."""
+    actor = paths["actor"] if 1 in args.step else args.actor_model or paths["actor"]
+    reward = paths["reward"] if 2 in args.step else args.reward_model or paths["reward"]
+    cfg = ppo_config_from_args(args, "", actor_model_name_or_path=actor, critic_model_name_or_path=reward,
+                               data=args.data, data_split=args.data_split, output_dir=paths["ppo"], seed=args.seed,
+                               disable_tqdm=args.disable_tqdm)
+    cfg.validate()
+    if 1 not in args.step:
+        require_checkpoint(actor, "give --actor-model a step-1 (SFT) checkpoint, or run --step 1 first")
+    if 2 not in args.step:
+        require_checkpoint(reward, "give --reward-model a step-2 checkpoint, or run --step 2 first", reward=True)
+    return cfg
 
 
 def build_parser(preset: Preset | None) -> argparse.ArgumentParser:
@@ -83,9 +92,12 @@ def build_parser(preset: Preset | None) -> argparse.ArgumentParser:
                         help="steps to run (default: 1 2 3)")
     parser.add_argument("--preset", choices=[*PRESETS, "none"], default=None,
                         help="named model + budget preset (default: tiny, or none when --actor-model is given)")
-    parser.add_argument("--actor-model", default=None, help="HF id or path of the step-1 model (default: preset)")
+    parser.add_argument("--actor-model", default=None,
+                        help="HF id or path of the step-1 model (default: preset); with --step 3 but not 1: the "
+                        "SFT checkpoint PPO trains (default: OUTPUT_DIR/actor)")
     parser.add_argument("--reward-model", default=None,
-                        help="HF id or path of the step-2 backbone (default: --actor-model, or the preset)")
+                        help="HF id or path of the step-2 backbone (default: --actor-model, or the preset); with "
+                        "--step 3 but not 2: the trained reward model (default: OUTPUT_DIR/reward)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer id or path (default: the actor's)")
     parser.add_argument("--data", nargs="+", default=[], metavar="PATH[:WEIGHT]",
                         help="data sources; none: the built-in synthetic task")
@@ -158,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"actor": str(out / "actor"), "reward": str(out / "reward"), "ppo": str(out / "ppo")}
+    if 3 in args.step:
+        step3_config(args, paths)  # a bad option or missing checkpoint ends the run before any step starts
     dist = init_distributed()
     metrics = MetricsLogger(out, enabled=dist.is_main)
     synthetic = not args.data
@@ -181,8 +195,6 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer = preset.tokenizer()
         model_config = preset.model_config(tokenizer)
     else:
-        from rlhf.models import load_tokenizer
-
         tokenizer = load_tokenizer(args.tokenizer or args.actor_model or paths["actor"])
         model_config = None
     shared = dict(data=data, data_split=data_split, seed=args.seed, max_seq_len=max_seq_len,
@@ -201,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary["step 2: reward model"] = run_reward(cfg, model_config=model_config, tokenizer=tokenizer,
                                                      metrics=metrics)
     if 3 in args.step:
-        summary["step 3: PPO"] = run_step3(args, preset, tokenizer, metrics, paths)
+        summary["step 3: PPO"] = run_ppo(step3_config(args, paths), tokenizer=tokenizer, metrics=metrics)
     if not dist.is_main:
         return summary
     plot(out)

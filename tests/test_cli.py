@@ -29,3 +29,22 @@ def test_bad_arguments_get_one_line_errors(argv, message, tmp_path, capsys, monk
 def test_unknown_command_shows_usage(capsys):
     assert main(["serve"]) == 2
     assert "unknown command 'serve'" in capsys.readouterr().err
+
+
+def test_step3_alone_checks_its_model_paths_first(tmp_path, capsys):
+    """`--step 3` reads --actor-model / --reward-model (else OUTPUT_DIR/actor and /reward); a path that is not a
+    checkpoint ends the run with one line before any model is loaded."""
+    causal_lm = tmp_path / "lm"
+    causal_lm.mkdir()
+    (causal_lm / "config.json").write_text("{}")  # a causal LM's checkpoint: no value head
+    out = str(tmp_path / "run")
+    cases = [
+        (["--actor-model", "no/such/actor"], "no/such/actor: not a saved model (no config.json); give --actor-model"),
+        ([], f"{out}/actor: not a saved model (no config.json)"),
+        (["--actor-model", str(causal_lm), "--reward-model", str(causal_lm)],
+         f"{causal_lm}: not a saved reward model (no value_head.safetensors); give --reward-model a step-2"),
+    ]
+    for flags, message in cases:
+        assert main(["train", "--step", "3", "--output-dir", out, *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("rlhf train: error: ") and message in err[0], err

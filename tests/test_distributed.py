@@ -119,8 +119,7 @@ def test_two_process_ppo_with_zero3_actor(ppo_inputs, extra):
 
     root, pairs = ppo_inputs
     out = root / ("out_" + extra[0].strip("-"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(29300 + os.getpid() % 400 + len(extra)), "-m", "rlhf.ppo",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "rlhf.ppo",
            "--actor-model-name-or-path", str(root / "actor"), "--critic-model-name-or-path", str(root / "reward"),
            "--data", str(pairs), "--data-split", "0,1,1", "--output-dir", str(out), "--max-steps", "2",
            "--per-device-generation-batch-size", "4", "--per-device-training-batch-size", "4",

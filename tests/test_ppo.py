@@ -15,15 +15,6 @@ from rlhf.presets import get_preset
 from rlhf.train import main as train_main
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """Steps 1 and 2 of the tiny preset, through the CLI."""
-    out = tmp_path_factory.mktemp("rlhf")
-    summary = train_main(["--step", "1", "2", "--output-dir", str(out), "--disable-tqdm"])
-    assert summary["step 2: reward model"]["accuracy"] > 0.8
-    return out
-
-
 def ppo_config(out, seed: int, **overrides) -> PPOConfig:
     budget = get_preset("tiny").ppo
     fields = {k: getattr(budget, k) for k in budget.__dataclass_fields__}
@@ -35,40 +26,40 @@ def ppo_config(out, seed: int, **overrides) -> PPOConfig:
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-def test_ppo_raises_gold_score_with_exact_rollout_logprobs(run_dir, seed):
-    summary = run_ppo(ppo_config(run_dir, seed), tokenizer=get_preset("tiny").tokenizer())
+def test_ppo_raises_gold_score_with_exact_rollout_logprobs(tiny_run, seed):
+    summary = run_ppo(ppo_config(tiny_run, seed), tokenizer=get_preset("tiny").tokenizer())
     assert summary["steps"] == 60
     assert summary["gold_after"] > summary["gold_before"] + 0.05, summary
     assert summary["reward_after"] > summary["reward_before"], summary
     assert 0 < summary["max_logprob_gap"] < 1e-5, summary
-    records = [r for r in read_metrics(run_dir / f"ppo{seed}") if r["step_name"] == "ppo"]
+    records = [r for r in read_metrics(tiny_run / f"ppo{seed}") if r["step_name"] == "ppo"]
     assert len(records) == 60 and all(r["logprob_gap"] < 1e-5 for r in records)
-    actor = AutoModelForCausalLM.from_pretrained(run_dir / f"ppo{seed}" / "actor")
-    sft = AutoModelForCausalLM.from_pretrained(run_dir / "actor")
+    actor = AutoModelForCausalLM.from_pretrained(tiny_run / f"ppo{seed}" / "actor")
+    sft = AutoModelForCausalLM.from_pretrained(tiny_run / "actor")
     assert any(not torch.equal(a, b) for a, b in zip(actor.parameters(), sft.parameters()))
-    critic = RewardModel.from_pretrained(run_dir / f"ppo{seed}" / "critic")
+    critic = RewardModel.from_pretrained(tiny_run / f"ppo{seed}" / "critic")
     assert critic.value_head.weight.shape[0] == 1
 
 
-def test_train_cli_step3_and_chat(run_dir, capsys, monkeypatch):
-    summary = train_main(["--step", "3", "--output-dir", str(run_dir), "--max-steps", "2", "--enable-ema",
-                          "--unsupervised-data", str(run_dir / "data" / "sft.jsonl"), "--unsup-coef", "0.5",
+def test_train_cli_step3_and_chat(tiny_run, capsys, monkeypatch):
+    summary = train_main(["--step", "3", "--output-dir", str(tiny_run), "--max-steps", "2", "--enable-ema",
+                          "--unsupervised-data", str(tiny_run / "data" / "sft.jsonl"), "--unsup-coef", "0.5",
                           "--disable-tqdm"])
     ppo = summary["step 3: PPO"]
     assert ppo["steps"] == 2 and "gold_before" in ppo and ppo["max_logprob_gap"] < 1e-5
-    records = [r for r in read_metrics(run_dir) if r["step_name"] == "ppo"]
+    records = [r for r in read_metrics(tiny_run) if r["step_name"] == "ppo"]
     assert len(records) == 2 and all(0 < r["ptx_loss"] < 10 for r in records)  # the PTX loss was mixed in
-    assert (run_dir / "ppo" / "actor_ema" / "config.json").exists()
+    assert (tiny_run / "ppo" / "actor_ema" / "config.json").exists()
     screen = capsys.readouterr().out
     assert "RLHF run summary" in screen and "gold_after" in screen
-    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step_name"] == "ppo_eval"
+    assert json.loads((tiny_run / "metrics.jsonl").read_text().splitlines()[-1])["step_name"] == "ppo_eval"
 
-    chat_cli.main([str(run_dir / "ppo" / "actor"), "--prompt", "review: pizza hotel", "--max-new-tokens", "12"])
+    chat_cli.main([str(tiny_run / "ppo" / "actor"), "--prompt", "review: pizza hotel", "--max-new-tokens", "12"])
     answer = capsys.readouterr().out.strip()
     assert answer and all(w in get_preset("tiny").tokenizer().get_vocab() for w in answer.split())
 
     lines = iter(["review: movie book", "clear", "review: coffee park", "quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    assert chat_cli.main([str(run_dir / "ppo" / "actor"), "--max-new-tokens", "8"]) == 0
+    assert chat_cli.main([str(tiny_run / "ppo" / "actor"), "--max-new-tokens", "8"]) == 0
     screen = capsys.readouterr().out
     assert screen.count("Assistant:") == 2 and "(conversation cleared)" in screen
