@@ -55,6 +55,11 @@ def init_distributed(backend: str | None = None) -> DistInfo:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:
+            raise ValueError(f"LOCAL_RANK {local_rank}: this node shows {visible} CUDA device(s); start at most "
+                             f"{visible} processes per node, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on CPU "
+                             "with gloo")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:

@@ -53,7 +53,7 @@ def test_step3_row(row, tiny_run, tmp_path, monkeypatch):
 
 def test_step3_two_process_rows(tiny_run, tmp_path):
     """2/2, 3/3 and 3/3 with inference TP 2 under torchrun (gloo, CPU), in one launch."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")  # gloo, any host
     # --standalone: the rendezvous takes a free port, so concurrent runs never clash
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "tests.step3_matrix", str(tmp_path), str(tiny_run / "actor"), str(tiny_run / "reward"),
