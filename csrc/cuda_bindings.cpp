@@ -66,6 +66,7 @@ at::Tensor rotary_kv_append(const at::Tensor& q, const at::Tensor& k, const at::
   }
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor q_out = cos_in ? at::empty(q.sizes(), q.options()) : q;
+  if (B == 0 || T == 0) return q_out;  // no token: a grid of B * T = 0 blocks is not a valid launch
   RotaryAppendArgs a{};
   a.q = q.data_ptr();
   a.k = k.data_ptr();
@@ -110,6 +111,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor key_mask = key_mask_in.stride(1) == 1 ? key_mask_in : key_mask_in.contiguous();
   at::Tensor out = at::empty({B, H, D}, q.options());
+  if (B == 0) return out;  // before decode_chunk, which divides by B * Hkv
   DecodeArgs a{};
   int sms = 0;
   HE_CHECK_CALL(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
@@ -152,6 +154,7 @@ void tp_copy(const at::Tensor& full, const at::Tensor& shard, int64_t rank, int6
   for (int64_t d = 0; d < full.dim(); ++d)
     TORCH_CHECK(shard.size(d) == (d == dim ? shard_total : full.size(d)), "shard has shape ", shard.sizes(),
                 "; expected ", shard_total, " in dim ", dim, " and full's sizes elsewhere");
+  if (full.numel() == 0) return;  // an empty batch of rows (or an empty weight): nothing to copy, no launch
   int64_t outer = 1, inner = full.element_size();
   for (int64_t d = 0; d < dim; ++d) outer *= full.size(d);
   for (int64_t d = dim + 1; d < full.dim(); ++d) inner *= full.size(d);

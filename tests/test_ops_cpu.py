@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hybrid_engine import ops as ops_lib
-from hybrid_engine.ops import testing
+from hybrid_engine.ops import builder, testing
 
 HAS_CUDA = torch.cuda.is_available()
 CASES = [pytest.param(("cpu", "cpu", torch.float32), id="cpu-fp32"),
@@ -45,6 +45,14 @@ def test_prefill_attention(backend, D, T, group, window):
     testing.check_prefill(ops, device, dtype, B=3, H=group, Hkv=1, T=T, D=D, window=window, seed=T * D + group)
 
 
+@pytest.mark.parametrize("D,T,Hkv,group,window", [(64, 7, 2, 2, None), (128, 33, 3, 4, None), (64, 113, 2, 3, 5),
+                                                  (128, 1, 3, 2, None)])
+def test_prefill_attention_several_kv_heads(backend, D, T, Hkv, group, window):
+    """Query head h reads kv head h // group: with one kv head a wrong kv-head index reads the right data."""
+    ops, device, dtype = backend
+    testing.check_prefill(ops, device, dtype, B=2, H=Hkv * group, Hkv=Hkv, T=T, D=D, window=window, seed=T + D)
+
+
 @pytest.mark.parametrize("D", [48, 80])
 @pytest.mark.parametrize("L", [1, 7, 113, 700])
 @pytest.mark.parametrize("group", [1, 4, 8])
@@ -59,6 +67,32 @@ def test_decode_attention(backend, D, L, group):
 def test_tp_pack_unpack(backend, shape, splits, dim, world, rank):
     ops, device, dtype = backend
     testing.check_tp(ops, device, dtype, shape, splits, world, rank, dim)
+
+
+def test_empty_batch(backend):
+    ops, device, dtype = backend
+    testing.check_empty_batch(ops, device, dtype)
+
+
+def test_empty_batch_through_the_raw_extension():
+    """The pybind11 functions themselves (ops.cpu wraps some) with B = 0: empty outputs, nothing written."""
+    ext = builder.CpuOpsBuilder().load()
+    x, w = torch.randn(0, 3, 8), torch.randn(8)
+    assert ext.rms_norm(x, w, 1e-6).shape == (0, 3, 8)
+    assert [t.shape for t in ext.rms_norm_residual(x, w, 1e-6, x)] == [(0, 3, 8)] * 2
+    out, summed = ext.layer_norm(x, w, None, 1e-5, None)
+    assert out.shape == (0, 3, 8) and summed is None
+    assert [t.shape for t in ext.layer_norm(x, w, w, 1e-5, x)] == [(0, 3, 8)] * 2
+    cache = torch.full((2, 2, 6, 8), float("nan"))
+    q = ext.rotary_kv_append(torch.randn(0, 1, 4, 8), torch.randn(0, 1, 2, 8), torch.randn(0, 1, 2, 8),
+                             torch.randn(0, 1, 8), torch.randn(0, 1, 8), cache, cache, 2)
+    assert q.shape == (0, 1, 4, 8) and cache.isnan().all()
+    mask = torch.ones(0, 6, dtype=torch.bool)
+    assert ext.decode_attention(torch.randn(0, 4, 8), cache, cache, mask, 3, 0.5).shape == (0, 4, 8)
+    qkv = torch.randn(3, 0, 4, 5, 8)
+    assert ext.prefill_attention(qkv[0], qkv[1, :, :2], qkv[2, :, :2], mask[:, :5], 0.5, None).shape == (0, 4, 5, 8)
+    shard = torch.empty(0, 4)
+    assert ext.tp_pack(torch.randn(0, 8), shard, 1, 2, [8], 1) is shard
 
 
 def test_cpu_twins_check_their_inputs():

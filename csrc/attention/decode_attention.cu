@@ -154,6 +154,7 @@ __global__ void decode_reduce_kernel(DecodeArgs a) {
 }  // namespace
 
 int decode_chunk(int64_t length, int64_t batch_kv_heads, int sms) {
+  batch_kv_heads = batch_kv_heads < 1 ? 1 : batch_kv_heads;  // an empty batch must not divide by zero
   int64_t splits = (2 * static_cast<int64_t>(sms) + batch_kv_heads - 1) / batch_kv_heads;
   splits = splits < 1 ? 1 : splits;
   int64_t chunk = (length + splits - 1) / splits;
@@ -180,8 +181,10 @@ cudaError_t launch_rotary_kv_append(DType dtype, const RotaryAppendArgs& args, c
 }
 
 cudaError_t launch_decode_attention(DType dtype, const DecodeArgs& args, cudaStream_t stream) {
+  if (args.B == 0) return cudaSuccess;  // an empty batch: no block to run (a 0-size grid is not a valid launch)
+  if (args.Hkv < 1 || args.H % args.Hkv != 0 || args.chunk < 1 || args.splits < 1) return cudaErrorInvalidValue;
   const int64_t G = args.H / args.Hkv;
-  if (args.D > kMaxHeadDim || G > kMaxGroup || args.B == 0) return args.B == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  if (args.D > kMaxHeadDim || G > kMaxGroup) return cudaErrorInvalidValue;
   const size_t smem = sizeof(float) * static_cast<size_t>(G * args.D + G * args.chunk);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);

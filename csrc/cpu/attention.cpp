@@ -144,7 +144,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
               length, "), got ", key_mask_in.sizes());
   const at::Tensor key_mask = key_mask_in.stride(1) == 1 ? key_mask_in : key_mask_in.contiguous();
   at::Tensor out = at::empty({B, H, D}, q.options());
-  if (B == 0) return out;
+  if (B == 0) return out;  // an empty batch: no (row, kv head) task to run
   HE_DISPATCH_FLOAT(q.scalar_type(), "decode_attention", [&] {
     decode_kernel<scalar_t>(q, k_cache, v_cache, key_mask.data_ptr<bool>(), key_mask.stride(0), length,
                             static_cast<float>(scale), out);
@@ -167,7 +167,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   TORCH_CHECK(!sliding_window || *sliding_window > 0, "sliding_window must be positive, got ", *sliding_window);
   const at::Tensor key_mask = key_mask_in.stride(1) == 1 ? key_mask_in : key_mask_in.contiguous();
   at::Tensor out = at::empty({B, H, T_, D}, q.options());
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return out;  // an empty batch (or prompt): no query row to run
   HE_DISPATCH_FLOAT(q.scalar_type(), "prefill_attention", [&] {
     prefill_kernel<scalar_t>(q, k, v, key_mask.data_ptr<bool>(), key_mask.stride(0), static_cast<float>(scale),
                              sliding_window ? *sliding_window : 0, out);

@@ -70,7 +70,7 @@ void check_norm_inputs(const at::Tensor& x, const at::Tensor& weight, const std:
   HE_CHECK_CPU(x);
   HE_CHECK_CPU(weight);
   HE_CHECK_FLOAT(x);
-  TORCH_CHECK(x.dim() >= 1 && x.numel() > 0, "x must be a non-empty tensor, got shape ", x.sizes());
+  TORCH_CHECK(x.dim() >= 1, "x must have at least 1 dim, got a scalar");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "weight must have shape (", x.size(-1),
               ",), got ", weight.sizes());
   if (residual) {
@@ -87,6 +87,11 @@ std::vector<at::Tensor> rms_norm_impl(const at::Tensor& x_in, const at::Tensor& 
   const bool same = weight_in.scalar_type() == x_in.scalar_type();
   TORCH_CHECK(same || weight_in.scalar_type() == at::kFloat, "weight must be float32 or the dtype of x (",
               x_in.scalar_type(), "), got ", weight_in.scalar_type());
+  if (x_in.numel() == 0) {  // an empty batch: empty outputs, and no rows_view (-1 rows is ambiguous at N = 0)
+    at::Tensor out = at::empty(x_in.sizes(), x_in.options().dtype(weight_in.scalar_type()));
+    if (!residual_in) return {out};
+    return {out, at::empty_like(x_in)};
+  }
   const at::Tensor x = rows_view(x_in), weight = weight_in.contiguous();
   const at::Tensor residual = residual_in ? rows_view(*residual_in) : at::Tensor();
   at::Tensor sum = residual_in ? at::empty_like(x) : at::Tensor();
@@ -124,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_any(const at::Tensor& x_in, const 
                                                   const std::optional<at::Tensor>& residual_in) {
   HE_CHECK_CPU(x_in);
   HE_CHECK_FLOAT(x_in);
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.numel() > 0, "x must be a non-empty tensor, got shape ", x_in.sizes());
+  TORCH_CHECK(x_in.dim() >= 1, "x must have at least 1 dim, got a scalar");
   for (const auto* p : {&weight_in, &bias_in}) {
     if (!*p) continue;
     HE_CHECK_CPU(**p);
@@ -139,6 +144,8 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_any(const at::Tensor& x_in, const 
     TORCH_CHECK(residual_in->sizes() == x_in.sizes(), "residual must have the shape of x ", x_in.sizes(),
                 ", got ", residual_in->sizes());
   }
+  if (x_in.numel() == 0)  // an empty batch: empty outputs, and no rows_view (-1 rows is ambiguous at N = 0)
+    return {at::empty_like(x_in), residual_in ? at::empty_like(x_in) : at::Tensor()};
   const at::Tensor x = rows_view(x_in);
   const at::Tensor weight = weight_in ? weight_in->contiguous() : at::Tensor();
   const at::Tensor bias = bias_in ? bias_in->contiguous() : at::Tensor();

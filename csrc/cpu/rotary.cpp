@@ -90,8 +90,8 @@ at::Tensor rotary_kv_append(const at::Tensor& q, const at::Tensor& k, const at::
                 "cos must be float32 or the dtype of q, got ", cos.scalar_type());
     HE_CHECK_SAME_DTYPE(cos, sin);
   }
-  if (B == 0 || T_ == 0) return q;
   at::Tensor q_out = cos_in ? at::empty(q.sizes(), q.options()) : q;
+  if (B == 0 || T_ == 0) return q_out;  // no token: nothing to rotate or write
   HE_DISPATCH_FLOAT(q.scalar_type(), "rotary_kv_append", [&] {
     if (!cos_in || cos.scalar_type() == at::kFloat) {
       const float* c = cos_in ? cos.data_ptr<float>() : nullptr;

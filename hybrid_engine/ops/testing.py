@@ -142,3 +142,42 @@ def check_tp(ops, device, dtype, shape, splits, world, rank, dim, seed: int = 0)
     untouched = back_ref.isnan()
     assert torch.equal(back.isnan(), untouched), "tp_unpack wrote outside rank's parts (or missed some)"
     assert torch.equal(back[~untouched], back_ref[~untouched]), "tp_unpack values"
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+def check_empty_batch(ops, device, dtype) -> None:
+    """Every op with a batch of 0 rows returns what the reference returns for it (empty outputs of the same
+    shapes and dtypes) and writes nothing: no launch, no division by the batch (the CUDA decode's split count
+    divided by B * Hkv)."""
+    gen = torch.Generator().manual_seed(0)
+    H, Hkv, T, S, D, N = 4, 2, 5, 9, 16, 24
+
+    def r(*shape):
+        return _rand(*shape, device=device, gen=gen).to(dtype)
+
+    x, w, b = r(0, 3, N), r(N), r(N)
+    k_cache, v_cache = r(2, Hkv, S, D), r(2, Hkv, S, D)
+    no_rows = torch.ones(0, S, dtype=torch.bool, device=device)
+    calls = {
+        "rms_norm": ("rms_norm", (x, w, 1e-6)),
+        "rms_norm+residual": ("rms_norm", (x, w, 1e-6, x)),
+        "layer_norm": ("layer_norm", (x, w, b, 1e-5)),
+        "layer_norm+residual": ("layer_norm", (x, w, b, 1e-5, x)),
+        "prefill_attention": ("prefill_attention", (r(0, H, T, D), r(0, Hkv, T, D), r(0, Hkv, T, D),
+                                                    no_rows[:, :T], D ** -0.5)),
+        "decode_attention": ("decode_attention", (r(0, H, D), k_cache, v_cache, no_rows, 5, D ** -0.5)),
+    }
+    for label, (name, args) in calls.items():
+        got, want = (_outputs(getattr(impl, name)(*args)) for impl in (ops, reference))
+        assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in want], f"{label} with B=0"
+    q, k, v = r(0, 1, H, D), r(0, 1, Hkv, D), r(0, 1, Hkv, D)
+    cos, sin = r(0, 1, D), r(0, 1, D)
+    caches = torch.full((2, 2, Hkv, S, D), float("nan"), device=device, dtype=dtype)
+    q_out = ops.rotary_kv_append(q, k, v, cos, sin, caches[0], caches[1], 3)
+    assert q_out.shape == q.shape and caches.isnan().all(), "rotary_kv_append with B=0 wrote to the cache"
+    full, shard = r(0, 48), torch.full((0, 24), float("nan"), device=device, dtype=dtype)
+    assert ops.tp_pack(full, shard, 1, 2, (16, 32), 1) is shard, "tp_pack with 0 rows must return `shard`"
+    assert ops.tp_unpack(shard, full, 1, 2, (16, 32), 1) is full, "tp_unpack with 0 rows must return `full`"
