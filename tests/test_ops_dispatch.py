@@ -1,6 +1,7 @@
 """Backend choice: auto picks the fastest that loads and warns once when it falls back; an explicit backend
 that cannot load raises naming the ops and why; backends() reports the truth; the builder names what is missing."""
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,12 +9,51 @@ import torch
 from hybrid_engine import ops as ops_lib
 from hybrid_engine.ops import builder
 
+# What kernels="auto" takes per op, written out (not derived from ops.AUTO_PREFER): on CPU the C++ twins except
+# prefill (torch's SDPA measured faster); on CUDA the CUDA kernels where there is one, except decode (Triton's
+# until a benchmark shows the CUDA one faster), and Triton for the norms and prefill.
+AUTO_ON_CPU = {"rms_norm": "cpu", "layer_norm": "cpu", "rotary_kv_append": "cpu", "prefill_attention": "torch",
+               "decode_attention": "cpu", "tp_pack": "cpu", "tp_unpack": "cpu"}
+AUTO_ON_CUDA = {"rms_norm": "triton", "layer_norm": "triton", "rotary_kv_append": "cuda",
+                "prefill_attention": "triton", "decode_attention": "triton", "tp_pack": "cuda", "tp_unpack": "cuda"}
+AUTO_ON_CUDA_WITHOUT_TRITON = {"rms_norm": "torch", "layer_norm": "torch", "rotary_kv_append": "cuda",
+                               "prefill_attention": "torch", "decode_attention": "cuda", "tp_pack": "cuda",
+                               "tp_unpack": "cuda"}
+
 
 @pytest.fixture
 def fresh(monkeypatch):
     """An empty selection cache and warn-once set, restored afterwards."""
     monkeypatch.setattr(ops_lib, "_CACHE", {})
     monkeypatch.setattr(ops_lib, "_WARNED", set())
+
+
+@pytest.fixture
+def fresh_builds(monkeypatch, tmp_path):
+    """No extension loaded or failed yet in this process, builds under tmp_path, the toolchain taken as present."""
+    monkeypatch.setattr(builder, "_LOADED", {})
+    monkeypatch.setattr(builder, "_FAILED", {})
+    monkeypatch.setenv("HYBRID_ENGINE_CACHE", str(tmp_path))
+    monkeypatch.setattr(builder.OpBuilder, "_check_toolchain", lambda self: None)
+
+
+def chosen(choices: dict) -> dict:
+    return {name: backend for name, (backend, _) in choices.items()}
+
+
+def fake_gpu_backends(monkeypatch, triton_loads: bool = True) -> None:
+    """Loaders that serve device "cuda" on this CPU machine: the CUDA extension's four functions and every
+    Triton op, each a stand-in named after its backend (nothing is called)."""
+    cuda_ops = ("rotary_kv_append", "decode_attention", "tp_pack", "tp_unpack")  # csrc/cuda_bindings.cpp's
+    ext = SimpleNamespace(**{name: SimpleNamespace(backend="cuda") for name in cuda_ops})
+    monkeypatch.setattr(builder.CudaOpsBuilder, "load", lambda self, verbose=False: ext)
+
+    def load_triton(device):
+        if not triton_loads:
+            raise builder.BuildError("triton: cannot import the Triton kernels (no module named 'triton')")
+        return {name: SimpleNamespace(backend="triton") for name in ops_lib.OP_NAMES}
+
+    monkeypatch.setattr(ops_lib, "_load_triton", load_triton)
 
 
 def test_torch_backend_is_the_reference(fresh):
@@ -27,9 +67,25 @@ def test_auto_on_cpu_uses_the_cpp_twins(fresh):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing falls back here: no warning
         choices = ops_lib.backends("auto", "cpu")
-    # every op on the C++ twins except where a measurement says torch is faster (prefill: SDPA's flash kernel)
-    assert {name: b for name, (b, _) in choices.items()} == {
-        name: ("torch" if ("cpu", name) in ops_lib.AUTO_PREFER else "cpu") for name in ops_lib.OP_NAMES}
+    assert chosen(choices) == AUTO_ON_CPU
+    assert "measured faster" in choices["prefill_attention"][1]
+
+
+def test_auto_on_cuda_takes_the_triton_decode(fresh, monkeypatch):
+    fake_gpu_backends(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # everything loads: no warning
+        chosen_ops = ops_lib.select("auto", "cuda")
+    assert chosen(chosen_ops.choices) == AUTO_ON_CUDA
+    assert {name: getattr(chosen_ops, name).backend for name in ops_lib.OP_NAMES} == AUTO_ON_CUDA
+    assert "until benchmarks/kernels.py shows the CUDA one faster" in chosen_ops.choices["decode_attention"][1]
+
+
+def test_auto_on_cuda_without_triton_falls_back_per_op(fresh, monkeypatch):
+    fake_gpu_backends(monkeypatch, triton_loads=False)
+    with pytest.warns(RuntimeWarning, match="auto' on cuda fell back.*no module named 'triton'"):
+        choices = ops_lib.backends("auto", "cuda")
+    assert chosen(choices) == AUTO_ON_CUDA_WITHOUT_TRITON
 
 
 def test_environment_variable_picks_the_backend(fresh, monkeypatch):
@@ -47,7 +103,7 @@ def test_auto_warns_once_and_falls_back_when_the_build_fails(fresh, monkeypatch)
     monkeypatch.setattr(builder.CpuOpsBuilder, "load", broken)
     with pytest.warns(RuntimeWarning, match="fell back.*no C\\+\\+ compiler"):
         choices = ops_lib.backends("auto", "cpu")
-    assert {b for b, _ in choices.values()} == {"torch"}
+    assert set(chosen(choices).values()) == {"torch"}
     assert all("cpu unavailable" in why for _, why in choices.values())
     ops_lib._CACHE.clear()
     with warnings.catch_warnings():
@@ -63,6 +119,48 @@ def test_explicit_cuda_without_a_gpu_raises(fresh):
         ops_lib.select("cuda", "cpu")
     with pytest.raises(ops_lib.BackendError, match="kernels='cpu' on cuda"):
         ops_lib.select("cpu", "cuda")
+
+
+def test_a_failed_build_is_tried_once(fresh_builds, monkeypatch):
+    """pytest -m gpu selects ~350 times: a broken build must fail once, then raise the same error at once."""
+    from torch.utils import cpp_extension
+
+    calls = []
+
+    def failing_load(**kwargs):
+        calls.append(kwargs["name"])
+        raise RuntimeError("Error building extension 'hybrid_engine_cpu_ops': ninja exited with status 1")
+
+    monkeypatch.setattr(cpp_extension, "load", failing_load)
+    with pytest.raises(builder.BuildError, match="build failed in .*ninja exited") as first:
+        builder.CpuOpsBuilder().load()
+    with pytest.raises(builder.BuildError) as second:
+        builder.CpuOpsBuilder().load()  # a new builder object: the failure is remembered per extension
+    assert second.value is first.value and len(calls) == 1
+
+
+def test_a_library_that_does_not_import_falls_back_once(fresh, fresh_builds, monkeypatch):
+    """An ImportError from loading the built .so (an undefined symbol) is a BuildError like a failed compile:
+    auto warns once and takes torch's references instead of crashing."""
+    from torch.utils import cpp_extension
+
+    calls = []
+
+    def unloadable(**kwargs):
+        calls.append(kwargs["name"])
+        raise ImportError(f"{kwargs['name']}.so: undefined symbol: _ZN3c1017RegisterOperatorsD1Ev")
+
+    monkeypatch.setattr(cpp_extension, "load", unloadable)
+    with pytest.warns(RuntimeWarning, match="auto' on cpu fell back.*undefined symbol"):
+        choices = ops_lib.backends("auto", "cpu")
+    assert set(chosen(choices).values()) == {"torch"}
+    ops_lib._CACHE.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once already
+        ops_lib.select("auto", "cpu")
+    with pytest.raises(ops_lib.BackendError, match="kernels='cpu' on cpu: .*undefined symbol"):
+        ops_lib.select("cpu", "cpu")
+    assert len(calls) == 1
 
 
 def test_builder_names_a_missing_ninja(monkeypatch):

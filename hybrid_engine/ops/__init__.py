@@ -30,9 +30,16 @@ OP_NAMES = ("rms_norm", "layer_norm", "rotary_kv_append", "prefill_attention", "
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}  # interpreted Triton: never auto
 CUDA_LACKS = ("rms_norm", "layer_norm", "prefill_attention")  # served by Triton (else torch) under `cuda`
-# Per-op exceptions to AUTO_ORDER, from benchmarks/kernels.py: on CPU, torch's SDPA flash kernel beats the C++
-# prefill at T=64 (1632 vs 1990 us), so auto keeps the reference there.
-AUTO_PREFER = {("cpu", "prefill_attention"): ("torch", "cpu")}
+# Per-op exceptions to AUTO_ORDER: (device, op) -> (order, why), each with the evidence behind it.
+AUTO_PREFER = {
+    # benchmarks/kernels.py: torch's SDPA flash kernel beats the C++ prefill at T=64 (1632 vs 1990 us).
+    ("cpu", "prefill_attention"): (("torch", "cpu"), "measured faster on cpu (benchmarks/kernels.py)"),
+    # Unmeasured: the CUDA decode kernel's inner loop handles one key per warp iteration, the Triton one a
+    # 64-key tile per tl.dot, and no run of benchmarks/kernels.py on a GPU shows the CUDA kernel faster. Until
+    # one does, auto takes Triton's.
+    ("cuda", "decode_attention"): (("triton", "cuda", "torch"),
+                                   "Triton's tiled kernel until benchmarks/kernels.py shows the CUDA one faster"),
+}
 
 
 class BackendError(RuntimeError):
@@ -114,13 +121,10 @@ def _select_auto(device: str) -> tuple[dict, dict]:
     why = "; ".join(f"{b} unavailable: {r}" for b, r in failures.items())
     fns, choices = {}, {}
     for name in OP_NAMES:
-        order = AUTO_PREFER.get((device, name), AUTO_ORDER.get(device, ("torch",)))
+        order, reason = AUTO_PREFER.get((device, name), (AUTO_ORDER.get(device, ("torch",)), "fastest that loads"))
         backend = next(b for b in order if b in tables and name in tables[b])
         fns[name] = tables[backend][name]
-        reason = f"auto: fastest that loads on {device}"
-        if (device, name) in AUTO_PREFER:
-            reason = f"auto: measured fastest on {device} (benchmarks/kernels.py)"
-        choices[name] = (backend, reason + (f" ({why})" if why else ""))
+        choices[name] = (backend, f"auto on {device}: {reason}" + (f" ({why})" if why else ""))
     if failures:
         detail = "; ".join(failures.values())
         _warn_once(f"hybrid_engine.ops: kernels='auto' on {device} fell back for some ops ({detail})")

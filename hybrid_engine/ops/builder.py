@@ -2,7 +2,8 @@
 
 Each builder declares its `sources()`, `include_paths()`, `cxx_flags()`, `nvcc_flags()` and `is_compatible()`;
 `load()` checks the toolchain, compiles once through `torch.utils.cpp_extension.load` into
-`$HYBRID_ENGINE_CACHE` (default `~/.cache/hybrid_engine/`) and caches the module for the process. Two
+`$HYBRID_ENGINE_CACHE` (default `~/.cache/hybrid_engine/`) and caches the module for the process; a failure is
+cached too, so the next `load()` raises the same BuildError at once instead of compiling again. Two
 builders exist, named here and nowhere else: `CpuOpsBuilder` (every C++ CPU twin in one extension, so CI pays
 for one build) and `CudaOpsBuilder` (the CUDA kernels plus their thin torch binding, GPU machines only).
 """
@@ -19,11 +20,16 @@ import torch
 # editable install finds the repository's csrc/, next to hybrid_engine/.
 _PACKAGE = Path(__file__).resolve().parents[1]
 CSRC = next((p for p in (_PACKAGE / "csrc", _PACKAGE.parent / "csrc") if p.is_dir()), _PACKAGE.parent / "csrc")
-_LOADED: dict[str, object] = {}  # builder name -> loaded module, so each extension is built/loaded once
 
 
 class BuildError(RuntimeError):
     """An op could not be built or loaded: the message says what is missing."""
+
+
+_LOADED: dict[str, object] = {}  # builder name -> loaded module, so each extension is built/loaded once
+# builder name -> why it could not be built or loaded: a broken build fails once per process, not once per
+# select() (pytest -m gpu selects ~350 times; each retry recompiled for ~1 minute before failing the same way).
+_FAILED: dict[str, BuildError] = {}
 
 
 def cache_dir() -> Path:
@@ -82,9 +88,21 @@ class OpBuilder:
             raise BuildError(f"{self.name}: no C++ compiler: {cxx!r} not found on PATH (install g++ or set CXX)")
 
     def load(self, verbose: bool = False):
-        """Compile (first call on a machine, ~40 s) or load (later calls) the extension; cached per process."""
+        """Compile (first call on a machine, ~40 s) or load (later calls) the extension; cached per process,
+        and so is a failure: later calls raise the first call's BuildError without trying again."""
         if self.name in _LOADED:
             return _LOADED[self.name]
+        if self.name in _FAILED:
+            raise _FAILED[self.name].with_traceback(None)  # no traceback piling up over repeated raises
+        try:
+            module = self._build(verbose)
+        except BuildError as err:
+            _FAILED[self.name] = err
+            raise
+        _LOADED[self.name] = module
+        return module
+
+    def _build(self, verbose: bool):
         ok, reason = self.is_compatible()
         if not ok:
             raise BuildError(reason)
@@ -94,15 +112,14 @@ class OpBuilder:
         build_dir = cache_dir() / self.name
         build_dir.mkdir(parents=True, exist_ok=True)
         try:
-            module = cpp_extension.load(
+            return cpp_extension.load(
                 name=self.name, sources=[str(p) for p in self.sources()],
                 extra_include_paths=[str(p) for p in self.include_paths()], extra_cflags=self.cxx_flags(),
                 extra_cuda_cflags=self.nvcc_flags(), extra_ldflags=self.ldflags(),
                 build_directory=str(build_dir), verbose=verbose)
-        except (RuntimeError, OSError) as err:
+        except (RuntimeError, OSError, ImportError) as err:
+            # ImportError: the .so built but does not load (an undefined symbol, a torch ABI mismatch)
             raise BuildError(f"{self.name}: build failed in {build_dir}: {err}") from err
-        _LOADED[self.name] = module
-        return module
 
 
 class CpuOpsBuilder(OpBuilder):
