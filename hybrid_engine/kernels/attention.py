@@ -81,11 +81,16 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, T, H, G, D, scale, win
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, part_ptr, ml_ptr, length, chunk, H, G, D, scale,
+def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, part_ptr, ml_ptr, length, chunk, splits, H, G, D, scale,
                    sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b,
-                   SPLITS: tl.constexpr, UPCAST: tl.constexpr,
-                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (b, kv head, split): the G query heads of one kv head against slots [split*chunk, +chunk)."""
+                   UPCAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (b, kv head, split): the G query heads of one kv head against slots [split*chunk, +chunk).
+
+    `splits` is a run-time argument, not a constexpr: the split count grows with the cache length, and as a
+    constexpr it compiled one variant per count (~30 over a long batch-1 rollout). Triton still specialises an
+    int on being 1 or a multiple of 16, so a growing cache compiles a handful of variants, the unsplit one
+    without the branch.
+    """
     b = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1)
     split = tl.program_id(2)
@@ -119,40 +124,91 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, part_ptr, ml_ptr, lengt
         s = _dot(q, tl.trans(k), UPCAST) * scale
         m_i, l_i, acc = _online_step(s, (real & n_live)[None, :], m_i, l_i, acc, v, UPCAST)
     row = b * H + heads  # (BLOCK_G,) rows of the (B * H) outputs
-    if SPLITS == 1:
+    if splits == 1:
         out = acc / l_i[:, None]
         tl.store(o_ptr + row[:, None] * D + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=g_live[:, None] & d_live)
     else:  # unnormalised partials, combined by _decode_reduce_kernel
-        part = row * SPLITS + split
+        part = row * splits + split
         tl.store(part_ptr + part[:, None] * D + offs_d[None, :], acc, mask=g_live[:, None] & d_live)
         tl.store(ml_ptr + part * 2, m_i, mask=g_live)
         tl.store(ml_ptr + part * 2 + 1, l_i, mask=g_live)
 
 
 @triton.jit
-def _decode_reduce_kernel(part_ptr, ml_ptr, o_ptr, D, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
+def _decode_reduce_kernel(part_ptr, ml_ptr, o_ptr, D, splits, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Row `row` of the output from its `splits` partials, BLOCK_S at a time (an online softmax over splits)."""
     row = tl.program_id(0).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_live = offs_s < SPLITS
-    m = tl.load(ml_ptr + (row * SPLITS + offs_s) * 2, mask=s_live, other=float("-inf"))
-    l = tl.load(ml_ptr + (row * SPLITS + offs_s) * 2 + 1, mask=s_live, other=0.0)
-    m_max = tl.max(m, axis=0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))  # splits with no real key weigh nothing
-    parts = tl.load(part_ptr + (row * SPLITS + offs_s[:, None]) * D + offs_d[None, :],
-                    mask=s_live[:, None] & (offs_d[None, :] < D), other=0.0)
-    out = tl.sum(parts * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(o_ptr + row * D + offs_d, out.to(o_ptr.dtype.element_ty), mask=offs_d < D)
+    m_run = tl.full([], float("-inf"), dtype=tl.float32)
+    num = tl.zeros([BLOCK_D], dtype=tl.float32)
+    den = tl.zeros([], dtype=tl.float32)
+    for start_s in range(0, splits, BLOCK_S):
+        offs_s = start_s + tl.arange(0, BLOCK_S)
+        s_live = offs_s < splits
+        m = tl.load(ml_ptr + (row * splits + offs_s) * 2, mask=s_live, other=float("-inf"))
+        l = tl.load(ml_ptr + (row * splits + offs_s) * 2 + 1, mask=s_live, other=0.0)
+        parts = tl.load(part_ptr + (row * splits + offs_s[:, None]) * D + offs_d[None, :],
+                        mask=s_live[:, None] & (offs_d[None, :] < D), other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # splits with no real key (m = -inf) weigh 0
+        alpha = tl.exp(m_run - m_safe)
+        w = tl.exp(m - m_safe)
+        num = num * alpha + tl.sum(parts * w[:, None], axis=0)
+        den = den * alpha + tl.sum(l * w, axis=0)
+        m_run = m_new
+    tl.store(o_ptr + row * D + offs_d, (num / den).to(o_ptr.dtype.element_ty), mask=offs_d < D)
 
 
-def _blocks(dtype: torch.dtype, D: int) -> tuple[int, int]:
-    # Interpreted: 32x32 tiles (fewer, larger numpy steps). GPU: 64x64 tiles in 16-bit; 32x64 in fp32,
-    # whose (M, D) accumulators and K/V tiles are twice as large in registers.
+# Shared memory one program may use: the least of the GPUs csrc/compile_check.sh builds for, an A100's 163 KB
+# (sm_80; an H100/H200 allows 227 KB), so one choice of tiles compiles on both.
+SMEM_LIMIT = 163 * 1024
+# Pipelining depth of the K/V loads: Triton's default on NVIDIA, passed at launch so smem_bytes counts what runs.
+NUM_STAGES = 3
+_REDUCE_BLOCK_S = 16  # splits combined per step of _decode_reduce_kernel
+
+
+def smem_bytes(block_m: int, block_n: int, block_d: int, dtype: torch.dtype) -> int:
+    """Shared memory of one attention program, estimated: the (M, D) query tile and NUM_STAGES - 1 buffers of
+    the (N, D) key and value tiles (the loads the pipeliner keeps in flight), in the input dtype, plus the fp32
+    (M, N) probabilities staged for the second dot. Against Triton 3.9's sm_80 and sm_90 builds (compiled
+    without a GPU; metadata.shared): within 128 bytes in fp32, 2-3x above in 16-bit (tensor-core layouts)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return elem * block_d * (block_m + 2 * (NUM_STAGES - 1) * block_n) + 4 * block_m * block_n
+
+
+def tile_sizes(dtype: torch.dtype, head_dim: int, group: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D) of the attention kernels on a GPU. BLOCK_M: query positions per prefill
+    program, or with `group` the query heads of one kv head in decode; BLOCK_N: keys per step; BLOCK_D: head_dim
+    rounded up to a power of two.
+
+    Prefill starts from 64x64 tiles in 16-bit and 32x64 in fp32 or past head dim 128 (whose (M, D)
+    accumulators take twice the registers); then BLOCK_N, then (prefill only) BLOCK_M, are halved down to 16
+    (tl.dot's least) until smem_bytes fits SMEM_LIMIT. fp32 at head dim 256 compiles to 296 KB at 32x64 (past
+    even an H100's 227 KB), 164 KB at 32x32 (past an A100's 163 KB), 98 KB at 32x16.
+    """
+    block_d = block(head_dim)
+    if group is not None:
+        block_m = block(group)
+    else:
+        block_m = 64 if dtype != torch.float32 and block_d <= 128 else 32
+    block_n = 64
+    while smem_bytes(block_m, block_n, block_d, dtype) > SMEM_LIMIT and block_n > 16:
+        block_n //= 2
+    while group is None and smem_bytes(block_m, block_n, block_d, dtype) > SMEM_LIMIT and block_m > 16:
+        block_m //= 2
+    return block_m, block_n, block_d
+
+
+def _tiles(dtype: torch.dtype, head_dim: int, group: int | None = None) -> tuple[int, int, int]:
+    """tile_sizes, at most 32 x 32 under the interpreter: it runs numpy over whole tiles, and 32-wide ones are
+    ~20% faster at the tests' short prompts (T 20: 104 vs 120 ms a prefill). Smaller GPU tiles are kept, so
+    CPU tests run fp32 head dim 256 on its 32x16 tiles."""
+    block_m, block_n, block_d = tile_sizes(dtype, head_dim, group)
     if INTERPRETED:
-        return 32, 32
-    return (32, 64) if dtype == torch.float32 or D > 128 else (64, 64)
+        block_n = min(block_n, 32)
+        block_m = block_m if group is not None else min(block_m, 32)
+    return block_m, block_n, block_d
 
 
 @triton_op("hybrid_engine::prefill_attention", mutates_args=())
@@ -169,14 +225,14 @@ def prefill_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
     if out.numel() == 0:
         return out
     mask = key_mask.contiguous().view(torch.uint8)  # (B, T)
-    block_m, block_n = _blocks(q.dtype, D)
+    block_m, block_n, block_d = _tiles(q.dtype, D)
     grid = (triton.cdiv(T, block_m), B * H)
     launch(_prefill_kernel, grid)(
         q, k, v, mask, out, T, H, H // Hkv, D, scale, sliding_window or 0,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), mask.stride(0),
         HAS_WINDOW=sliding_window is not None, UPCAST=upcast(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block(D))
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_stages=NUM_STAGES)
     return out
 
 
@@ -206,19 +262,19 @@ def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     G = H // Hkv
     mask = key_mask.contiguous().view(torch.uint8)
     splits = num_splits or decode_splits(B * Hkv, length, q.device)
-    block_n = 32 if INTERPRETED else 64
+    block_g, block_n, block_d = _tiles(q.dtype, D, group=G)
     chunk = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n
     splits = triton.cdiv(length, chunk)
     part = torch.empty((B * H * splits, D) if splits > 1 else (0,), dtype=torch.float32, device=q.device)
     ml = torch.empty((B * H * splits * 2,) if splits > 1 else (0,), dtype=torch.float32, device=q.device)
     launch(_decode_kernel, (B, Hkv, splits))(
-        q, k_cache, v_cache, mask, out, part, ml, length, chunk, H, G, D, scale,
+        q, k_cache, v_cache, mask, out, part, ml, length, chunk, splits, H, G, D, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), mask.stride(0),
-        SPLITS=splits, UPCAST=upcast(q.dtype), BLOCK_G=block(G), BLOCK_N=block_n, BLOCK_D=block(D))
+        UPCAST=upcast(q.dtype), BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, num_stages=NUM_STAGES)
     if splits > 1:
-        launch(_decode_reduce_kernel, (B * H,))(part, ml, out, D, SPLITS=splits, BLOCK_S=block(splits, 2),
-                                                     BLOCK_D=block(D))
+        launch(_decode_reduce_kernel, (B * H,))(part, ml, out, D, splits, BLOCK_S=_REDUCE_BLOCK_S,
+                                                     BLOCK_D=block_d)
     return out
 
 
