@@ -44,6 +44,22 @@ def build_model(size: str, dtype: torch.dtype, device: str, seq_len: int):
     return model.eval()
 
 
+def decode_step_bytes(model, batch: int, length: int) -> int:
+    """Bytes one decode step must read from device memory: every weight except the input embedding table, of
+    which only the `batch` rows looked up (the lm_head matrix is read whole, tied to the table or not), and the
+    K and V cache of every layer over `length` slots."""
+    cfg = model.config
+    embedding = model.get_input_embeddings().weight  # (vocab, hidden)
+    row_bytes = embedding.shape[1] * embedding.element_size()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied table counted once
+    if embedding is not model.get_output_embeddings().weight:  # untied: the table is only looked up
+        weight_bytes -= embedding.shape[0] * row_bytes
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    kv_bytes = 2 * cfg.num_hidden_layers * batch * kv_heads * length * head_dim * embedding.element_size()
+    return weight_bytes + batch * row_bytes + kv_bytes
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -83,7 +99,6 @@ def run(args) -> list[dict]:
     seq_len = args.prompt_len + args.new_tokens
     model = build_model(args.model_size, dtype, args.device, seq_len)
     n_params = sum(p.numel() for p in model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     engine = hybrid_engine.wrap(model, max_seq_len=seq_len, max_batch_size=max(args.batch_sizes),
                                 kernels=args.kernels).eval()
     print(f"model: Llama-style {n_params / 1e6:.1f}M params, {args.dtype}, {args.device}; "
@@ -108,13 +123,9 @@ def run(args) -> list[dict]:
         if args.device == "cuda" and args.new_tokens > 1:
             prefill_s = timed({"prefill": lambda f=eng_fn: f(1)}, args.device, args.repeats)[0]["prefill"]
             step_s = (eng_s - prefill_s) / (args.new_tokens - 1)
-            cfg = model.config
-            head_dim = cfg.hidden_size // cfg.num_attention_heads
-            mean_len = args.prompt_len + args.new_tokens / 2
-            kv_bytes = (2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * mean_len * head_dim
-                        * torch.empty((), dtype=dtype).element_size())
-            row.update(decode_step_ms=step_s * 1e3,
-                       decode_bandwidth_fraction=(weight_bytes + kv_bytes) / step_s / PEAK_BYTES_PER_S)
+            mean_len = args.prompt_len + args.new_tokens // 2  # the cache length of the average decode step
+            row.update(decode_step_ms=step_s * 1e3, decode_bandwidth_fraction=decode_step_bytes(
+                model, batch, mean_len) / step_s / PEAK_BYTES_PER_S)
         rows.append(row)
         print_row(row, header=len(rows) == 1)
     return rows
