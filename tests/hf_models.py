@@ -92,3 +92,43 @@ def hf_logprobs(model, sequences, attention_mask, prompt_len, temperature: float
         logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions).logits.float()
     logp = torch.log_softmax(logits[:, prompt_len - 1:-1] / temperature, dim=-1)
     return logp.gather(-1, sequences[:, prompt_len:, None]).squeeze(-1)
+
+
+def assert_stops_at_first_eos(out, prompt_len: int, eos: int, pad: int) -> list[int]:
+    """Each row of a GenerationOutput ends at its first EOS: action_mask True up to and including it, then pad
+    tokens and logprob 0. Returns each row's number of unmasked new tokens."""
+    new = out.sequences[:, prompt_len:]                                          # (B, N)
+    stops = []
+    for row in range(new.shape[0]):
+        hits = (new[row] == eos).nonzero()
+        stop = int(hits[0]) + 1 if len(hits) else new.shape[1]
+        where = f"row {row}, {stop} new tokens up to its first EOS"
+        assert out.action_mask[row, :stop].all() and not out.action_mask[row, stop:].any(), \
+            f"{where}: action_mask {out.action_mask[row].int().tolist()}"
+        assert (new[row, stop:] == pad).all(), f"{where}: tokens {new[row].tolist()}, pad {pad}"
+        assert (out.logprobs[row, stop:] == 0).all(), f"{where}: logprobs {out.logprobs[row].tolist()}"
+        stops.append(stop)
+    return stops
+
+
+def eos_produced_mid_generation(new_tokens: torch.Tensor) -> int:
+    """A token that some row of an EOS-free run (new_tokens: (B, N)) produces for the first time and later follows
+    with another token: taken as EOS it stops that row before the end, and the stop changes what comes after even
+    when pad id == EOS id (tiny random models often repeat one token to the end). A token first produced at step 1
+    or later is preferred, so the stop happens in a decode step; step 0 (the prefill's token) is the fallback."""
+    B, N = new_tokens.shape
+    for step in [*range(1, N - 1), 0]:
+        for row in range(B):
+            token = new_tokens[row, step]
+            if not (new_tokens[row, :step] == token).any() and (new_tokens[row, step + 1:] != token).any():
+                return int(token)
+    raise AssertionError(f"no row of {new_tokens.tolist()} produces a token that could stop it before the end")
+
+
+def assert_logprobs_match_forward(model, out, attention_mask, temperature: float = 1.0) -> None:
+    """A GenerationOutput's logprobs equal log softmax(logits / T) of the Hugging Face forward where action_mask is
+    True and are 0 where it is False. attention_mask: (B, P), the prompts'."""
+    ones = torch.ones_like(out.action_mask, dtype=attention_mask.dtype)                  # (B, N)
+    full_mask = torch.cat([attention_mask, ones], dim=1)                                # (B, P + N)
+    ref = hf_logprobs(model, out.sequences, full_mask, attention_mask.shape[1], temperature)  # (B, N)
+    torch.testing.assert_close(out.logprobs, ref.masked_fill(~out.action_mask, 0.0), atol=1e-5, rtol=0)

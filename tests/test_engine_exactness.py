@@ -1,51 +1,86 @@
 """The engine's greedy tokens equal Hugging Face generate's and its logprobs equal the HF forward's, for every
 supported family on awkward tiny configs (fp32, CPU), under every kernel backend that runs on a CPU: the torch
-references, the C++ CPU twins and the Triton kernels (interpreted; tests/conftest.py sets TRITON_INTERPRET)."""
+references, the C++ CPU twins and the Triton kernels (interpreted; tests/conftest.py sets TRITON_INTERPRET);
+through both projection paths (oneDNN-packed copies and plain F.linear); and with EOS stops."""
 import pytest
 import torch
 
 import hybrid_engine
-from tests.hf_models import CONFIGS, hf_logprobs, left_padded_prompts, tiny_model
+from hybrid_engine.models.base import PACKED_MAX_ROWS
+from tests.hf_models import (
+    CONFIGS,
+    assert_logprobs_match_forward,
+    assert_stops_at_first_eos,
+    eos_produced_mid_generation,
+    left_padded_prompts,
+    tiny_model,
+)
 
 NEW_TOKENS = 12
+
+
+def family_pad(model) -> int:
+    return model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+
+def assert_greedy_matches_hugging_face(model, engine, lengths: list[int]) -> None:
+    """Greedy tokens equal HF generate's and logprobs equal HF forward's, with no EOS: every row runs the full
+    length, so all tokens are compared."""
+    pad = family_pad(model)
+    ids, mask = left_padded_prompts(lengths, pad)
+    out = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], pad_token_id=pad)
+    hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                        eos_token_id=None, pad_token_id=pad)
+    assert out.sequences.shape == (len(lengths), ids.shape[1] + NEW_TOKENS)
+    assert torch.equal(out.sequences, hf), "engine tokens differ from Hugging Face"
+    assert out.action_mask.all()
+    assert_logprobs_match_forward(model, out, mask)
 
 
 @pytest.mark.parametrize("kernels", ["torch", "cpu", "triton"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_greedy_tokens_and_logprobs_match_hugging_face(name, kernels, tmp_path):
     model = tiny_model(name, tmp_path)
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    ids, mask = left_padded_prompts([7, 3, 5, 1], pad)
     engine = hybrid_engine.wrap(model, max_seq_len=32, max_batch_size=4, kernels=kernels)
     assert {backend for backend, _ in engine.ops.choices.values()} == {kernels}
-    engine.eval()
-    # no EOS: every row runs the full length, so all tokens are compared
-    out = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], pad_token_id=pad)
-    hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                        eos_token_id=None, pad_token_id=pad)
-    assert out.sequences.shape == (4, ids.shape[1] + NEW_TOKENS)
-    assert torch.equal(out.sequences, hf), f"{name}: engine tokens differ from Hugging Face"
-    full_mask = torch.cat([mask, torch.ones(4, NEW_TOKENS, dtype=mask.dtype)], dim=1)
-    ref = hf_logprobs(model, out.sequences, full_mask, ids.shape[1])
-    torch.testing.assert_close(out.logprobs, ref, atol=1e-5, rtol=0)
-    assert out.action_mask.all()
+    assert_greedy_matches_hugging_face(model, engine.eval(), [7, 3, 5, 1])
 
 
+@pytest.mark.parametrize("pack_weights", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("kernels", ["torch", "cpu"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_bf16_logprobs_are_as_accurate_as_hugging_faces_bf16(name, kernels, tmp_path):
-    """In bf16 the engine cannot equal HF bit for bit (other kernels, other rounding), so it is held to
-    flash-attention's bar: its error against an fp32 forward of the same weights is at most twice that of
-    Hugging Face's own bf16 forward."""
-    model = tiny_model(name, tmp_path, dtype=torch.bfloat16)
-    reference = tiny_model(name, tmp_path, dtype=torch.bfloat16).float()  # the same bf16 weights, in fp32
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+def test_plain_and_packed_projections_match_hugging_face(name, kernels, pack_weights, tmp_path):
+    """pack_weights=False sends every projection through the plain F.linear (GPT-2: x @ W) path, the one GPUs
+    always take and CPU decode otherwise never reaches. With packing on, a prefill of 4 x 40 = 160 rows, more
+    than PACKED_MAX_ROWS, also takes the plain path, and decode then reads the packed copies: the two paths
+    must agree, since one fills the KV cache the other attends to. The 40-token prompts also run the attention
+    kernels past Mistral's sliding window in prefill. (Interpreted Triton is left out: 4-5 s a case.)"""
+    model = tiny_model(name, tmp_path)
+    engine = hybrid_engine.wrap(model, max_seq_len=64, max_batch_size=4, kernels=kernels, pack_weights=pack_weights)
+    lengths = [40, 9, 33, 1]
+    assert len(lengths) * max(lengths) > PACKED_MAX_ROWS
+    assert (engine.eval().packed_bytes > 0) == pack_weights
+    assert_greedy_matches_hugging_face(model, engine, lengths)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_eos_stops_each_row_like_hugging_face(name, tmp_path):
+    """With an EOS the model produces mid-generation, sequences equal HF generate's; each row's action_mask runs up
+    to and including its first EOS, then pad tokens and logprob 0; the logprobs before equal HF forward's. The
+    same with pad id == EOS id (GPT-2's convention), where the EOS must still be in the mask."""
+    model = tiny_model(name, tmp_path)
+    pad = family_pad(model)
     ids, mask = left_padded_prompts([7, 3, 5, 1], pad)
-    engine = hybrid_engine.wrap(model, max_seq_len=32, max_batch_size=4, kernels=kernels).eval()
-    out = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], pad_token_id=pad)
-    full_mask = torch.cat([mask, torch.ones(4, NEW_TOKENS, dtype=mask.dtype)], dim=1)
-    exact = hf_logprobs(reference, out.sequences, full_mask, ids.shape[1])
-    hf_bf16 = hf_logprobs(model, out.sequences, full_mask, ids.shape[1])
-    engine_err = (out.logprobs - exact).abs().max().item()
-    hf_err = (hf_bf16 - exact).abs().max().item()
-    assert 0 < engine_err <= 2 * hf_err, (engine_err, hf_err)
+    P = ids.shape[1]
+    engine = hybrid_engine.wrap(model, max_seq_len=32, max_batch_size=4).eval()
+    free = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], pad_token_id=pad).sequences
+    eos = eos_produced_mid_generation(free[:, P:])
+    for pad_id in (pad, eos):
+        out = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=pad_id)
+        hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                            eos_token_id=eos, pad_token_id=pad_id)
+        assert torch.equal(out.sequences, hf), f"pad {pad_id}: engine tokens differ from Hugging Face"
+        stops = assert_stops_at_first_eos(out, P, eos, pad_id)
+        # the stop was exercised: a row ended early and that changed the tokens
+        assert min(stops) < NEW_TOKENS and not torch.equal(out.sequences, free[:, :out.sequences.shape[1]])
+        assert_logprobs_match_forward(model, out, mask)
