@@ -66,7 +66,6 @@ at::Tensor rotary_kv_append(const at::Tensor& q, const at::Tensor& k, const at::
   }
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor q_out = cos_in ? at::empty(q.sizes(), q.options()) : q;
-  if (B == 0 || T == 0) return q_out;  // no token: a grid of B * T = 0 blocks is not a valid launch
   RotaryAppendArgs a{};
   a.q = q.data_ptr();
   a.k = k.data_ptr();
@@ -85,6 +84,7 @@ at::Tensor rotary_kv_append(const at::Tensor& q, const at::Tensor& k, const at::
     a.cache_stride[i] = k_cache.stride(i);
   }
   TORCH_CHECK(k_cache.strides() == v_cache.strides(), "k_cache and v_cache must have the same strides");
+  if (B == 0 || T == 0) return q_out;  // no token: a grid of B * T = 0 blocks is not a valid launch
   HE_CHECK_CALL(launch_rotary_kv_append(dtype_of(q), a, c10::cuda::getCurrentCUDAStream()));
   return q_out;
 }
