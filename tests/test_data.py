@@ -3,6 +3,7 @@
 import gzip
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -73,6 +74,14 @@ def test_hh_rlhf_dialogue(tmp_path):
     (example,) = load_examples(write_jsonl(tmp_path / "hh.jsonl", [{"chosen": chosen, "rejected": rejected}]))
     assert example.prompt == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:"
     assert (example.chosen, example.rejected) == ("fine, thanks", "go away")
+
+
+def test_committed_hh_rlhf_sample_gives_step_3_its_64_prompts():
+    """tests/data's sample of Anthropic's hh-rlhf (its README gives source and licence) reads as 64 pairs."""
+    path = Path(__file__).parent / "data" / "hh_rlhf_harmless_test_64.jsonl"
+    examples = load_step_examples([str(path)], step=3, split="0,0,1")
+    assert len(examples) == 64 and all(e.is_pair for e in examples)
+    assert all(e.prompt.startswith("\n\nHuman: ") and e.prompt.endswith("\n\nAssistant:") for e in examples)
 
 
 def test_dataset_directory(tmp_path):
