@@ -37,7 +37,7 @@ def assert_greedy_matches_hugging_face(model, engine, lengths: list[int]) -> Non
     assert_logprobs_match_forward(model, out, mask)
 
 
-@pytest.mark.parametrize("kernels", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("kernels", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.triton_cpu)])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_greedy_tokens_and_logprobs_match_hugging_face(name, kernels, tmp_path):
     model = tiny_model(name, tmp_path)
