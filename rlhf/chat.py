@@ -44,7 +44,8 @@ class Chat:
             messages = [m for u, a in self.turns for m in ({"role": "user", "content": u},
                                                            {"role": "assistant", "content": a})]
             messages.append({"role": "user", "content": user})
-            return tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            # transformers 5 returns a BatchEncoding unless told otherwise (4.x returned the ids); ask for the ids
+            return tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
         text = "\n\n".join(DEFAULT_TEMPLATE.format(prompt=u) + " " + a for u, a in self.turns)
         text = (text + "\n\n" if text else "") + DEFAULT_TEMPLATE.format(prompt=user)
         return tok(text)["input_ids"]

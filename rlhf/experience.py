@@ -22,10 +22,11 @@ class Experience:
     prompt_len: int
     logprobs: torch.Tensor        # (B, N) the actor's training-forward logprobs (PPO's "old" logprobs)
     ref_logprobs: torch.Tensor    # (B, N)
-    values: torch.Tensor          # (B, N) the critic's, before the update
-    scores: torch.Tensor          # (B,) reward model score of each sequence
     rollout_logprobs: torch.Tensor  # (B, N) what the hybrid engine reported while generating
-    # Filled once per rollout, right after scoring (PPOTrainer.rollout), so every minibatch and epoch sees the same.
+    values: torch.Tensor | None = None  # (B, N) the critic's, before the update; None without a critic
+    # Filled once per rollout, right after generation (RLTrainer.rollout), so every minibatch and epoch sees
+    # the same; rows sampled from one prompt are consecutive.
+    scores: torch.Tensor | None = None      # (B,) reward model score or reward function value of each row
     rewards: torch.Tensor | None = None     # (B, N) per-token reward: KL penalty plus the clipped score at the end
     advantages: torch.Tensor | None = None  # (B, N)
     returns: torch.Tensor | None = None     # (B, N) the critic's regression targets
@@ -66,12 +67,13 @@ class RolloutStats:
 
 
 @torch.no_grad()
-def generate_experience(hybrid, actor, ref, reward, critic, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+def generate_experience(hybrid, actor, ref, critic, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                         max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
                         top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None
                         ) -> tuple[Experience, RolloutStats]:
-    """One generation batch: sample answers with the hybrid engine, then score them with the training forward.
-    `actor`, `ref`, `reward` and `critic` are the plain modules (a DeepSpeed engine's `.module`)."""
+    """One generation batch: sample answers with the hybrid engine, then score them with the training forward
+    of the actor, the frozen reference and the critic (None: no values). The models are plain modules (a
+    DeepSpeed engine's `.module`); the rewards are the caller's (a reward model or a function)."""
     start = time.perf_counter()
     hybrid.eval()
     out = hybrid.generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, do_sample=True,
@@ -85,16 +87,15 @@ def generate_experience(hybrid, actor, ref, reward, critic, prompt_ids: torch.Te
     actor.eval()  # no dropout: the "old" logprobs must be those of the policy that generated
     P = prompt_ids.shape[1]
     action_mask = out.action_mask
+    mask = action_mask.float()
     attention_mask = torch.cat([prompt_mask, action_mask.to(prompt_mask.dtype)], dim=1)
     seq = out.sequences
     logprobs = action_logprobs(actor, seq, attention_mask, P, temperature)
     ref_logprobs = action_logprobs(ref, seq, attention_mask, P, temperature)
-    scores = reward.score(seq, attention_mask)
-    values = action_values(critic, seq, attention_mask, P)
+    values = action_values(critic, seq, attention_mask, P) * mask if critic is not None else None
     actor.train()
-    mask = action_mask.float()
-    return Experience(seq, attention_mask, action_mask, P, logprobs * mask, ref_logprobs * mask, values * mask,
-                      scores.float(), out.logprobs), stats
+    return Experience(seq, attention_mask, action_mask, P, logprobs * mask, ref_logprobs * mask, out.logprobs,
+                      values), stats
 
 
 def max_logprob_gap(exp: Experience) -> float:

@@ -84,22 +84,69 @@ def gae(
     return advantages, advantages + values
 
 
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def aggregate(losses: torch.Tensor, action_mask: torch.Tensor, mode: str = "token-mean",
+              norm_len: int | None = None) -> torch.Tensor:
+    """Reduce per-token losses (B, N) to a scalar:
+
+    - ``token-mean``: ``sum(L m) / sum(m)``, every token of the batch weighs the same (PPO, DAPO);
+    - ``seq-mean-token-mean``: the mean over rows with an action of ``sum_t(L m) / sum_t(m)`` (GRPO's paper);
+    - ``seq-mean-token-sum-norm``: ``sum(L m) / (B * norm_len)`` with a constant ``norm_len`` (default N),
+      so no length bias (Dr.GRPO, Liu et al. 2025, arXiv:2503.20783).
+    """
+    if mode == "token-mean":
+        return masked_mean(losses, action_mask)
+    mask = action_mask.to(losses.dtype)
+    if mode == "seq-mean-token-mean":
+        per_row = (losses * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
+        has_action = mask.sum(-1) > 0
+        return per_row[has_action].sum() / has_action.sum().clamp(min=1)
+    if mode == "seq-mean-token-sum-norm":
+        return (losses * mask).sum() / (losses.shape[0] * (norm_len or losses.shape[1]))
+    raise ValueError(f"loss aggregation {mode!r}: expected one of {', '.join(LOSS_AGGREGATIONS)}")
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     action_mask: torch.Tensor,
     clip: float = 0.2,
+    clip_high: float | None = None,
+    agg: str = "token-mean",
+    norm_len: int | None = None,
 ) -> torch.Tensor:
     """PPO clipped surrogate: ``ratio = exp(logp - logp_old)``,
-    ``sum(max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip)) * m) / sum(m)``.
+    ``aggregate(max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip_high)), m)`` (token-mean by default:
+    ``sum(. * m) / sum(m)``). ``clip_high`` defaults to ``clip``; a larger one is DAPO's clip-higher
+    (Yu et al. 2025, arXiv:2503.14476).
 
     Source: Schulman et al. 2017, eq. 7; DeepSpeed-Chat ``actor_loss_fn`` (cliprange 0.2).
     """
+    clip_high = clip if clip_high is None else clip_high
     ratio = torch.exp(logprobs - old_logprobs)  # (B, N)
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
-    return masked_mean(torch.max(unclipped, clipped), action_mask)
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip_high)
+    return aggregate(torch.max(unclipped, clipped), action_mask, agg, norm_len)
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_divergence(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate (B, N) of KL(policy || reference) from the sampled tokens' logprobs, with
+    ``d = logp_ref - logp``: ``k1 = -d``, ``k2 = d^2 / 2``, ``k3 = exp(d) - d - 1`` (unbiased and never
+    negative; GRPO's choice). Source: Schulman, "Approximating KL divergence" (2020); DeepSeekMath eq. 4."""
+    d = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d ** 2
+    if estimator == "k3":
+        return torch.exp(d) - d - 1.0
+    raise ValueError(f"KL estimator {estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}")
 
 
 def value_loss(

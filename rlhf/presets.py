@@ -81,6 +81,9 @@ class Preset:
     ppo: PPOBudget = field(default_factory=PPOBudget)
     max_seq_len: int = 512
     data_split: str = "2,4,4"
+    # Step-3 budget changes per algorithm (PPOConfig field -> value), e.g. fewer prompts when each is sampled
+    # several times.
+    algorithm_overrides: dict[str, dict] = field(default_factory=dict)
     # Synthetic data sizes; used only when the run is given no --data.
     synthetic_sft: int = 2000
     synthetic_pairs: int = 2000
@@ -129,6 +132,9 @@ TINY = Preset(
         actor_learning_rate=1e-4,
         critic_learning_rate=5e-4,
     ),
+    # Grouped algorithms sample 4 answers per prompt: 8 prompts keep a rollout at PPO's 32 rows.
+    algorithm_overrides={name: {"per_device_generation_batch_size": 8}
+                         for name in ("grpo", "rloo", "reinforce++-baseline")},
     max_seq_len=40,
     # Step 1 learns from the SFT-only demonstrations (all of them); the preference pairs go half to the
     # reward model and half to PPO as prompts, so the SFT model is not skewed toward "chosen" answers.

@@ -53,18 +53,22 @@ PPO_SHARED = ("actor_model_name_or_path", "critic_model_name_or_path", "data", "
               "disable_tqdm")
 
 
-def ppo_defaults(preset: Preset | None) -> PPOConfig:
-    """PPOConfig whose defaults come from the preset's PPO budget (DeepSpeed-Chat's defaults without one)."""
+def ppo_defaults(preset: Preset | None, algorithm: str = "ppo") -> PPOConfig:
+    """PPOConfig whose defaults come from the preset's step-3 budget for ``algorithm`` (DeepSpeed-Chat's
+    defaults without a preset)."""
     cfg = PPOConfig()
     if preset is not None:
         for f in dataclasses.fields(preset.ppo):
             setattr(cfg, f.name, getattr(preset.ppo, f.name))
+        for name, value in preset.algorithm_overrides.get(algorithm, {}).items():
+            setattr(cfg, name, value)
     return cfg
 
 
-def add_step3_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, preset: Preset | None) -> None:
-    """Step-3 (PPO) options under DeepSpeed-Chat's names (``--actor-zero-stage``, ``--inference-tp-size``, ...)."""
-    add_config_args(parser, PPOConfig, "", PPO_SHARED, ppo_defaults(preset))
+def add_step3_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, preset: Preset | None,
+                   algorithm: str = "ppo") -> None:
+    """Step-3 options under DeepSpeed-Chat's names (``--actor-zero-stage``, ``--inference-tp-size``, ...)."""
+    add_config_args(parser, PPOConfig, "", PPO_SHARED, ppo_defaults(preset, algorithm))
 
 
 def step3_config(args: argparse.Namespace, paths: dict[str, str]) -> PPOConfig:
@@ -73,19 +77,32 @@ def step3_config(args: argparse.Namespace, paths: dict[str, str]) -> PPOConfig:
     paths), else ``OUTPUT_DIR/actor`` / ``OUTPUT_DIR/reward``; those not made by this run must be checkpoints."""
     actor = paths["actor"] if 1 in args.step else args.actor_model or paths["actor"]
     reward = paths["reward"] if 2 in args.step else args.reward_model or paths["reward"]
+    no_reward_model = args.reward_fn is not None and args.reward_model is None and 2 not in args.step
+    if no_reward_model:
+        reward = actor  # PPO's critic starts from the actor's backbone with a new value head
     cfg = ppo_config_from_args(args, "", actor_model_name_or_path=actor, critic_model_name_or_path=reward,
                                data=args.data, data_split=args.data_split, output_dir=paths["ppo"], seed=args.seed,
                                disable_tqdm=args.disable_tqdm)
     cfg.validate()
     if 1 not in args.step:
         require_checkpoint(actor, "give --actor-model a step-1 (SFT) checkpoint, or run --step 1 first")
-    if 2 not in args.step:
+    if not no_reward_model and 2 not in args.step and (cfg.reward_fn is None or cfg.algo().needs_critic):
         require_checkpoint(reward, "give --reward-model a step-2 checkpoint, or run --step 2 first", reward=True)
     return cfg
 
 
-def build_parser(preset: Preset | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf train", description="RLHF in three steps: SFT, reward model, PPO. "
+def choose_reward_fn(args: argparse.Namespace, synthetic: bool) -> None:
+    """Critic-free algorithms on the built-in task score with its rule unless a reward model is named; a reward
+    function replaces the reward model, so step 2 is skipped."""
+    if args.reward_fn is None and synthetic and args.algorithm != "ppo" and args.reward_model is None:
+        args.reward_fn = "synthetic"
+    if args.reward_fn is not None:
+        args.step = [s for s in args.step if s != 2]
+
+
+def build_parser(preset: Preset | None, algorithm: str = "ppo") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf train", description="RLHF in three steps: SFT, reward model, PPO "
+                                     "(or GRPO, RLOO, REINFORCE++ against a reward function). "
                                      "Without arguments: the tiny preset on the built-in synthetic task.")
     add_launcher_args(parser)
     parser.add_argument("--step", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
@@ -113,16 +130,17 @@ def build_parser(preset: Preset | None) -> argparse.ArgumentParser:
                     sft_defaults)
     add_config_args(parser.add_argument_group("step 2: reward model"), RewardConfig, RM_PREFIX, SHARED,
                     rm_defaults)
-    add_step3_args(parser.add_argument_group("step 3: PPO"), preset)
+    add_step3_args(parser.add_argument_group("step 3: reinforcement learning (PPO and the critic-free algorithms)"),
+                   preset, algorithm)
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Preset | None]:
-    """Two passes: the preset chooses the defaults of the full parser."""
+    """Two passes: the preset and the algorithm choose the defaults of the full parser."""
     first, _ = build_parser(None).parse_known_args(argv)
     name = first.preset or ("none" if first.actor_model else "tiny")
     preset = None if name == "none" else get_preset(name)
-    args = build_parser(preset).parse_args(argv)
+    args = build_parser(preset, first.algorithm).parse_args(argv)
     return args, preset
 
 
@@ -135,7 +153,8 @@ def sample_gold_score(model, tokenizer, prompts: list[str], max_new_tokens: int 
     scores: list[float] = []
     for start, batch in zip(range(0, len(dataset), batch_size), make_dataloader(dataset, batch_size, shuffle=False)):
         with torch.no_grad():
-            out = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+            out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                  max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
         answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -170,11 +189,12 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"actor": str(out / "actor"), "reward": str(out / "reward"), "ppo": str(out / "ppo")}
+    synthetic = not args.data
+    choose_reward_fn(args, synthetic)
     if 3 in args.step:
         step3_config(args, paths)  # a bad option or missing checkpoint ends the run before any step starts
     dist = init_distributed()
     metrics = MetricsLogger(out, enabled=dist.is_main)
-    synthetic = not args.data
     if synthetic and preset is None:
         raise SystemExit("rlhf train: --data is required without a preset (the synthetic task needs its tokenizer)")
     data = args.data
@@ -213,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
         summary["step 2: reward model"] = run_reward(cfg, model_config=model_config, tokenizer=tokenizer,
                                                      metrics=metrics)
     if 3 in args.step:
-        summary["step 3: PPO"] = run_ppo(step3_config(args, paths), tokenizer=tokenizer, metrics=metrics)
+        summary[f"step 3: {args.algorithm.upper()}"] = run_ppo(step3_config(args, paths), tokenizer=tokenizer,
+                                                              metrics=metrics)
     if not dist.is_main:
         return summary
     plot(out)

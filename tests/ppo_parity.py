@@ -25,8 +25,9 @@ def run(out: Path, tiny_run: Path, zero_stage: int) -> list[dict]:
     from rlhf.checkpoint import save_actor_checkpoint
     from rlhf.data import build_prompt_dataset, load_step_examples
     from rlhf.deepspeed_utils import init_distributed
-    from rlhf.ppo import PPOConfig, PPOTrainer
+    from rlhf.ppo import PPOConfig
     from rlhf.presets import get_preset
+    from rlhf.rl_trainer import RLTrainer, records
 
     cfg = PPOConfig(actor_model_name_or_path=str(tiny_run / "actor"),
                     critic_model_name_or_path=str(tiny_run / "reward"), data=[str(tiny_run / "data" / "pairs.jsonl")],
@@ -37,12 +38,12 @@ def run(out: Path, tiny_run: Path, zero_stage: int) -> list[dict]:
                     disable_tqdm=True)
     tokenizer = get_preset("tiny").tokenizer()
     dist = init_distributed()
-    trainer = PPOTrainer(cfg, tokenizer, total_steps=ROUNDS, device=dist.device)
+    trainer = RLTrainer(cfg, tokenizer, total_steps=ROUNDS, device=dist.device, reward_fn=None)
     dataset = build_prompt_dataset(tokenizer, load_step_examples(cfg.data, step=3, split=cfg.data_split)[:ROWS], 16)
-    batch = dataset.collate(list(dataset.rows))  # the whole batch on every rank (no distributed sampler)
+    batch = dataset.collate(list(range(len(dataset))))  # the whole batch on every rank (no distributed sampler)
     history = []
     for r in range(ROUNDS):
-        exp, _ = trainer.rollout(batch, torch.Generator().manual_seed(100 + r))
+        exp, _ = trainer.rollout(batch, *records(dataset, batch), torch.Generator().manual_seed(100 + r))
         losses = trainer.train_on(exp, None)
         history.append({"reward": exp.scores.mean().item(), **losses})
     save_actor_checkpoint(trainer.actor.module, tokenizer, out / "actor")

@@ -30,10 +30,21 @@ SINGLE_PROCESS_ROWS = {
     "bf16": ["--dtype", "bf16"],
     "hf-generate": ["--no-enable-hybrid-engine"],
 }
+# The critic-free path, on GRPO against the built-in rule (no critic, no reward model): the rows that apply.
+GRPO = ["--algorithm", "grpo", "--reward-fn", "synthetic", "--n-samples-per-prompt", "2"]
+SINGLE_PROCESS_ROWS.update({
+    "grpo-zero0": GRPO,
+    "grpo-zero1": [*GRPO, "--actor-zero-stage", "1"],
+    "grpo-zero2": [*GRPO, "--actor-zero-stage", "2"],
+    "grpo-zero3-offload": [*GRPO, "--actor-zero-stage", "3", "--offload", "--offload-reference-model"],
+    "grpo-zero3-lora": [*GRPO, "--actor-zero-stage", "3", "--actor-lora-dim", "4", "--only-optimize-lora"],
+    "grpo-bf16": [*GRPO, "--dtype", "bf16"],
+})
 TWO_PROCESS_ROWS = {
     "2proc-zero2-2": ["--actor-zero-stage", "2", "--critic-zero-stage", "2"],
     "2proc-zero3-3": ["--actor-zero-stage", "3", "--critic-zero-stage", "3"],
     "2proc-zero3-3-tp2": ["--actor-zero-stage", "3", "--critic-zero-stage", "3", "--inference-tp-size", "2"],
+    "2proc-grpo-zero3-tp2": [*GRPO, "--actor-zero-stage", "3", "--inference-tp-size", "2"],
 }
 ROUNDS = 2
 # Small shapes: each row is about its set-up, not its learning.
@@ -51,7 +62,7 @@ def run_row(out: Path, actor: Path, reward: Path, data: Path, flags: list[str], 
     """One `rlhf train --step 3` run; returns (and writes) its PPO summary."""
     from rlhf.train import main
 
-    summary = main(argv(out, actor, reward, data, flags))["step 3: PPO"]
+    summary = next(v for k, v in main(argv(out, actor, reward, data, flags)).items() if k.startswith("step 3"))
     (out / f"rank{rank}.json").write_text(json.dumps(summary))
     return summary
 

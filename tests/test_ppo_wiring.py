@@ -7,8 +7,9 @@ import torch
 
 from rlhf.data import build_prompt_dataset, load_step_examples, make_dataloader
 from rlhf.deepspeed_utils import init_distributed
-from rlhf.ppo import PPOConfig, PPOTrainer
+from rlhf.ppo import PPOConfig
 from rlhf.presets import get_preset
+from rlhf.rl_trainer import RLTrainer, records
 
 ROWS, MINIBATCH, NEW_TOKENS = 8, 4, 8
 
@@ -75,10 +76,10 @@ def trainer_and_prompts(tiny_run):
     tokenizer = get_preset("tiny").tokenizer()
     dist = init_distributed()
     torch.manual_seed(0)
-    trainer = PPOTrainer(cfg, tokenizer, total_steps=100, device=dist.device)
+    trainer = RLTrainer(cfg, tokenizer, total_steps=100, device=dist.device, reward_fn=None)
     prompts = build_prompt_dataset(tokenizer, load_step_examples(cfg.data, step=3, split=cfg.data_split)[:2 * ROWS],
                                    cfg.max_prompt_seq_len)
-    return trainer, list(make_dataloader(prompts, ROWS, shuffle=False))
+    return trainer, [(batch, *records(prompts, batch)) for batch in make_dataloader(prompts, ROWS, shuffle=False)]
 
 
 def check_rollout(trainer, exp) -> None:
@@ -99,7 +100,7 @@ def test_two_ppo_rounds_match_independent_formulas(trainer_and_prompts):
     cfg = trainer.cfg
     generator = torch.Generator().manual_seed(5)
 
-    exp, _ = trainer.rollout(batches[0], generator)
+    exp, _ = trainer.rollout(*batches[0], generator)
     check_rollout(trainer, exp)
     assert torch.equal(exp.logprobs, exp.ref_logprobs)  # the policy starts as the reference
 
@@ -127,6 +128,35 @@ def test_two_ppo_rounds_match_independent_formulas(trainer_and_prompts):
     assert out["actor_loss"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
 
     # round 2: the actor now differs from the reference, so the KL penalty is in the rewards
-    exp2, _ = trainer.rollout(batches[1], generator)
+    exp2, _ = trainer.rollout(*batches[1], generator)
     check_rollout(trainer, exp2)
     assert ((exp2.logprobs - exp2.ref_logprobs).abs() * exp2.action_mask).max() > 1e-3
+
+
+def test_grpo_builds_no_critic_and_groups_its_samples(tiny_run):
+    """A critic-free run holds two DeepSpeed engines (actor with an optimizer, frozen reference), no critic and
+    no reward model; each prompt's answers sit in consecutive rows and their advantages are centred per group."""
+    from deepspeed import DeepSpeedEngine
+
+    from rlhf.rewards import RewardFunction
+
+    cfg = PPOConfig(actor_model_name_or_path=str(tiny_run / "actor"), algorithm="grpo", reward_fn="synthetic",
+                    data=[str(tiny_run / "data" / "pairs.jsonl")], data_split="0,1,1", n_samples_per_prompt=3,
+                    per_device_generation_batch_size=4, per_device_training_batch_size=12, max_prompt_seq_len=16,
+                    max_answer_seq_len=8, num_warmup_steps=0, disable_tqdm=True)
+    tokenizer = get_preset("tiny").tokenizer()
+    trainer = RLTrainer(cfg, tokenizer, total_steps=10, device=init_distributed().device,
+                        reward_fn=RewardFunction("synthetic"))
+    engines = {name: v for name, v in vars(trainer).items() if isinstance(v, DeepSpeedEngine)}
+    assert set(engines) == {"actor", "ref"} and trainer.critic is None and trainer.reward_model is None
+    assert engines["actor"].optimizer is not None and engines["ref"].optimizer is None
+    dataset = build_prompt_dataset(tokenizer, load_step_examples(cfg.data, step=3, split=cfg.data_split)[:4], 16)
+    batch = dataset.collate(list(range(4)))
+    exp, _ = trainer.rollout(batch, *records(dataset, batch), torch.Generator().manual_seed(0))
+    assert exp.values is None and exp.sequences.shape[0] == 12
+    P = exp.prompt_len
+    assert torch.equal(exp.sequences[:, :P], batch["input_ids"].repeat_interleave(3, dim=0))
+    first = exp.advantages[:, 0].view(4, 3)  # every row has at least one answer token
+    torch.testing.assert_close(first.sum(-1), torch.zeros(4), atol=1e-5, rtol=0)  # centred within each group
+    out = trainer.train_on(exp)
+    assert "critic_loss" not in out and out["kl_loss"] >= 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 import gzip
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -32,6 +32,8 @@ class Example:
     prompt: str
     chosen: str  # the demonstration for SFT, the preferred answer for the reward model
     rejected: str | None = None  # None for SFT-only records
+    # The record's other fields (a reference answer, a task id, ...), handed to a step-3 reward function.
+    fields: dict = field(default_factory=dict, compare=False)
 
     @property
     def is_pair(self) -> bool:
@@ -56,6 +58,10 @@ def _field(record: dict, name: str, where: str) -> str:
     return value
 
 
+def _other_fields(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected", "response")}
+
+
 def parse_record(record: object, where: str) -> Example:
     """Normalise one record; ``where`` ("file:line") prefixes every error message."""
     if not isinstance(record, dict):
@@ -65,10 +71,11 @@ def parse_record(record: object, where: str) -> Example:
         if "rejected" in record:
             if "chosen" not in record:
                 raise DataError(f"{where}: field 'chosen' missing ({EXPECTED})")
-            return Example(prompt, _field(record, "chosen", where), _field(record, "rejected", where))
+            return Example(prompt, _field(record, "chosen", where), _field(record, "rejected", where),
+                           _other_fields(record))
         for answer in ("response", "chosen"):
             if answer in record:
-                return Example(prompt, _field(record, answer, where))
+                return Example(prompt, _field(record, answer, where), fields=_other_fields(record))
         raise DataError(f"{where}: field 'chosen' missing ({EXPECTED})")
     if "chosen" in record and "rejected" in record:
         chosen, rejected = _field(record, "chosen", where), _field(record, "rejected", where)
@@ -79,7 +86,7 @@ def parse_record(record: object, where: str) -> Example:
             raise DataError(
                 f"{where}: field 'rejected' has no '\\n\\nAssistant:' turn (hh-rlhf dialogue expected)"
             )
-        return Example(chosen_split[0], chosen_split[1], rejected_split[1])
+        return Example(chosen_split[0], chosen_split[1], rejected_split[1], _other_fields(record))
     missing = "chosen" if "rejected" in record else "prompt"
     raise DataError(f"{where}: field '{missing}' missing ({EXPECTED})")
 

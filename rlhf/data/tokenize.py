@@ -120,20 +120,25 @@ class PairDataset(Dataset):
 
 
 class PromptDataset(Dataset):
-    """Prompt token ids; ``collate`` LEFT-pads. ``num_dropped`` counts prompts over the length limit."""
+    """Prompt token ids; ``collate`` LEFT-pads and gives each row's ``index`` into ``prompts`` and ``fields``
+    (what a reward function is handed). ``num_dropped`` counts prompts over the length limit."""
 
-    def __init__(self, rows: list[list[int]], pad_id: int, num_dropped: int = 0, prompts: list[str] | None = None):
+    def __init__(self, rows: list[list[int]], pad_id: int, num_dropped: int = 0, prompts: list[str] | None = None,
+                 fields: list[dict] | None = None):
         self.rows, self.pad_id, self.num_dropped = rows, pad_id, num_dropped
-        self.prompts = prompts or []  # the raw prompt texts, aligned with rows (e.g. for a gold score)
+        self.prompts = prompts or []  # the raw prompt texts, aligned with rows
+        self.fields = fields or [{} for _ in rows]  # each record's other fields, aligned with rows
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> list[int]:
-        return self.rows[i]
+    def __getitem__(self, i: int) -> int:
+        return i
 
-    def collate(self, batch: list[list[int]]) -> dict[str, torch.Tensor]:
-        return {"input_ids": _pad(batch, self.pad_id, left=True), "attention_mask": _mask(batch, left=True)}
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        rows = [self.rows[i] for i in indices]
+        return {"input_ids": _pad(rows, self.pad_id, left=True), "attention_mask": _mask(rows, left=True),
+                "index": torch.tensor(indices, dtype=torch.long)}  # (B, T), (B, T), (B,)
 
 
 def build_sft_dataset(tokenizer, examples: Sequence[Example], max_seq_len: int = 512) -> SFTDataset:
@@ -169,7 +174,7 @@ def build_pair_dataset(tokenizer, examples: Sequence[Example], max_seq_len: int 
 
 def build_prompt_dataset(tokenizer, examples: Sequence[Example], max_prompt_len: int = 256) -> PromptDataset:
     """Step-3 prompts; those longer than ``max_prompt_len`` tokens are dropped, counted and logged."""
-    rows, prompts, dropped = [], [], 0
+    rows, prompts, fields, dropped = [], [], [], 0
     for ex in examples:
         ids = encode_prompt(tokenizer, ex.prompt)
         if len(ids) > max_prompt_len:
@@ -177,6 +182,7 @@ def build_prompt_dataset(tokenizer, examples: Sequence[Example], max_prompt_len:
             continue
         rows.append(ids)
         prompts.append(ex.prompt)
+        fields.append(ex.fields)
     if dropped:
         logger.warning(
             "PPO: dropped %d of %d prompts longer than max_prompt_len=%d tokens",
@@ -184,7 +190,7 @@ def build_prompt_dataset(tokenizer, examples: Sequence[Example], max_prompt_len:
             len(examples),
             max_prompt_len,
         )
-    return PromptDataset(rows, pad_token_id(tokenizer), dropped, prompts)
+    return PromptDataset(rows, pad_token_id(tokenizer), dropped, prompts, fields)
 
 
 def make_dataloader(

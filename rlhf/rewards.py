@@ -1,0 +1,102 @@
+"""Where step 3's rewards come from: a trained reward model, or a Python function of the decoded text.
+
+``--reward-fn SPEC`` names a function as ``synthetic`` (the built-in task's rule), ``path/to/file.py:name`` or
+``package.module:name``. It is called on a batch, Hugging Face TRL's way::
+
+    def reward(prompts: list[str], responses: list[str], **fields) -> list[float]:
+        # fields: each other column of the data records, as a list aligned with the rows (None where absent)
+        return [1.0 if ref in r else 0.0 for r, ref in zip(responses, fields["answer"])]
+
+A function that cannot be imported, raises, or returns the wrong number of values, a non-number or a NaN
+ends the run with one line naming the function and the row.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from rlhf.data.synthetic import gold_scores
+
+
+def synthetic_reward(prompts: Sequence[str], responses: Sequence[str], **fields) -> list[float]:
+    """The built-in task's rule (rlhf.data.synthetic.gold_score) as a reward function."""
+    return gold_scores(prompts, responses)
+
+
+def _import_function(spec: str) -> Callable:
+    if spec == "synthetic":
+        return synthetic_reward
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise ValueError(f"--reward-fn {spec}: expected 'synthetic', 'path/to/file.py:function' or "
+                         "'package.module:function'")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise ValueError(f"--reward-fn {spec}: {path}: file not found")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ValueError:
+        raise
+    except Exception as err:  # any failure of the user's module, a SyntaxError included, is its import failing
+        raise ValueError(f"--reward-fn {spec}: cannot import {target}: {type(err).__name__}: {err}") from err
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"--reward-fn {spec}: {target} has no function {name!r}")
+    return fn
+
+
+class RewardFunction:
+    """A user's reward function, checked on every call: one finite number per row."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.fn = _import_function(spec)
+
+    def _call(self, prompts: list[str], responses: list[str], fields: list[dict]) -> list:
+        columns = {key: [f.get(key) for f in fields] for key in sorted({k for f in fields for k in f})}
+        return self.fn(prompts, responses, **columns)
+
+    def __call__(self, prompts: list[str], responses: list[str], fields: list[dict]) -> torch.Tensor:
+        """(B,) float32 rewards of the rows."""
+        try:
+            values = self._call(prompts, responses, fields)
+        except Exception as err:
+            row = self._failing_row(prompts, responses, fields)
+            where = f"row {row} (prompt {prompts[row][:60]!r})" if row is not None else f"a batch of {len(prompts)}"
+            raise ValueError(f"--reward-fn {self.spec}: raised {type(err).__name__}: {err} on {where}") from err
+        try:
+            n = len(values)
+        except TypeError:
+            raise ValueError(f"--reward-fn {self.spec}: returned {type(values).__name__}, expected a list of "
+                             f"{len(prompts)} numbers") from None
+        if n != len(prompts):
+            raise ValueError(f"--reward-fn {self.spec}: returned {n} values for {len(prompts)} rows")
+        for row, value in enumerate(values):
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise ValueError(f"--reward-fn {self.spec}: row {row}: returned {value!r} "
+                                 f"({type(value).__name__}), expected a number")
+            if not math.isfinite(value):
+                raise ValueError(f"--reward-fn {self.spec}: row {row}: returned {value}, expected a finite number")
+        return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+    def _failing_row(self, prompts, responses, fields) -> int | None:
+        """The first row that raises on its own, to name it in the error."""
+        for row in range(len(prompts)):
+            try:
+                self._call(prompts[row:row + 1], responses[row:row + 1], fields[row:row + 1])
+            except Exception:
+                return row
+        return None

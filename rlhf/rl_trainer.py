@@ -1,0 +1,172 @@
+"""The step-3 trainer: the models of one RL run and its loop, rollout -> rewards -> advantages -> update.
+
+    exp = trainer.rollout(batch, prompts, fields, generator)   # engine.generate x n, scored, advantages filled
+    for epoch, minibatch: trainer.train_on(minibatch)            # actor step (+ KL loss, PTX), critic step if any
+
+The critic exists only for an estimator that needs one (PPO's GAE); the reward model only when no reward
+function is given; the rest of the algorithm (estimator, KL placement, loss aggregation) is `cfg.algo()`.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import hybrid_engine
+from rlhf.advantages import ESTIMATORS, EstimatorInput
+from rlhf.common import all_reduce_sum, to_device
+from rlhf.deepspeed_utils import ds_config, init_inference, initialize
+from rlhf.experience import Experience, action_logprobs, action_values, generate_experience, lm_loss
+from rlhf.losses import aggregate, kl_divergence, kl_penalized_rewards, masked_mean, policy_loss, value_loss
+from rlhf.models import VALUE_HEAD_FILE, ModelOptions, RewardModel, create_actor, create_critic, create_reward_model
+from rlhf.rewards import RewardFunction
+
+GoldFn = Callable[[list[str], list[str]], list[float]]  # (prompts, answers) -> a rule's score per row
+
+
+def actor_options(cfg) -> ModelOptions:
+    return ModelOptions(dropout=cfg.actor_dropout, gradient_checkpointing=cfg.actor_gradient_checkpointing,
+                        lora_dim=cfg.actor_lora_dim, lora_module_name=cfg.actor_lora_module_name,
+                        only_optimize_lora=cfg.only_optimize_lora)
+
+
+def critic_options(cfg) -> ModelOptions:
+    return ModelOptions(dropout=cfg.critic_dropout, gradient_checkpointing=cfg.critic_gradient_checkpointing,
+                        lora_dim=cfg.critic_lora_dim, lora_module_name=cfg.critic_lora_module_name,
+                        only_optimize_lora=cfg.only_optimize_lora)
+
+
+class RLTrainer:
+    """Holds the models (actor, reference, critic if any, reward model if no reward function) of one run."""
+
+    def __init__(self, cfg, tokenizer, total_steps: int, device: torch.device, reward_fn: RewardFunction | None):
+        self.cfg, self.algo, self.tokenizer, self.device = cfg, cfg.algo(), tokenizer, device
+        micro = cfg.per_device_training_batch_size
+        actor = create_actor(cfg.actor_model_name_or_path, actor_options(cfg))
+        self.actor = initialize(actor, ds_config(micro, 1, cfg.actor_zero_stage, cfg.offload, cfg.dtype),
+                                cfg.actor_learning_rate, cfg.actor_weight_decay, total_steps, cfg.num_warmup_steps,
+                                cfg.lr_scheduler_type,
+                                lora_lr=cfg.actor_lora_learning_rate if cfg.actor_lora_dim else None)
+        ref = create_actor(cfg.actor_model_name_or_path, ModelOptions())
+        self.ref = init_inference(ref, micro, cfg.actor_zero_stage, cfg.offload_reference_model, cfg.dtype)
+        self.critic = None
+        if self.algo.needs_critic:
+            # from the trained reward model (DeepSpeed-Chat); from a causal LM's backbone with a new value head
+            # when there is none (PPO against a reward function)
+            path = cfg.critic_model_name_or_path
+            build = create_critic if (Path(path) / VALUE_HEAD_FILE).is_file() else create_reward_model
+            critic = build(path, critic_options(cfg))
+            self.critic = initialize(critic, ds_config(micro, 1, cfg.critic_zero_stage, cfg.offload, cfg.dtype),
+                                     cfg.critic_learning_rate, cfg.critic_weight_decay, total_steps,
+                                     cfg.num_warmup_steps, cfg.lr_scheduler_type,
+                                     lora_lr=cfg.critic_lora_learning_rate if cfg.critic_lora_dim else None)
+        self.reward_fn, self.reward_model = reward_fn, None
+        if reward_fn is None:
+            reward = RewardModel.from_pretrained(cfg.critic_model_name_or_path)
+            self.reward_model = init_inference(reward, micro, cfg.critic_zero_stage, cfg.offload_reward_model,
+                                               cfg.dtype)
+        self.ema = copy.deepcopy(self.actor.module).eval() if cfg.enable_ema else None
+        rows = cfg.per_device_generation_batch_size * self.algo.n_samples_per_prompt
+        self.hybrid = hybrid_engine.wrap(self.actor, max_seq_len=cfg.max_prompt_seq_len + cfg.max_answer_seq_len,
+                                         max_batch_size=rows, tp_size=cfg.inference_tp_size, kernels=cfg.kernels,
+                                         force_fallback=not cfg.enable_hybrid_engine,
+                                         release_cache_after_generate=cfg.release_inference_cache,
+                                         pin_parameters=False if cfg.unpin_actor_parameters else None,
+                                         gather_partition_size=cfg.tp_gather_partition_size)
+
+    def answers(self, exp: Experience) -> list[str]:
+        return self.tokenizer.batch_decode(exp.sequences[:, exp.prompt_len:], skip_special_tokens=True)
+
+    def score(self, exp: Experience, prompts: list[str], fields: list[dict]) -> torch.Tensor:
+        """(B,) the reward of each row: the reward function on the decoded text, else the reward model."""
+        if self.reward_fn is not None:
+            return self.reward_fn(prompts, self.answers(exp), fields).to(self.device)
+        return self.reward_model.module.score(exp.sequences, exp.attention_mask).float()
+
+    def generate(self, batch: dict, generator: torch.Generator, n_samples: int = 1):
+        """Sample `n_samples` answers per prompt (consecutive rows) and score them with the training forwards."""
+        cfg = self.cfg
+        ids = batch["input_ids"].repeat_interleave(n_samples, dim=0)          # (B * n, P)
+        mask = batch["attention_mask"].repeat_interleave(n_samples, dim=0)
+        critic = self.critic.module if self.critic is not None else None
+        return generate_experience(self.hybrid, self.actor.module, self.ref.module, critic, ids, mask,
+                                   cfg.max_answer_seq_len, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                                   cfg.temperature, cfg.top_k, cfg.top_p, generator)
+
+    def rollout(self, batch: dict, prompts: list[str], fields: list[dict], generator: torch.Generator):
+        """One rollout with its scores, per-token rewards, advantages and returns filled (once, for every
+        minibatch and epoch); `prompts` and `fields` are the batch's records."""
+        algo, n = self.algo, self.algo.n_samples_per_prompt
+        exp, stats = self.generate(batch, generator, n)
+        exp.scores = self.score(exp, [p for p in prompts for _ in range(n)], [f for f in fields for _ in range(n)])
+        exp.rewards = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, exp.scores, exp.action_mask, algo.kl_ctl,
+                                           self.cfg.clip_reward_value)
+        clipped = exp.scores.clamp(-self.cfg.clip_reward_value, self.cfg.clip_reward_value)
+        inputs = EstimatorInput(exp.rewards, exp.action_mask, clipped, n, exp.values, algo.gamma, algo.lam,
+                                algo.std_normalization)
+        exp.advantages, exp.returns = ESTIMATORS[algo.estimator].fn(inputs)
+        return exp, stats
+
+    def train_on(self, exp: Experience, ptx_batch: dict | None = None) -> dict:
+        """One minibatch: actor step on the clipped policy loss (+ the KL loss term), a PTX step when given, and
+        a critic step on the clipped value loss when there is a critic."""
+        cfg, algo = self.cfg, self.algo
+        logprobs = action_logprobs(self.actor, exp.sequences, exp.attention_mask, exp.prompt_len, cfg.temperature)
+        actor_loss = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, algo.clip, algo.clip_high,
+                                 algo.loss_agg, cfg.max_answer_seq_len)
+        out = {"actor_loss": actor_loss.item(), "advantage": masked_mean(exp.advantages, exp.action_mask).item()}
+        loss = actor_loss
+        if algo.kl_loss_coef:
+            kl = aggregate(kl_divergence(logprobs, exp.ref_logprobs, algo.kl_estimator), exp.action_mask,
+                           algo.loss_agg, cfg.max_answer_seq_len)
+            loss = loss + algo.kl_loss_coef * kl
+            out["kl_loss"] = kl.item()
+        self.actor.backward(loss)
+        self.actor.step()
+        if ptx_batch is not None:
+            ptx = lm_loss(self.actor, to_device(ptx_batch, self.device))
+            self.actor.backward(cfg.unsup_coef * ptx)
+            self.actor.step()
+            out["ptx_loss"] = ptx.item()
+        if self.critic is not None:
+            values = action_values(self.critic, exp.sequences, exp.attention_mask, exp.prompt_len)
+            critic_loss = value_loss(values, exp.values, exp.returns, exp.action_mask, cfg.cliprange_value)
+            self.critic.backward(critic_loss)
+            self.critic.step()
+            out["critic_loss"] = critic_loss.item()
+        if self.ema is not None:
+            self.update_ema()
+        return out
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        for ema_p, p in zip(self.ema.parameters(), self.actor.module.parameters()):
+            ema_p.mul_(self.cfg.ema_decay).add_(p.detach().to(ema_p.dtype), alpha=1 - self.cfg.ema_decay)
+
+    @torch.no_grad()
+    def evaluate(self, loader, dataset, gold_fn: GoldFn | None = None) -> dict:
+        """Mean reward (and `gold_fn` rule score) of one sampled answer per held-out prompt, fixed seed; the
+        means are over every rank's rows."""
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 7)
+        totals = [0.0, 0.0, 0.0]  # reward sum, gold sum, rows
+        for batch in loader:
+            batch = to_device(batch, self.device)
+            prompts, fields = records(dataset, batch)
+            exp, _ = self.generate(batch, generator)
+            totals[0] += self.score(exp, prompts, fields).sum().item()
+            if gold_fn is not None:
+                totals[1] += sum(gold_fn(prompts, self.answers(exp)))
+            totals[2] += exp.sequences.shape[0]
+        reward, gold, rows = all_reduce_sum(totals, self.device)
+        out = {"reward": reward / max(rows, 1)}
+        if gold_fn is not None:
+            out["gold"] = gold / max(rows, 1)
+        return out
+
+
+def records(dataset, batch: dict) -> tuple[list[str], list[dict]]:
+    """The raw prompts and other record fields of a prompt batch's rows (by its `index`)."""
+    rows = batch["index"].tolist()
+    return [dataset.prompts[i] for i in rows], [dataset.fields[i] for i in rows]
