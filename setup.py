@@ -26,6 +26,8 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "ruff", "datasets"]},  # datasets: the dataset-dir format
+    # datasets: the dataset-dir format; gguf: tests/real_model.py converts SmolLM2 from its GGUF file;
+    # tensorboard, wandb: --report-to, optional for users (large dependency trees few runs need), tested here
+    extras_require={"test": ["pytest", "pytest-benchmark", "ruff", "datasets", "gguf", "tensorboard", "wandb"]},
     entry_points={"console_scripts": ["rlhf=rlhf.cli:main"]},
 )

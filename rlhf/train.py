@@ -125,6 +125,9 @@ def build_parser(preset: Preset | None, algorithm: str = "ppo") -> argparse.Argu
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="max prompt+answer tokens for steps 1-2 (default: 512, or the preset's)")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
+    parser.add_argument("--report-to", default="none", metavar="NAMES",
+                        help="also send every metric to these, comma-separated: tensorboard (OUTPUT_DIR/tensorboard), "
+                        "wandb (OUTPUT_DIR/wandb; WANDB_MODE=offline keeps it local); default: none (metrics.jsonl)")
     sft_defaults, rm_defaults = preset_defaults(preset)
     add_config_args(parser.add_argument_group("step 1: supervised fine-tuning"), SFTConfig, SFT_PREFIX, SHARED,
                     sft_defaults)
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     if 3 in args.step:
         step3_config(args, paths)  # a bad option or missing checkpoint ends the run before any step starts
     dist = init_distributed()
-    metrics = MetricsLogger(out, enabled=dist.is_main)
+    metrics = MetricsLogger(out, enabled=dist.is_main, report_to=args.report_to)
     if synthetic and preset is None:
         raise SystemExit("rlhf train: --data is required without a preset (the synthetic task needs its tokenizer)")
     data = args.data

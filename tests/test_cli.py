@@ -18,6 +18,8 @@ def test_malformed_record_is_one_line_naming_file_line_and_field(tmp_path, capsy
     (["train", "--data", "missing.jsonl"], "missing.jsonl: file not found"),
     (["chat", "no/such/model", "--prompt", "hi"], "no/such/model: not a saved model (no config.json)"),
     (["train", "--inference-tp-size", "2", "--step", "3"], "--inference-tp-size > 1 requires --actor-zero-stage 3"),
+    (["train", "--report-to", "tensorboard,mlflow"], "--report-to: unknown 'mlflow' (expected a comma-separated list "
+     "of tensorboard, wandb, or none)"),
 ])
 def test_bad_arguments_get_one_line_errors(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
