@@ -159,4 +159,10 @@ def test_grpo_builds_no_critic_and_groups_its_samples(tiny_run):
     first = exp.advantages[:, 0].view(4, 3)  # every row has at least one answer token
     torch.testing.assert_close(first.sum(-1), torch.zeros(4), atol=1e-5, rtol=0)  # centred within each group
     out = trainer.train_on(exp)
-    assert "critic_loss" not in out and out["kl_loss"] >= 0
+    assert "critic_loss" not in out and out["kl_loss"] == 0  # the policy is still the reference: k3 is 0
+    backward, losses = trainer.actor.backward, []
+    trainer.actor.backward = lambda loss: (losses.append(loss.item()), backward(loss))
+    out = trainer.train_on(exp)  # a second epoch: the policy has moved away from the reference
+    # the actor stepped on the policy loss plus the KL loss term (GRPO's 0.04 by default)
+    assert out["kl_loss"] > 1e-6
+    assert losses == [pytest.approx(out["actor_loss"] + 0.04 * out["kl_loss"], rel=1e-6)]

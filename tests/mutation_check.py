@@ -1,0 +1,241 @@
+"""Plant known faults, one at a time, in a temporary copy of the project and report which the tests catch.
+
+Run by hand (not in CI; each fault reruns the tests aimed at its area, a few minutes in all per fault):
+
+    python tests/mutation_check.py                 # every fault
+    python tests/mutation_check.py critic-frozen   # the named ones
+    python tests/mutation_check.py --list          # names, files and tests
+    python tests/mutation_check.py --full          # run the whole suite per fault instead of the aimed tests
+
+A fault is a plain text replacement that must match exactly once, so a refactor that moves the line makes the
+fault fail loudly ("not found") instead of silently planting nothing. Keep the list growing: every fault a
+review or a bug report finds that the suite missed belongs here with the test that now catches it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    path: str              # file, relative to the repository root
+    old: str               # text that occurs exactly once in it
+    new: str               # what replaces it
+    tests: tuple[str, ...]  # the tests aimed at it (pytest node ids or files)
+    why: str = ""
+    # The tiny preset's steps 1-2 are trained once, unplanted, and shared (RLHF_TESTS_TINY_RUN); a fault in
+    # what steps 1-2 run must have them retrained with the fault in place.
+    retrain: bool = False
+
+
+FAULTS = [
+    # -- the engine (issue 13's planted faults and their kin)
+    Fault("sampling-ignores-filters", "hybrid_engine/generation.py",
+          "probs = filter_logits(scores, params.top_k, params.top_p).softmax(dim=-1)",
+          "probs = logits.softmax(dim=-1)",
+          ("tests/test_engine.py",), "samples from softmax(logits): temperature, top-k and top-p ignored"),
+    Fault("sampling-ignores-temperature", "hybrid_engine/generation.py",
+          "scores = logits / params.temperature if params.temperature != 1.0 else logits",
+          "scores = logits",
+          ("tests/test_engine.py",), "logprobs and samples of softmax(logits), not softmax(logits / T)"),
+    Fault("fallback-zero-logprobs", "hybrid_engine/engine.py",
+          "return GenerationOutput(res.sequences, logprobs.masked_fill(~action_mask, 0.0), action_mask)",
+          "return GenerationOutput(res.sequences, torch.zeros_like(logprobs), action_mask)",
+          ("tests/test_engine.py",), "the Hugging Face fallback returns all-zero logprobs"),
+    Fault("fallback-ignores-temperature", "hybrid_engine/engine.py",
+          "logits = torch.stack(res.logits, dim=1).float() / params.temperature",
+          "logits = torch.stack(res.logits, dim=1).float()",
+          ("tests/test_engine.py",), "fallback logprobs of softmax(logits), not softmax(logits / T)"),
+    Fault("plain-linear-scaled", "hybrid_engine/models/base.py",
+          "return F.linear(x, self.weight, self.bias)",
+          "return F.linear(x, self.weight * 1.05, self.bias)",
+          ("tests/test_engine_exactness.py",), "the plain F.linear path (the one GPUs take) off by 5%"),
+    Fault("conv1d-scaled", "hybrid_engine/models/base.py",
+          "out = x @ self.weight",
+          "out = x @ (self.weight * 1.05)",
+          ("tests/test_engine_exactness.py",), "GPT-2's transposed (Conv1D) branch off by 5%"),
+    Fault("sampled-rows-never-stop", "hybrid_engine/generation.py",
+          "if eos_ids is not None:",
+          "if eos_ids is not None and not params.do_sample:",
+          ("tests/test_engine.py",), "EOS ignored when sampling"),
+    Fault("pad-equal-eos-masks-eos", "hybrid_engine/generation.py",
+          "action_mask[:, t] = alive",
+          "action_mask[:, t] = alive & (tok != pad_token_id)",
+          ("tests/test_engine_exactness.py",), "with pad id == EOS id the EOS token leaves the action mask"),
+    Fault("eos-never-stops", "hybrid_engine/generation.py",
+          "finished |= torch.isin(tok, eos_ids)",
+          "finished |= torch.isin(tok, eos_ids) & False",
+          ("tests/test_engine_exactness.py",), "no row ever stops at EOS"),
+    # -- the op builder and dispatch
+    Fault("builder-retries-failed-builds", "hybrid_engine/ops/builder.py",
+          "        if self.name in _FAILED:",
+          "        if False:",
+          ("tests/test_ops_dispatch.py",), "a failed build is compiled again on every call"),
+    Fault("builder-lets-importerror-escape", "hybrid_engine/ops/builder.py",
+          "except (RuntimeError, OSError, ImportError) as err:",
+          "except (RuntimeError, OSError) as err:",
+          ("tests/test_ops_dispatch.py",), "an unloadable .so crashes auto instead of falling back"),
+    Fault("tiles-ignore-shared-memory", "hybrid_engine/kernels/attention.py",
+          "SMEM_LIMIT = 163 * 1024",
+          "SMEM_LIMIT = 512 * 1024",
+          ("tests/test_kernels_triton.py::test_attention_tiles_fit_shared_memory",),
+          "fp32 tiles at head dim 256 past the GPU's shared memory"),
+    Fault("auto-prefers-cuda-decode", "hybrid_engine/ops/__init__.py",
+          '("cuda", "decode_attention"): (("triton", "cuda", "torch"),',
+          '("cuda", "decode_attention"): (("cuda", "triton", "torch"),',
+          ("tests/test_ops_dispatch.py",), "auto puts the unmeasured CUDA decode kernel first"),
+    Fault("triton-norm-refuses-empty-batch", "hybrid_engine/kernels/norms.py",
+          'check(x.dim() >= 1, "norm", "x must have at least 1 dim, got a scalar")',
+          'check(x.dim() >= 1 and x.numel() > 0, "norm", "x must be non-empty")',
+          ("tests/test_kernels_triton.py",), "a batch of 0 rows is refused"),
+    # -- step 3
+    Fault("critic-values-one-early", "rlhf/experience.py",
+          "return critic(sequences, attention_mask)[:, prompt_len - 1:-1].float()",
+          "return critic(sequences, attention_mask)[:, prompt_len - 2:-2].float()",
+          ("tests/test_ppo_wiring.py",), "values read one position early"),
+    Fault("critic-frozen", "rlhf/rl_trainer.py",
+          "            self.critic.step()\n",
+          "            self.critic.zero_grad()\n",
+          ("tests/test_ppo_wiring.py",), "the critic never steps"),
+    Fault("kl-penalty-dropped", "rlhf/rl_trainer.py",
+          "exp.action_mask, algo.kl_ctl,",
+          "exp.action_mask, 0.0,",
+          ("tests/test_ppo_wiring.py",), "rewards without the KL penalty"),
+    Fault("kl-loss-dropped", "rlhf/rl_trainer.py",
+          "loss = loss + algo.kl_loss_coef * kl",
+          "loss = loss + 0.0 * kl",
+          ("tests/test_ppo_wiring.py",), "GRPO's KL loss term reported but not trained on"),
+    Fault("ratio-unclipped", "rlhf/rl_trainer.py",
+          "exp.action_mask, algo.clip, algo.clip_high,",
+          "exp.action_mask, 1e9, 1e9,",
+          ("tests/test_ppo_wiring.py",), "the policy ratio is never clipped"),
+    Fault("gae-lambda-ignored", "rlhf/rl_trainer.py",
+          "n, exp.values, algo.gamma, algo.lam,",
+          "n, exp.values, algo.gamma, 1.0,",
+          ("tests/test_ppo_wiring.py",), "GAE with lambda 1 whatever --lam says"),
+    Fault("groups-interleaved", "rlhf/rl_trainer.py",
+          'ids = batch["input_ids"].repeat_interleave(n_samples, dim=0)',
+          'ids = batch["input_ids"].repeat(n_samples, 1)',
+          ("tests/test_ppo_wiring.py",), "a prompt's samples not in consecutive rows: groups mix prompts"),
+    Fault("grpo-never-divides-by-std", "rlhf/advantages.py",
+          "    if x.std_normalization:",
+          "    if False:",
+          ("tests/test_advantages.py",), "GRPO is always Dr.GRPO"),
+    Fault("rloo-baseline-includes-itself", "rlhf/advantages.py",
+          "baseline = (scores.sum(-1, keepdim=True) - scores) / (G - 1)",
+          "baseline = scores.mean(-1, keepdim=True)",
+          ("tests/test_advantages.py",), "RLOO's baseline is the group mean"),
+    Fault("clip-high-ignored", "rlhf/losses.py",
+          "clip_high = clip if clip_high is None else clip_high",
+          "clip_high = clip",
+          ("tests/test_advantages.py",), "DAPO's clip-higher has no effect"),
+    Fault("reward-score-one-early", "rlhf/models.py",
+          "return T - 1 - attention_mask.flip(1).long().argmax(dim=1)",
+          "return T - 2 - attention_mask.flip(1).long().argmax(dim=1)",
+          ("tests/test_models.py", "tests/test_ppo_wiring.py"), "sequence score read at the token before the last",
+          retrain=True),
+    Fault("frozen-models-take-trainee-stage", "rlhf/deepspeed_utils.py",
+          "return 3 if trainee_stage == 3 else 0",
+          "return trainee_stage",
+          ("tests/test_step3_matrix.py",), "the landed ZeRO-1/2 step-3 crash"),
+    Fault("step3-ignores-actor-model", "rlhf/train.py",
+          'actor = paths["actor"] if 1 in args.step else args.actor_model or paths["actor"]',
+          'actor = paths["actor"]',
+          ("tests/test_step3_matrix.py::test_step3_row[zero0-0]",), "the landed --step 3 path bug"),
+    Fault("reward-fn-nan-accepted", "rlhf/rewards.py",
+          "if not math.isfinite(value):",
+          "if False:",
+          ("tests/test_rewards.py",), "a NaN reward trains silently"),
+]
+
+
+def copy_tree(dest: Path) -> None:
+    """The working tree as it is (tracked and untracked files git does not ignore) into dest."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def plant(copy: Path, fault: Fault) -> None:
+    path = copy / fault.path
+    text = path.read_text()
+    count = text.count(fault.old)
+    if count != 1:
+        raise SystemExit(f"mutation_check: {fault.name}: expected the text once in {fault.path}, found {count}: "
+                         f"{fault.old!r}")
+    path.write_text(text.replace(fault.old, fault.new))
+
+
+def run_tests(copy: Path, tests: list[str], env: dict) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=copy,
+                          env=env, capture_output=True, text=True)
+    failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    return proc.returncode, (failed[0] if failed else proc.stdout.strip().splitlines()[-1] if proc.stdout else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Plant known faults one at a time and report which the tests catch")
+    parser.add_argument("names", nargs="*", help="faults to plant (default: all)")
+    parser.add_argument("--full", action="store_true", help="run the whole suite for each fault")
+    parser.add_argument("--list", action="store_true", help="list the faults and exit")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the first run of the aimed tests with no fault planted (they must pass, or a "
+                             "'caught' means nothing)")
+    args = parser.parse_args(argv)
+    faults = [f for f in FAULTS if not args.names or f.name in args.names]
+    if args.list or not faults:
+        for f in FAULTS:
+            print(f"{f.name:<36} {f.path:<32} {' '.join(f.tests)}")
+        return 0 if faults else 2
+    caught = 0
+    with tempfile.TemporaryDirectory(prefix="mutation_") as tmp:
+        pristine, tiny_run = Path(tmp) / "pristine", Path(tmp) / "tiny_run"
+        copy_tree(pristine)  # one snapshot: editing the checkout meanwhile changes nothing here
+        # a build cache of its own: a planted C++ fault must not land in the user's cache
+        env = dict(os.environ, HYBRID_ENGINE_CACHE=str(Path(tmp) / "build"), PYTHONDONTWRITEBYTECODE="1",
+                   PYTHONPATH=str(pristine))  # the copy's packages, not the editable install's
+        subprocess.run([sys.executable, "-m", "rlhf.train", "--step", "1", "2", "--output-dir", str(tiny_run),
+                        "--disable-tqdm"], cwd=pristine, env=env, check=True, capture_output=True)
+        if not args.no_baseline:
+            aimed = sorted({t for f in faults for t in f.tests})
+            env["RLHF_TESTS_TINY_RUN"] = str(tiny_run)
+            rc, first = run_tests(pristine, ["tests"] if args.full else aimed, env)
+            print(f"{'ok' if rc == 0 else 'FAILED':<7} {'(no fault: the aimed tests pass)':<36} {first}", flush=True)
+            if rc != 0:
+                return 2
+            del env["RLHF_TESTS_TINY_RUN"]
+        for fault in faults:
+            copy = Path(tmp) / fault.name
+            shutil.copytree(pristine, copy)
+            plant(copy, fault)
+            fault_env = dict(env, PYTHONPATH=str(copy))
+            if not fault.retrain:
+                fault_env["RLHF_TESTS_TINY_RUN"] = str(tiny_run)
+            start = time.time()
+            rc, first = run_tests(copy, ["tests"] if args.full else list(fault.tests), fault_env)
+            hit = rc != 0
+            caught += hit
+            print(f"{'CAUGHT' if hit else 'MISSED':<7} {fault.name:<36} {time.time() - start:6.0f} s  {first}",
+                  flush=True)
+            shutil.rmtree(copy)
+    print(f"{caught} of {len(faults)} planted faults caught")
+    return 0 if caught == len(faults) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
