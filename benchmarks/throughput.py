@@ -3,9 +3,15 @@
     python benchmarks/throughput.py                       # CPU, ~15M-parameter Llama-style model, batch 1 8 32
     python benchmarks/throughput.py --device cuda --dtype bf16 --model-size 1b --batch-sizes 1 16 64 \
         --prompt-len 256 --new-tokens 256 --json throughput.json
+    python benchmarks/throughput.py --model path/to/checkpoint --prompts prompts.jsonl   # your model, your prompts
 
-Prints a table (tokens/s of each, the speedup, whether both produced identical tokens) and, on CUDA, the
-achieved memory bandwidth of a decode step against the H200's ~4.3 TB/s copy ceiling.
+Prints a table (the model and its parameter count, tokens/s of each, the speedup, whether both produced identical
+tokens) and, on CUDA, the achieved memory bandwidth of a decode step against the H200's ~4.3 TB/s copy ceiling.
+`--model` takes any Hugging Face checkpoint directory of a family the engine supports; `--prompts` a JSONL file
+of `{"prompt": "..."}` (one user turn) or `{"messages": [{"role": ..., "content": ...}, ...]}` records, written
+with the checkpoint's chat template (a plain `prompt` is used as is without one). Batch b takes the first b
+prompts (cycling when there are fewer). Without `--prompts`, prompts are random token ids of --prompt-len.
+Both sides always generate --new-tokens per row (EOS does not stop them), so they do the same work.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import sys
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hybrid_engine  # noqa: E402
@@ -42,6 +48,44 @@ def build_model(size: str, dtype: torch.dtype, device: str, seq_len: int):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.generation_config.eos_token_id = None
     return model.eval()
+
+
+def load_model(path: str, dtype: torch.dtype, device: str):
+    """A checkpoint directory's model, set never to stop at EOS (so HF and the engine generate alike)."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise SystemExit(f"throughput.py: error: --model {path}: not a checkpoint directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def read_prompts(path: str, tokenizer) -> list[list[int]]:
+    """Token ids of each record of a JSONL file of {"prompt"} or {"messages"}, chat-templated (see the top)."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"throughput.py: error: {path}:{number}: not JSON ({err.msg})") from err
+            if not isinstance(record, dict) or not ("prompt" in record or "messages" in record):
+                raise SystemExit(f"throughput.py: error: {path}:{number}: expected an object with 'prompt' or "
+                                 "'messages'")
+            messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
+            if templated:
+                rows.append(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                          return_dict=False))
+            elif "prompt" in record:
+                rows.append(tokenizer(record["prompt"])["input_ids"])
+            else:
+                raise SystemExit(f"throughput.py: error: {path}:{number}: 'messages' needs a tokenizer with a chat "
+                                 "template; this one has none")
+    if not rows:
+        raise SystemExit(f"throughput.py: error: {path}: no prompts")
+    return rows
 
 
 def decode_step_bytes(model, batch: int, length: int) -> int:
@@ -83,7 +127,7 @@ def timed(fns: dict, device: str, repeats: int) -> tuple[dict, dict]:
     return {name: statistics.median(ts) for name, ts in times.items()}, outs
 
 
-def prompts(batch: int, prompt_len: int, vocab: int, device: str):
+def random_prompts(batch: int, prompt_len: int, vocab: int, device: str):
     """Left-padded prompts of lengths spread between half and all of prompt_len."""
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(3, vocab, (batch, prompt_len), generator=g)
@@ -94,21 +138,48 @@ def prompts(batch: int, prompt_len: int, vocab: int, device: str):
     return ids.to(device), mask.to(device)
 
 
+def left_padded(rows: list[list[int]], batch: int, pad_id: int, device: str):
+    """The first `batch` of `rows` (cycling), left padded to the longest: (input_ids, attention_mask), (B, P)."""
+    picked = [rows[i % len(rows)] for i in range(batch)]
+    width = max(len(r) for r in picked)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(picked):
+        ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
+    return ids.to(device), mask.to(device)
+
+
 def run(args) -> list[dict]:
     dtype = DTYPES[args.dtype]
-    seq_len = args.prompt_len + args.new_tokens
-    model = build_model(args.model_size, dtype, args.device, seq_len)
+    pad_id = 0
+    if args.model:
+        model = load_model(args.model, dtype, args.device)
+        name = os.path.basename(os.path.normpath(args.model))
+    else:
+        model = build_model(args.model_size, dtype, args.device, args.prompt_len + args.new_tokens)
+        name = f"random Llama-style {args.model_size}"
+    if args.prompts:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+        token_rows = read_prompts(args.prompts, tokenizer)
+        batches = {b: left_padded(token_rows, b, pad_id, args.device) for b in args.batch_sizes}
+    else:
+        vocab = model.config.vocab_size
+        batches = {b: random_prompts(b, args.prompt_len, vocab, args.device) for b in args.batch_sizes}
+    seq_len = max(ids.shape[1] for ids, _ in batches.values()) + args.new_tokens
     n_params = sum(p.numel() for p in model.parameters())
     engine = hybrid_engine.wrap(model, max_seq_len=seq_len, max_batch_size=max(args.batch_sizes),
                                 kernels=args.kernels).eval()
-    print(f"model: Llama-style {n_params / 1e6:.1f}M params, {args.dtype}, {args.device}; "
-          f"kernels: {sorted(set(b for b, _ in engine.ops.choices.values()))}", flush=True)
+    print(f"model: {name} ({model.config.model_type}), {n_params / 1e6:.1f}M params, {args.dtype}, {args.device}; "
+          f"prompts: {args.prompts or 'random ids'}; kernels: {sorted(set(b for b, _ in engine.ops.choices.values()))}",
+          flush=True)
     rows = []
-    for batch in args.batch_sizes:
-        ids, mask = prompts(batch, args.prompt_len, model.config.vocab_size, args.device)
+    for batch, (ids, mask) in batches.items():
+        prompt_len = ids.shape[1]
+
         def hf_fn(ids=ids, mask=mask):
             return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
-                                  min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+                                  min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=pad_id)
 
         def eng_fn(n=args.new_tokens, ids=ids, mask=mask):
             return engine.generate(ids, mask, max_new_tokens=n, eos_token_id=[])
@@ -117,13 +188,13 @@ def run(args) -> list[dict]:
             secs, outs = timed({"hf": hf_fn, "engine": eng_fn}, args.device, args.repeats)
         hf_s, eng_s, hf_out, eng_out = secs["hf"], secs["engine"], outs["hf"], outs["engine"]
         new = batch * args.new_tokens
-        row = dict(batch_size=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+        row = dict(model=name, params=n_params, batch_size=batch, prompt_len=prompt_len, new_tokens=args.new_tokens,
                    hf_tokens_per_s=new / hf_s, engine_tokens_per_s=new / eng_s, speedup=hf_s / eng_s,
                    outputs_equal=bool(torch.equal(hf_out, eng_out.sequences)))
         if args.device == "cuda" and args.new_tokens > 1:
             prefill_s = timed({"prefill": lambda f=eng_fn: f(1)}, args.device, args.repeats)[0]["prefill"]
             step_s = (eng_s - prefill_s) / (args.new_tokens - 1)
-            mean_len = args.prompt_len + args.new_tokens // 2  # the cache length of the average decode step
+            mean_len = prompt_len + args.new_tokens // 2  # the cache length of the average decode step
             row.update(decode_step_ms=step_s * 1e3, decode_bandwidth_fraction=decode_step_bytes(
                 model, batch, mean_len) / step_s / PEAK_BYTES_PER_S)
         rows.append(row)
@@ -133,10 +204,12 @@ def run(args) -> list[dict]:
 
 def print_row(row: dict, header: bool) -> None:
     if header:
-        print(f"{'batch':>5} {'prompt':>6} {'new':>5} {'HF tok/s':>10} {'engine tok/s':>12} {'speedup':>7} "
-              f"{'equal':>5}" + (f" {'step ms':>8} {'bw frac':>7}" if "decode_step_ms" in row else ""))
-    line = (f"{row['batch_size']:>5} {row['prompt_len']:>6} {row['new_tokens']:>5} {row['hf_tokens_per_s']:>10.1f} "
-            f"{row['engine_tokens_per_s']:>12.1f} {row['speedup']:>6.2f}x {str(row['outputs_equal']):>5}")
+        print(f"{'model':<24} {'params':>7} {'batch':>5} {'prompt':>6} {'new':>5} {'HF tok/s':>10} "
+              f"{'engine tok/s':>12} {'speedup':>7} {'equal':>5}"
+              + (f" {'step ms':>8} {'bw frac':>7}" if "decode_step_ms" in row else ""))
+    line = (f"{row['model'][:24]:<24} {row['params'] / 1e6:>6.1f}M {row['batch_size']:>5} {row['prompt_len']:>6} "
+            f"{row['new_tokens']:>5} {row['hf_tokens_per_s']:>10.1f} {row['engine_tokens_per_s']:>12.1f} "
+            f"{row['speedup']:>6.2f}x {str(row['outputs_equal']):>5}")
     if "decode_step_ms" in row:
         line += f" {row['decode_step_ms']:>8.2f} {row['decode_bandwidth_fraction']:>7.2f}"
     print(line, flush=True)
@@ -147,10 +220,15 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run both (default cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="weights and cache dtype (default fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="a Hugging Face checkpoint directory to run instead of a random model (any supported family)")
     p.add_argument("--model-size", default="15m", choices=sorted(SIZES),
-                   help="random-initialised Llama-style model: 15m (default) or 1b")
+                   help="without --model: random-initialised Llama-style model, 15m (default) or 1b")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="JSONL of {\"prompt\"} or {\"messages\"} records, chat-templated (needs --model)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="batch sizes to run (default 1 8 32)")
-    p.add_argument("--prompt-len", type=int, default=64, help="prompt length, rows left padded up to half (default 64)")
+    p.add_argument("--prompt-len", type=int, default=64,
+                   help="random prompts' length, rows left padded up to half (default 64)")
     p.add_argument("--new-tokens", type=int, default=64, help="new tokens per row, no early stop (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement, median kept (default 3)")
     p.add_argument("--kernels", default=None, help="engine kernels: auto|cuda|triton|cpu|torch (default: "
@@ -159,6 +237,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the rows as a JSON list to this path")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    if args.prompts and not args.model:
+        p.error("--prompts needs --model (the checkpoint's tokenizer and chat template write them)")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args)
