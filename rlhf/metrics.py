@@ -150,8 +150,8 @@ class Panel:
 
 
 PANELS = (
-    Panel("held out: reward model (solid) vs gold rule (dashed)", (("rl_eval", "reward"),), (("rl_eval", "gold"),)),
-    Panel("rollouts: reward model (solid) vs gold rule (dashed)", (("rl", "reward"),), (("rl", "gold"),)),
+    Panel("held out: reward model (left) vs gold rule (right)", (("rl_eval", "reward"),), (("rl_eval", "gold"),)),
+    Panel("rollouts: reward model (left) vs gold rule (right)", (("rl", "reward"),), (("rl", "gold"),)),
     Panel("KL(policy || reference) per answer", (("rl", "kl"),)),
     Panel("policy loss", (("rl", "actor_loss"),)),
     Panel("value loss", (("rl", "critic_loss"),)),
@@ -216,19 +216,20 @@ def plot(output_dir: str | Path, path: str | Path | None = None) -> Path | None:
     # fixed margins: tight_layout measured every text box and took ~2 of the old plot's 3 s
     fig.subplots_adjust(left=0.07, right=0.95, bottom=0.1 / rows, top=1 - 0.18 / rows, wspace=0.32, hspace=0.45)
     for ax, (panel, left, right) in zip(axes.flat, panels):
-        handles = _draw(ax, left, panel.series, colour, "-")
+        # proxy and truth on their own scales: with two evaluations both are straight lines corner to corner,
+        # so the legend carries each one's first and last value
+        handles = _draw(ax, left, panel.series, colour, "-", with_values=bool(right))
         if right:
             twin = ax.twinx() if left else ax
-            dashed = _draw(twin, right, panel.twin, colour, "--")
+            handles += _draw(twin, right, panel.twin, colour, "--", with_values=True)
             twin.tick_params(labelsize=7)
-            handles = handles or dashed  # solid and dashed lines share their colours: the legend names each once
         if panel.log_scale and all(v > 0 for _, _, points in left for _, v in points):
             ax.set_yscale("log")
         ax.set_title(panel.title, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if len(handles) > 1:
-            ax.legend(handles=handles, fontsize=7, loc="best")
+            ax.legend(handles=handles, fontsize=6, loc="best")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     out = Path(path) if path is not None else Path(output_dir) / PLOT_FILE
@@ -239,7 +240,7 @@ def plot(output_dir: str | Path, path: str | Path | None = None) -> Path | None:
     return out
 
 
-def _draw(ax, lines, wanted, colour: dict[str, str], style: str) -> list:
+def _draw(ax, lines, wanted, colour: dict[str, str], style: str, with_values: bool = False) -> list:
     """Plot `lines` on `ax`: coloured by algorithm when the panel has one key, else by key (train vs held out)."""
     handles = []
     for name, key, points in lines:
@@ -249,5 +250,7 @@ def _draw(ax, lines, wanted, colour: dict[str, str], style: str) -> list:
         else:
             label = name.removesuffix("_eval")
             colour_of = colour[label]
+            if with_values:
+                label += f" {key} {values[0]:.3g} -> {values[-1]:.3g}"
         handles += ax.plot(steps, values, style, color=colour_of, label=label, marker="." if len(points) < 30 else None)
     return handles

@@ -106,8 +106,8 @@ def test_plot_draws_the_curated_panels_by_metric_key_and_nothing_flat(tmp_path):
     panels = panels_to_draw(collect_series(read_metrics(tmp_path)))
     drawn = {panel.title: sorted(f"{name}:{key}" for name, key, _ in left + right) for panel, left, right in panels}
     assert drawn == {
-        "held out: reward model (solid) vs gold rule (dashed)": ["ppo_eval:gold", "ppo_eval:reward"],
-        "rollouts: reward model (solid) vs gold rule (dashed)": ["grpo:gold", "grpo:reward", "ppo:gold", "ppo:reward"],
+        "held out: reward model (left) vs gold rule (right)": ["ppo_eval:gold", "ppo_eval:reward"],
+        "rollouts: reward model (left) vs gold rule (right)": ["grpo:gold", "grpo:reward", "ppo:gold", "ppo:reward"],
         "KL(policy || reference) per answer": ["grpo:kl", "ppo:kl"],
         "policy loss": ["grpo:actor_loss", "ppo:actor_loss"],
         # no "value loss": critic_loss is flat; grpo's answer_len is flat, ppo's is not
