@@ -33,7 +33,8 @@ from tests.hf_models import CONFIGS, left_padded_prompts, tiny_model  # noqa: E4
 from tests.real_model import QUESTIONS, chat_batch, real_model_dir  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-VARIANTS = [("cpu", True), ("cpu", False), ("torch", True), ("torch", False)]  # (kernels, pack_weights)
+# (kernels, pack_weights); "auto" is the default: the C++ ops but torch's SDPA for prefill attention
+VARIANTS = [("auto", True), ("cpu", True), ("cpu", False), ("torch", True), ("torch", False)]
 C_OPS = ("rms_norm", "rotary_kv_append", "prefill_attention")  # the ops a prefill runs
 
 
