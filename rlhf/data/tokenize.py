@@ -2,8 +2,9 @@
 
 - Step 1 (SFT): prompt + answer + EOS, RIGHT-padded; labels are -100 on the prompt and on padding, so the
   loss is the answer's only.
-- Step 2 (RM): (chosen, rejected) sequences; a batch of B pairs is one (2B, T) tensor, the B chosen rows
-  first, then the B rejected rows (DeepSpeed-Chat's layout), right-padded.
+- Step 2 (RM, DPO): (chosen, rejected) sequences; a batch of B pairs is one (2B, T) tensor, the B chosen rows
+  first, then the B rejected rows (DeepSpeed-Chat's layout), right-padded. Its labels are -100 on the shared
+  prompt and on padding, as step 1's, so DPO sums the answer's logprobs only; the reward model ignores them.
 - Step 3 (PPO): prompts only, LEFT-padded so every row's generation starts at the same column; prompts
   longer than ``max_prompt_len`` tokens are dropped and counted.
 
@@ -103,20 +104,25 @@ class SFTDataset(Dataset):
 
 
 class PairDataset(Dataset):
-    """(chosen_ids, rejected_ids) per pair; ``collate`` gives (2B, T): chosen rows, then rejected rows."""
+    """(chosen_ids, rejected_ids, prompt_len) per pair, both sequences starting with the same ``prompt_len``
+    prompt tokens; ``collate`` gives (2B, T) input_ids, attention_mask and labels: chosen rows, then rejected
+    rows, labels -100 on the prompt and on padding."""
 
-    def __init__(self, rows: list[tuple[list[int], list[int]]], pad_id: int):
+    def __init__(self, rows: list[tuple[list[int], list[int], int]], pad_id: int):
         self.rows, self.pad_id = rows, pad_id
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+    def __getitem__(self, i: int) -> tuple[list[int], list[int], int]:
         return self.rows[i]
 
-    def collate(self, batch: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    def collate(self, batch: list[tuple[list[int], list[int], int]]) -> dict[str, torch.Tensor]:
         seqs = [b[0] for b in batch] + [b[1] for b in batch]
-        return {"input_ids": _pad(seqs, self.pad_id), "attention_mask": _mask(seqs)}  # (2B, T) each
+        prompt_lens = [b[2] for b in batch] * 2
+        labels = [[IGNORE_INDEX] * min(n, len(seq)) + seq[n:] for seq, n in zip(seqs, prompt_lens)]
+        return {"input_ids": _pad(seqs, self.pad_id), "attention_mask": _mask(seqs),
+                "labels": _pad(labels, IGNORE_INDEX)}  # (2B, T) each
 
 
 class PromptDataset(Dataset):
@@ -168,7 +174,7 @@ def build_pair_dataset(tokenizer, examples: Sequence[Example], max_seq_len: int 
         prompt_ids = encode_prompt(tokenizer, ex.prompt)
         chosen = (prompt_ids + encode_answer(tokenizer, ex.chosen))[:max_seq_len]
         rejected = (prompt_ids + encode_answer(tokenizer, ex.rejected))[:max_seq_len]
-        rows.append((chosen, rejected))
+        rows.append((chosen, rejected, len(prompt_ids)))
     return PairDataset(rows, pad_token_id(tokenizer))
 
 
