@@ -164,3 +164,39 @@ def value_loss(
     clipped_values = torch.max(torch.min(values, old_values + clip), old_values - clip)  # (B, N)
     loss = torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
     return 0.5 * masked_mean(loss, action_mask)
+
+
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct preference optimisation on B pairs; each input (B,) is a summed answer logprob, ``logp(y | x)``.
+
+    With ``h = (logp_c - logp_ref_c) - (logp_r - logp_ref_r)`` (c chosen, r rejected) the loss is the batch mean of
+
+    - ``sigmoid``: ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``; eps = 0 is DPO (Rafailov et al.
+      2023, eq. 7, arXiv:2305.18290); eps > 0 is conservative DPO, preferences flipped with probability eps
+      (Mitchell 2023, "A note on DPO with noisy preferences"; TRL's ``label_smoothing``);
+    - ``ipo``: ``(h - 1 / (2 beta))^2``, IPO with ``tau = beta`` (Azar et al. 2023, eq. 17, arXiv:2310.12036).
+
+    Returns (loss, chosen_rewards, rejected_rewards): the implicit rewards (B,) ``beta (logp - logp_ref)``
+    (DPO eq. 5; its ``beta log Z(x)`` term is the same for both answers of a pair), detached.
+    """
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)  # (B,)
+    if loss_type == "sigmoid":
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"DPO loss {loss_type!r}: expected one of {', '.join(DPO_LOSSES)}")
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()  # (B,)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()  # (B,)
+    return losses.mean(), chosen_rewards, rejected_rewards
