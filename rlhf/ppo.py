@@ -101,8 +101,9 @@ class PPOConfig:
     lr_scheduler_type: str = opt("cosine", "learning-rate schedule", choices=["linear", "cosine", "constant",
                                                                                "constant_with_warmup"])
     num_warmup_steps: int = opt(100, "optimizer steps of linear warmup")
-    algorithm: str = opt("ppo", "RL algorithm (defaults of the fields marked 'per algorithm' follow it)",
-                         choices=["ppo", "grpo", "rloo", "reinforce++", "reinforce++-baseline"])
+    algorithm: str = opt("ppo", "RL algorithm (defaults of the fields marked 'per algorithm' follow it); dpo: "
+                         "`rlhf train` runs DPO on the preference pairs in place of steps 2-3 (rlhf/dpo.py)",
+                         choices=["ppo", "grpo", "rloo", "reinforce++", "reinforce++-baseline", "dpo"])
     reward_fn: str | None = opt(None, "score answers with a function instead of the reward model: 'synthetic', "
                                 "'path/file.py:function' or 'package.module:function' (rlhf/rewards.py)")
     n_samples_per_prompt: int | None = opt(None, "answers sampled per prompt in one engine call, kept in groups "
@@ -164,6 +165,9 @@ class PPOConfig:
 
     def algo(self) -> Algorithm:
         """This run's algorithm with its per-algorithm defaults filled where a field was left None."""
+        if self.algorithm == "dpo":  # a choice of the shared --algorithm flag, but no RL step
+            raise ValueError("--algorithm dpo has no step 3: it trains on preference pairs with rlhf/dpo.py "
+                             "(rlhf train --algorithm dpo runs SFT, then DPO)")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"--algorithm {self.algorithm}: expected one of {', '.join(ALGORITHMS)}")
         defaults = ALGORITHMS[self.algorithm]

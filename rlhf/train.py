@@ -4,9 +4,10 @@
     rlhf train --step 1 2 --actor-model facebook/opt-125m --data pairs.jsonl:2 hh.jsonl:1 --data-split 2,4,4
     deepspeed --num_gpus 8 --module rlhf.train --actor-model ... --sft-zero-stage 3
 
-Layout of ``--output-dir``: ``actor/`` (step 1), ``reward/`` (step 2), ``ppo/`` (step 3), ``data/`` (the
-synthetic task's files when no ``--data`` is given), ``metrics.jsonl`` and ``training_curves.png``.
-Step options carry a prefix: ``--sft-learning-rate``, ``--rm-zero-stage``, and step 3's options.
+Layout of ``--output-dir``: ``actor/`` (step 1), ``reward/`` (step 2), ``ppo/`` (step 3), ``dpo/`` (``--algorithm
+dpo``: DPO in place of steps 2 and 3), ``data/`` (the synthetic task's files when no ``--data`` is given),
+``metrics.jsonl`` and ``training_curves.png``.
+Step options carry a prefix: ``--sft-learning-rate``, ``--rm-zero-stage``, ``--dpo-beta``, and step 3's options.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rlhf.common import add_config_args, add_launcher_args, run_cli
 from rlhf.data import Example, build_prompt_dataset, load_step_examples, make_dataloader
 from rlhf.data.synthetic import gold_scores, write_synthetic_data
 from rlhf.deepspeed_utils import init_distributed
+from rlhf.dpo import DPOConfig, add_dpo_args, dpo_config_from_args, run_dpo
 from rlhf.metrics import MetricsLogger, plot
 from rlhf.models import load_tokenizer, require_checkpoint
 from rlhf.ppo import PPOConfig, ppo_config_from_args, run_ppo
@@ -34,7 +36,7 @@ from rlhf.sft import SFTConfig, run_sft, sft_config_from_args
 # Set once for the whole run rather than per step.
 SHARED = ("model_name_or_path", "tokenizer_name_or_path", "data", "data_split", "output_dir", "metrics_dir", "seed",
           "max_seq_len", "disable_tqdm")
-SFT_PREFIX, RM_PREFIX = "sft-", "rm-"
+SFT_PREFIX, RM_PREFIX, DPO_PREFIX = "sft-", "rm-", "dpo-"
 
 
 def preset_defaults(preset: Preset | None) -> tuple[SFTConfig, RewardConfig]:
@@ -100,6 +102,31 @@ def choose_reward_fn(args: argparse.Namespace, synthetic: bool) -> None:
         args.step = [s for s in args.step if s != 2]
 
 
+def dpo_config(args: argparse.Namespace, paths: dict[str, str], **shared) -> DPOConfig:
+    """DPO's config, validated. The policy and its frozen reference start from step 1's output when this run
+    trains it, else from ``--actor-model``, else from ``OUTPUT_DIR/actor``; one not made by this run must be a
+    checkpoint."""
+    actor = paths["actor"] if 1 in args.step else args.actor_model or paths["actor"]
+    cfg = dpo_config_from_args(args, DPO_PREFIX, model_name_or_path=actor, output_dir=paths["dpo"], **shared)
+    cfg.validate()
+    if 1 not in args.step:
+        require_checkpoint(actor, "give --actor-model a step-1 (SFT) checkpoint, or run --step 1 first")
+    return cfg
+
+
+def dpo_step(cfg: DPOConfig, tokenizer, metrics: MetricsLogger, gold: bool) -> dict:
+    """DPO; with ``gold`` (the built-in task) also the gold score of answers sampled from the SFT model and from
+    the DPO policy, on the same held-out step-3 prompts with the same seed, as step 3 reports it."""
+    summary = run_dpo(cfg, tokenizer=tokenizer, metrics=metrics)
+    if gold:
+        summary["gold_before"] = sft_gold_baseline(cfg.model_name_or_path, tokenizer, cfg.data, cfg.data_split,
+                                                   cfg.seed)
+        summary["gold_after"] = sft_gold_baseline(cfg.output_dir, tokenizer, cfg.data, cfg.data_split, cfg.seed)
+        metrics.log("dpo_eval", 0, gold=summary["gold_before"])
+        metrics.log("dpo_eval", summary["steps"], gold=summary["gold_after"])
+    return summary
+
+
 def build_parser(preset: Preset | None, algorithm: str = "ppo") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf train", description="RLHF in three steps: SFT, reward model, PPO "
                                      "(or GRPO, RLOO, REINFORCE++ against a reward function). "
@@ -133,6 +160,8 @@ def build_parser(preset: Preset | None, algorithm: str = "ppo") -> argparse.Argu
                     sft_defaults)
     add_config_args(parser.add_argument_group("step 2: reward model"), RewardConfig, RM_PREFIX, SHARED,
                     rm_defaults)
+    add_dpo_args(parser.add_argument_group("DPO (--algorithm dpo: SFT, then DPO on the pairs in place of steps 2 "
+                                           "and 3)"), DPO_PREFIX, SHARED, preset)
     add_step3_args(parser.add_argument_group("step 3: reinforcement learning (PPO and the critic-free algorithms)"),
                    preset, algorithm)
     return parser
@@ -191,9 +220,16 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"actor": str(out / "actor"), "reward": str(out / "reward"), "ppo": str(out / "ppo")}
+    paths = {"actor": str(out / "actor"), "reward": str(out / "reward"), "ppo": str(out / "ppo"),
+             "dpo": str(out / "dpo")}
     synthetic = not args.data
-    choose_reward_fn(args, synthetic)
+    with_dpo = args.algorithm == "dpo" and bool({2, 3} & set(args.step))
+    if args.algorithm == "dpo":  # DPO trains on the pairs in place of steps 2 and 3: no reward model, no RL step
+        args.step = [s for s in args.step if s == 1]
+        if with_dpo:
+            dpo_config(args, paths)  # a bad option or missing checkpoint ends the run before any step starts
+    else:
+        choose_reward_fn(args, synthetic)
     if 3 in args.step:
         step3_config(args, paths)  # a bad option or missing checkpoint ends the run before any step starts
     dist = init_distributed()
@@ -227,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = sft_config_from_args(args, SFT_PREFIX, model_name_or_path=args.actor_model,
                                    output_dir=paths["actor"], **shared)
         summary["step 1: SFT"] = run_sft(cfg, model_config=model_config, tokenizer=tokenizer, metrics=metrics)
-        if synthetic and dist.is_main and 3 not in args.step:  # with step 3, PPO measures it before and after
+        if synthetic and dist.is_main and 3 not in args.step and not with_dpo:  # else measured before and after
             summary["step 1: SFT"]["gold_score (sampled)"] = sft_gold_baseline(paths["actor"], tokenizer, data,
                                                                                data_split, args.seed)
     if 2 in args.step:
@@ -238,6 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
     if 3 in args.step:
         summary[f"step 3: {args.algorithm.upper()}"] = run_ppo(step3_config(args, paths), tokenizer=tokenizer,
                                                               metrics=metrics)
+    if with_dpo:
+        summary["DPO"] = dpo_step(dpo_config(args, paths, **shared), tokenizer, metrics, synthetic and dist.is_main)
     if not dist.is_main:
         return summary
     plot(out)
