@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from rlhf.advantages import ESTIMATORS
 from rlhf.checkpoint import save_actor_checkpoint, save_reward_checkpoint
-from rlhf.common import add_config_args, config_from_args, opt, run_cli, step_main, to_device
+from rlhf.common import config_from_args, opt, run_cli, step_main, to_device
 from rlhf.data import build_prompt_dataset, build_sft_dataset, load_step_examples, make_dataloader, train_eval_split
 from rlhf.data.synthetic import gold_scores
 from rlhf.deepspeed_utils import init_distributed
@@ -293,12 +293,6 @@ def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
         "max_logprob_gap": max((r["logprob_gap"] for r in history), default=0.0),
         "gen_tokens_per_s": gen_tokens / max(gen_seconds, 1e-9), "seconds": time.time() - start,
     }
-
-
-def add_ppo_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, prefix: str = "",
-                 skip: tuple[str, ...] = ()) -> None:
-    """Every PPOConfig option as ``--{prefix}name``."""
-    add_config_args(parser, PPOConfig, prefix, skip)
 
 
 def ppo_config_from_args(args: argparse.Namespace, prefix: str = "", **overrides) -> PPOConfig:
