@@ -128,7 +128,7 @@ def test_two_process_ppo_with_zero3_actor(ppo_inputs, extra):
            "--num-warmup-steps", "0", "--actor-learning-rate", "1e-3", "--actor-zero-stage", "3", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    summaries = [ast.literal_eval(line) for line in proc.stdout.splitlines() if line.startswith("{'output_dir'")]
+    summaries = [ast.literal_eval(line) for line in proc.stdout.splitlines() if line.startswith("{'algorithm'")]
     assert len(summaries) == 2  # one per rank
     for summary in summaries:
         assert summary["steps"] == 2
