@@ -207,6 +207,8 @@ def format_summary(summary: dict) -> str:
     for section, values in summary.items():
         lines.append(f"[{section}]")
         for key, value in values.items():
+            if value is None:  # e.g. gold scores when the data has no gold rule
+                continue
             shown = str(value)
             if isinstance(value, float):  # small quantities (the logprob gap) keep their digits
                 shown = f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
