@@ -73,11 +73,23 @@ def add_step3_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, pr
     add_config_args(parser, PPOConfig, "", PPO_SHARED, ppo_defaults(preset, algorithm))
 
 
+def sft_model(args: argparse.Namespace, paths: dict[str, str]) -> str:
+    """The SFT model the later steps start from: step 1's output when this run trains it, else ``--actor-model``,
+    else ``OUTPUT_DIR/actor`` (as DeepSpeed-Chat's step-3 script takes it)."""
+    return paths["actor"] if 1 in args.step else args.actor_model or paths["actor"]
+
+
+def require_sft_model(args: argparse.Namespace, path: str) -> None:
+    """One line unless ``path`` is made by this run's step 1 or is already a checkpoint."""
+    if 1 not in args.step:
+        require_checkpoint(path, "give --actor-model a step-1 (SFT) checkpoint, or run --step 1 first")
+
+
 def step3_config(args: argparse.Namespace, paths: dict[str, str]) -> PPOConfig:
-    """Step 3's config, validated. The actor and reward model are step 1's and step 2's outputs when this run
-    trains them, else ``--actor-model`` / ``--reward-model`` (as DeepSpeed-Chat's step-3 script takes both
-    paths), else ``OUTPUT_DIR/actor`` / ``OUTPUT_DIR/reward``; those not made by this run must be checkpoints."""
-    actor = paths["actor"] if 1 in args.step else args.actor_model or paths["actor"]
+    """Step 3's config, validated. The actor is ``sft_model``; the reward model is step 2's output when this run
+    trains it, else ``--reward-model``, else ``OUTPUT_DIR/reward``; those not made by this run must be
+    checkpoints."""
+    actor = sft_model(args, paths)
     reward = paths["reward"] if 2 in args.step else args.reward_model or paths["reward"]
     no_reward_model = args.reward_fn is not None and args.reward_model is None and 2 not in args.step
     if no_reward_model:
@@ -86,8 +98,7 @@ def step3_config(args: argparse.Namespace, paths: dict[str, str]) -> PPOConfig:
                                data=args.data, data_split=args.data_split, output_dir=paths["ppo"], seed=args.seed,
                                disable_tqdm=args.disable_tqdm)
     cfg.validate()
-    if 1 not in args.step:
-        require_checkpoint(actor, "give --actor-model a step-1 (SFT) checkpoint, or run --step 1 first")
+    require_sft_model(args, actor)
     if not no_reward_model and 2 not in args.step and (cfg.reward_fn is None or cfg.algo().needs_critic):
         require_checkpoint(reward, "give --reward-model a step-2 checkpoint, or run --step 2 first", reward=True)
     return cfg
@@ -103,14 +114,11 @@ def choose_reward_fn(args: argparse.Namespace, synthetic: bool) -> None:
 
 
 def dpo_config(args: argparse.Namespace, paths: dict[str, str], **shared) -> DPOConfig:
-    """DPO's config, validated. The policy and its frozen reference start from step 1's output when this run
-    trains it, else from ``--actor-model``, else from ``OUTPUT_DIR/actor``; one not made by this run must be a
-    checkpoint."""
-    actor = paths["actor"] if 1 in args.step else args.actor_model or paths["actor"]
+    """DPO's config, validated. The policy and its frozen reference start from ``sft_model``."""
+    actor = sft_model(args, paths)
     cfg = dpo_config_from_args(args, DPO_PREFIX, model_name_or_path=actor, output_dir=paths["dpo"], **shared)
     cfg.validate()
-    if 1 not in args.step:
-        require_checkpoint(actor, "give --actor-model a step-1 (SFT) checkpoint, or run --step 1 first")
+    require_sft_model(args, actor)
     return cfg
 
 
