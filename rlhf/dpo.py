@@ -13,7 +13,6 @@ mean margin ``r_chosen - r_rejected`` and the loss. The checkpoint loads with
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from rlhf.deepspeed_utils import init_inference
 from rlhf.losses import DPO_LOSSES, dpo_loss
 from rlhf.metrics import MetricsLogger
 from rlhf.models import create_actor
-from rlhf.presets import Preset
+from rlhf.presets import Preset, apply_budget
 from rlhf.step_loop import prepare_step, train_loop
 
 
@@ -163,11 +162,7 @@ def run_dpo(cfg: DPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
 
 def dpo_defaults(preset: Preset | None) -> DPOConfig:
     """DPOConfig whose defaults come from the preset's DPO budget (the paper's without one)."""
-    cfg = DPOConfig()
-    if preset is not None:
-        for f in dataclasses.fields(preset.dpo):
-            setattr(cfg, f.name, getattr(preset.dpo, f.name))
-    return cfg
+    return apply_budget(DPOConfig(), preset.dpo) if preset is not None else DPOConfig()
 
 
 def add_dpo_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, prefix: str = "",

@@ -8,7 +8,7 @@ rest of a ten-minute budget on 2 CPU cores.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
@@ -102,6 +102,13 @@ class Preset:
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
         return build_word_tokenizer()
+
+
+def apply_budget(cfg, budget):
+    """``cfg`` (a step config) with every field of ``budget`` (a StepBudget or PPOBudget) copied onto it."""
+    for f in fields(budget):
+        setattr(cfg, f.name, getattr(budget, f.name))
+    return cfg
 
 
 TINY = Preset(

@@ -13,7 +13,6 @@ Step options carry a prefix: ``--sft-learning-rate``, ``--rm-zero-stage``, ``--d
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -29,7 +28,7 @@ from rlhf.dpo import DPOConfig, add_dpo_args, dpo_config_from_args, run_dpo
 from rlhf.metrics import MetricsLogger, plot
 from rlhf.models import load_tokenizer, require_checkpoint
 from rlhf.ppo import PPOConfig, ppo_config_from_args, run_ppo
-from rlhf.presets import PRESETS, Preset, get_preset
+from rlhf.presets import PRESETS, Preset, apply_budget, get_preset
 from rlhf.reward import RewardConfig, reward_config_from_args, run_reward
 from rlhf.sft import SFTConfig, run_sft, sft_config_from_args
 
@@ -44,10 +43,7 @@ def preset_defaults(preset: Preset | None) -> tuple[SFTConfig, RewardConfig]:
     sft, reward = SFTConfig(), RewardConfig()
     if preset is None:
         return sft, reward
-    for cfg, budget in ((sft, preset.sft), (reward, preset.reward)):
-        for f in dataclasses.fields(budget):
-            setattr(cfg, f.name, getattr(budget, f.name))
-    return sft, reward
+    return apply_budget(sft, preset.sft), apply_budget(reward, preset.reward)
 
 
 # Step-3 options `rlhf train` sets for all steps (or derives from the step-1/2 outputs), so not flags of PPO's own.
@@ -60,8 +56,7 @@ def ppo_defaults(preset: Preset | None, algorithm: str = "ppo") -> PPOConfig:
     defaults without a preset)."""
     cfg = PPOConfig()
     if preset is not None:
-        for f in dataclasses.fields(preset.ppo):
-            setattr(cfg, f.name, getattr(preset.ppo, f.name))
+        apply_budget(cfg, preset.ppo)
         for name, value in preset.algorithm_overrides.get(algorithm, {}).items():
             setattr(cfg, name, value)
     return cfg
