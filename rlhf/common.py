@@ -142,7 +142,19 @@ def run_cli(main: Callable, prog: str, argv: list[str] | None = None) -> int:
             raise
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    close_distributed()
     return result if isinstance(result, int) else 0
+
+
+def close_distributed() -> None:
+    """Tear the process group down before exit. Left to the interpreter's shutdown, gloo's worker threads are
+    destroyed while still joinable on some runs, and the process aborts ("terminate called without an active
+    exception", SIGABRT) after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> None:
