@@ -38,8 +38,10 @@ class KVCache:
                 f"heads x {max_seq_len} positions x head dim {head_dim} x 2 in {dtype}) but only {free:,} are free "
                 f"on {device}; lower max_batch_size or max_seq_len")
         shape = (num_layers, max_batch_size, num_kv_heads, max_seq_len, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)  # (L, B_max, Hkv, S_max, D)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # zeros, not empty: the static decode step attends to every slot with the unfilled ones masked, and a
+        # masked probability of 0 times a NaN that torch.empty happened to hold would still be NaN
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B_max, Hkv, S_max, D)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.nbytes = need
 
     @property

@@ -15,6 +15,7 @@ from .cache import KVCache, available_bytes
 from .generation import GenerationOutput, SamplingParams, generate
 from .models import FAMILIES, InferenceModel, Relayer
 from .models.common import can_pack, pack_linears
+from .static import StaticDecoder
 from .zero import StreamedLayers, ZeroParams, build_weights
 
 
@@ -36,6 +37,12 @@ class EngineConfig:
     # CPU: oneDNN-packed copies of the projection weights for decode (2-3x faster small-batch matmuls than
     # MKL's sgemm here, for one more copy of those weights); None: on wherever oneDNN can pack the dtype.
     pack_weights: bool | None = None
+    # A static decode step compiled with torch.compile(fullgraph=True) (hybrid_engine/static.py): inductor, and on
+    # CUDA each batch bucket's step captured once as a CUDA graph and replayed. None: on for CUDA, off on CPU
+    # (benchmarks/RESULTS.md: on this 2-core CPU the eager step with oneDNN-packed weights is faster).
+    compile: bool | None = None
+    compile_backend: str = "inductor"  # the torch.compile backend; "aot_eager" traces without code generation
+    eos_check_every: int = 8           # compiled step: the host reads "all rows finished" every k steps
 
 
 @dataclass
@@ -86,12 +93,29 @@ class HybridEngine:
         if config.tp_size > 1:
             from .parallel import TensorParallel
             self.tp = TensorParallel(config.tp_size, config.tp_group, self.ops)
+        self.static = self._static_decoder()
+        self.rotary_tables: dict = {}  # kept across eval()s: a captured CUDA graph reads the same table
         self.last_train_switch = SwitchStats()
         self.cache: KVCache | None = None
         self.inference: InferenceModel | None = None
         self.last_switch = SwitchStats()
         self._warned_fallback = False
         self.training = model.training
+
+    def _static_decoder(self) -> StaticDecoder | None:
+        """The compiled decode step, when config.compile (None: on for CUDA, off for CPU) asks for it."""
+        cfg = self.config
+        cuda = self._device().type == "cuda"
+        wanted = cuda if cfg.compile is None else cfg.compile
+        if not wanted or not self.supported:
+            return None
+        if self.tp is not None:
+            if cfg.compile:
+                raise NotImplementedError(f"compile=True with tp_size={cfg.tp_size}: the compiled decode step has no "
+                                          "tensor parallelism yet (its all-reduce is outside the graph); use "
+                                          "compile=False")
+            return None
+        return StaticDecoder(cfg.compile_backend, cuda_graphs=cuda, eos_check_every=cfg.eos_check_every)
 
     def _device(self) -> torch.device:
         return next(self.hf_model.parameters()).device
@@ -140,7 +164,7 @@ class HybridEngine:
                 self.packed_bytes = pack_linears(weights, self.config.max_batch_size)
                 stats.pack_s = time.perf_counter() - t
                 stats.relaid_bytes += self.packed_bytes
-            self.inference = InferenceModel(weights, self.ops)
+            self.inference = InferenceModel(weights, self.ops, self.rotary_tables)
         stats.seconds = time.perf_counter() - start
         self.last_switch = stats
         return self
@@ -172,6 +196,9 @@ class HybridEngine:
         the next eval() re-creates them."""
         self.cache = None
         self.relayer.release()
+        self.rotary_tables.clear()
+        if self.static is not None:
+            self.static.release()  # its CUDA graphs point at the buffers freed here
         self.packed_bytes = 0
         if self.tp is not None:
             self.tp.release()
@@ -193,8 +220,8 @@ class HybridEngine:
         w = self.inference.w
         if self.cache is None:
             rows = self.config.max_batch_size * self.config.tp_size  # a TP group generates for all its ranks
-            self.cache = KVCache(len(w.layers), rows, w.num_kv_heads, self.config.max_seq_len,
-                                 w.head_dim, self._dtype(), self._device())
+            self.cache = KVCache(len(w.layers), rows, w.arch.num_kv_heads, self.config.max_seq_len,
+                                 w.arch.head_dim, self._dtype(), self._device())
         return self.cache
 
     # -- generation ------------------------------------------------------------------------------
@@ -249,8 +276,11 @@ class HybridEngine:
                                  f"exceeds max_seq_len {self.config.max_seq_len}")
             if do_sample:
                 params.generator = self.tp.shared_generator(generator, input_ids.device)
-        out = generate(self.inference, self._cache_for(), input_ids, attention_mask, max_new_tokens, params,
-                       eos_ids, pad_token_id)
+        run = generate
+        if self.static is not None and not isinstance(self.inference.w.layers, StreamedLayers):
+            run = self.static.generate  # streamed ZeRO-3 layers gather inside the forward: eager only
+        out = run(self.inference, self._cache_for(), input_ids, attention_mask, max_new_tokens, params, eos_ids,
+                  pad_token_id)
         if rows is not None:
             out = self.tp.own_rows(out, rows)
         if self.zero is not None:  # streamed ZeRO-3 gathers during generation: count those too
@@ -259,6 +289,8 @@ class HybridEngine:
         out = GenerationOutput(out.sequences.clone(), out.logprobs.clone(), out.action_mask.clone())
         if self.config.release_cache_after_generate:
             self.cache = None
+            if self.static is not None:
+                self.static.release()
         return out
 
     @torch.no_grad()

@@ -126,8 +126,8 @@ class TensorParallel:
         return replace(norm, weight=weight, bias=bias)
 
     def _qkv(self, key: str, t: torch.Tensor, w: ModelWeights, dim: int) -> torch.Tensor:
-        H, Hkv, D = w.num_heads, w.num_kv_heads, w.head_dim
-        if w.qkv_layout == "per_head":                 # [q|k|v] per head: a contiguous block of heads
+        H, Hkv, D = w.arch.num_heads, w.arch.num_kv_heads, w.arch.head_dim
+        if w.arch.qkv_layout == "per_head":                 # [q|k|v] per head: a contiguous block of heads
             return self._pack(key, t, (3 * H * D,), dim)
         local, kv_heads = head_split(H, Hkv, self.rank, self.world)
         if Hkv % self.world == 0:
@@ -150,24 +150,24 @@ class TensorParallel:
             return RowParallelLinear(weight, lin.bias, lin.transposed, self.group)
 
         up_rows = layer.up.weight.shape[1 if layer.up.transposed else 0]
-        inter = up_rows // 2 if w.gated_mlp else up_rows
+        inter = up_rows // 2 if w.arch.gated_mlp else up_rows
         if inter % self.world:
             raise NotImplementedError(f"tensor parallelism: MLP width {inter} does not split over tp_size "
                                       f"{self.world}")
-        up_splits = (inter, inter) if w.gated_mlp else (inter,)
+        up_splits = (inter, inter) if w.arch.gated_mlp else (inter,)
         return replace(
             layer,
             norm1=self._copy_norm(f"{i}.norm1", layer.norm1),  # ZeRO-3 partitions the layer's own after this
             norm2=self._copy_norm(f"{i}.norm2", layer.norm2),
             qkv=col(layer.qkv, "qkv", lambda k, t, d: self._qkv(k, t, w, d)),
-            o=row(layer.o, "o", w.num_heads * w.head_dim),
+            o=row(layer.o, "o", w.arch.num_heads * w.arch.head_dim),
             up=col(layer.up, "up", lambda k, t, d: self._pack(k, t, up_splits, d)),
             down=row(layer.down, "down", inter),
         )
 
     def shard_model(self, w: ModelWeights, layers: list[LayerWeights]) -> ModelWeights:
-        local, kv_heads = head_split(w.num_heads, w.num_kv_heads, self.rank, self.world)
-        return replace(w, layers=layers, num_heads=local, num_kv_heads=len(kv_heads))
+        local, kv_heads = head_split(w.arch.num_heads, w.arch.num_kv_heads, self.rank, self.world)
+        return replace(w, layers=layers, arch=replace(w.arch, num_heads=local, num_kv_heads=len(kv_heads)))
 
     # -- prompts and sampling ----------------------------------------------------------------------
     def gather_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int):

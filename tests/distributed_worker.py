@@ -158,9 +158,10 @@ def _tp_scenario(rank, name: str, stage: int, lora: bool = False, group_size: in
     from hybrid_engine.parallel import head_split
 
     kv_local = len(head_split(cfg.num_attention_heads, cfg.num_key_value_heads, rank, 2)[1])
-    rows = (cfg.num_attention_heads // 2 + 2 * kv_local) * w.head_dim
-    res["sharded"] = (w.num_heads == cfg.num_attention_heads // 2 and w.num_kv_heads == kv_local
-                      and w.layers[0].qkv.weight.shape[0] == rows, f"{w.num_heads} {w.num_kv_heads}")
+    arch = w.arch
+    rows = (cfg.num_attention_heads // 2 + 2 * kv_local) * arch.head_dim
+    res["sharded"] = (arch.num_heads == cfg.num_attention_heads // 2 and arch.num_kv_heads == kv_local
+                      and w.layers[0].qkv.weight.shape[0] == rows, f"{arch.num_heads} {arch.num_kv_heads}")
     # sampling: the group samples the same tokens; each rank's logprobs equal the training forward's
     from tests.hf_models import hf_logprobs
 

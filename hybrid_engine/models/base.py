@@ -1,14 +1,20 @@
 """The inference forward shared by every supported family: a decoder-only transformer over a KV cache.
 
-A family file (llama.py, opt.py, gpt2.py, gpt_neox.py) reads a Hugging Face module and describes it as a
-`ModelWeights`: tensors that *are* the training parameters (views, no copies), plus the few buffers the
-engine re-lays on `eval()` (a fused QKV or gate/up matrix), and the handful of switches where the families
-differ (norm, residual layout, positions, activation). `InferenceModel` runs that description.
+A family file (llama.py, opt.py, gpt2.py, gpt_neox.py) reads a Hugging Face module and describes it twice:
+an `Architecture`, frozen, with the handful of switches where the families differ (norm kind, residual
+layout, activation, positions, qkv layout, sliding windows), and `ModelWeights`: tensors that *are* the
+training parameters (views, no copies), plus the few buffers the engine re-lays on `eval()` (a fused QKV or
+gate/up matrix). `InferenceModel` resolves the switches once, when it is built at `eval()` (which norm, which
+block function, which MLP), so the layer loop runs no string comparison per layer and token.
+
+Three entry points share the blocks: `forward` (prefill, and eager decode at an integer cache slot) and
+`decode_static` (one token per row at a cache slot held in a tensor: the step `torch.compile` traces once and
+replays for every token, see hybrid_engine/static.py).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +37,9 @@ class Linear:
     packed: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.numel() <= PACKED_MAX_ROWS * x.shape[-1]:
+        # a compiled step reads the plain weight: fake tensors cannot stand for oneDNN's opaque packed layout
+        if (self.packed is not None and x.numel() <= PACKED_MAX_ROWS * x.shape[-1]
+                and not torch.compiler.is_compiling()):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if not self.transposed:
             return F.linear(x, self.weight, self.bias)
@@ -44,61 +52,128 @@ class Norm:
     weight: torch.Tensor
     bias: torch.Tensor | None
     eps: float
-    rms: bool  # RMSNorm (Llama family) or LayerNorm
 
 
 @dataclass
 class LayerWeights:
-    """One decoder block. `qkv` yields q, k, v in the order `qkv_layout` names:
-    "blocked" = [q heads | k heads | v heads]; "per_head" = per head [q | k | v] (GPT-NeoX)."""
+    """One decoder block's tensors. `qkv` yields q, k, v in the order `Architecture.qkv_layout` names."""
     norm1: Norm
     norm2: Norm
     qkv: Linear
     o: Linear
     up: Linear      # the gated families: fused [gate; up] projection; else the first MLP projection
     down: Linear
-    sliding_window: int | None = None
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a family is, apart from its weights: fixed for the model's life, read once by InferenceModel."""
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    act: Callable[[torch.Tensor], torch.Tensor]   # a module-level function (never a fresh lambda per eval)
+    norm: str = "layer"                           # "rms" (Llama family) or "layer"
+    gated_mlp: bool = False                       # act(gate) * up (Llama) or act(up) (OPT, GPT-2, NeoX)
+    qkv_layout: str = "blocked"                   # [q heads | k heads | v heads], or "per_head" [q | k | v] (NeoX)
+    residual: str = "pre_norm"                    # "pre_norm", "parallel" (NeoX) or "post_norm" (OPT-350m)
+    positions: str = "rotary"                     # "rotary" or "learned" (absolute, OPT and GPT-2)
+    pos_offset: int = 0                           # OPT's learned positions start at index 2
+    rope_scaling: float = 1.0                     # the model's attention_scaling applied to cos and sin
+    embed_scale: float = 1.0
+    sliding_windows: tuple[int | None, ...] = ()  # per layer (Mistral, Qwen2 where configured); () = none
 
 
 @dataclass
 class ModelWeights:
-    """What the inference forward reads, plus the family's switches."""
+    """The tensors the inference forward reads, and the architecture they belong to."""
+    arch: Architecture
     embed: torch.Tensor                      # (V, E)
     layers: list[LayerWeights]
     final_norm: Norm | None
     lm_head: Linear                          # (V, E), no bias
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    act: Callable[[torch.Tensor], torch.Tensor]
-    gated_mlp: bool                          # act(gate) * up (Llama) or act(up) (OPT, GPT-2, NeoX)
-    qkv_layout: str = "blocked"
-    residual: str = "pre_norm"               # "pre_norm", "parallel" (NeoX) or "post_norm" (OPT-350m)
-    pos_embed: torch.Tensor | None = None    # learned absolute positions (E_h); None for rotary
-    pos_offset: int = 0                      # OPT's learned positions start at index 2
+    pos_embed: torch.Tensor | None = None    # learned absolute positions (P_max, E_h); None for rotary
     inv_freq: torch.Tensor | None = None     # rotary frequencies (R/2,), read from the model's buffer
-    rope_scaling: float = 1.0                # the model's attention_scaling applied to cos and sin
     project_in: Linear | None = None         # OPT when word_embed_proj_dim != hidden_size
     project_out: Linear | None = None
-    embed_scale: float = 1.0
-    relaid_bytes: int = 0                    # bytes of the buffers re-laid on eval()
-    extra: dict = field(default_factory=dict)
+
+
+# attend(layer, i, x) -> the attention output projected by layer.o; built per forward for its mode
+Attend = Callable[[LayerWeights, int, torch.Tensor], torch.Tensor]
 
 
 class InferenceModel:
-    """Prefill and decode over a KV cache, reading `ModelWeights` in place."""
+    """Prefill and decode over a KV cache, reading `ModelWeights` in place, with the family's switches resolved
+    here, once. `ops` is read at each call (benchmarks swap single ops in place)."""
 
-    def __init__(self, weights: ModelWeights, ops):
+    def __init__(self, weights: ModelWeights, ops, rotary_tables: dict | None = None):
+        arch = weights.arch
         self.w = weights
+        self.arch = arch
         self.ops = ops
-        self.scale = weights.head_dim ** -0.5
-        self._rotary_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.scale = arch.head_dim ** -0.5
+        # {(dtype, positions): (cos, sin)}; the engine passes the same dict at every eval(), so a captured CUDA
+        # graph keeps reading the same table (it depends on inv_freq and the scaling, which training never moves)
+        self.rotary_tables = {} if rotary_tables is None else rotary_tables
+        self.norm, self.add_norm = (self._rms, self._rms_add) if arch.norm == "rms" else (self._ln, self._ln_add)
+        self.block = {"pre_norm": self._pre_norm_block, "parallel": self._parallel_block,
+                      "post_norm": self._post_norm_block}[arch.residual]
+        self.mlp = self._gated_mlp if arch.gated_mlp else self._plain_mlp
+        self.split_qkv = self._split_per_head if arch.qkv_layout == "per_head" else self._split_blocked
+        windows = arch.sliding_windows or (None,) * len(weights.layers)
+        self.windows = windows
+        self.distinct_windows = tuple(sorted({w for w in windows if w is not None}))
+
+    # -- norms: `norm` returns the normed tensor, `add_norm` (normed, x + residual) ---------------------
+    def _rms(self, norm: Norm, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, norm.weight, norm.eps)
+
+    def _rms_add(self, norm: Norm, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ops.rms_norm(x, norm.weight, norm.eps, residual)
+
+    def _ln(self, norm: Norm, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
+
+    def _ln_add(self, norm: Norm, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ops.layer_norm(x, norm.weight, norm.bias, norm.eps, residual)
+
+    # -- the three residual layouts: (layer, i, h, residual, attend) -> (h, residual) ----------------------
+    def _pre_norm_block(self, layer: LayerWeights, i: int, h, residual, attend: Attend):
+        """Pre-norm, with the residual add fused into the next norm: `residual` carries the stream."""
+        if residual is None:
+            residual, normed = h, self.norm(layer.norm1, h)
+        else:
+            normed, residual = self.add_norm(layer.norm1, h, residual)
+        a = attend(layer, i, normed)
+        normed, residual = self.add_norm(layer.norm2, a, residual)
+        return self.mlp(layer, normed), residual
+
+    def _parallel_block(self, layer: LayerWeights, i: int, h, residual, attend: Attend):
+        a = attend(layer, i, self.norm(layer.norm1, h))
+        m = self.mlp(layer, self.norm(layer.norm2, h))
+        return m + a + h, None
+
+    def _post_norm_block(self, layer: LayerWeights, i: int, h, residual, attend: Attend):
+        h = self.add_norm(layer.norm1, attend(layer, i, h), h)[0]
+        return self.add_norm(layer.norm2, self.mlp(layer, h), h)[0], None
 
     # -- pieces -------------------------------------------------------------------------------
-    def _norm(self, norm: Norm, x, residual=None):
-        if norm.rms:
-            return self.ops.rms_norm(x, norm.weight, norm.eps, residual)
-        return self.ops.layer_norm(x, norm.weight, norm.bias, norm.eps, residual)
+    def _gated_mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        gate, up = layer.up(x).chunk(2, dim=-1)
+        return layer.down(self.arch.act(gate) * up)
+
+    def _plain_mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        return layer.down(self.arch.act(layer.up(x)))
+
+    def _split_per_head(self, qkv: torch.Tensor):
+        B, T, _ = qkv.shape
+        qkv = qkv.view(B, T, self.arch.num_heads, 3, self.arch.head_dim)
+        return qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+
+    def _split_blocked(self, qkv: torch.Tensor):
+        B, T, _ = qkv.shape
+        H, Hkv, D = self.arch.num_heads, self.arch.num_kv_heads, self.arch.head_dim
+        q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
+        return q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype, max_positions: int):
         """cos, sin: (B, T, R) for integer positions (B, T).
@@ -109,95 +184,109 @@ class InferenceModel:
         """
         if self.w.inv_freq is None:
             return None, None
-        table = self._rotary_table
-        if table is None or table[0].shape[0] < max_positions or table[0].dtype != dtype:
+        key = (dtype, max_positions)
+        table = self.rotary_tables.get(key)
+        if table is None:  # built by the first (eager) prefill, before any compiled step reads it
             pos = torch.arange(max_positions, device=positions.device, dtype=torch.float32)
             freqs = pos[:, None] * self.w.inv_freq.float()[None, :]       # (S, R/2)
             emb = torch.cat((freqs, freqs), dim=-1)                       # (S, R)
-            s = self.w.rope_scaling
-            table = self._rotary_table = ((emb.cos() * s).to(dtype), (emb.sin() * s).to(dtype))
+            s = self.arch.rope_scaling
+            table = self.rotary_tables[key] = ((emb.cos() * s).to(dtype), (emb.sin() * s).to(dtype))
         return F.embedding(positions, table[0]), F.embedding(positions, table[1])  # (B, T, R) each
 
-    def _split_qkv(self, qkv: torch.Tensor):
-        B, T, _ = qkv.shape
-        H, Hkv, D = self.w.num_heads, self.w.num_kv_heads, self.w.head_dim
-        if self.w.qkv_layout == "per_head":
-            qkv = qkv.view(B, T, H, 3, D)
-            return qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-        q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
-        return q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor, max_positions: int):
+        """Hidden states (B, T, E) and the rotary cos, sin (B, T, R) (None, None for learned positions)."""
+        w, arch = self.w, self.arch
+        h = F.embedding(input_ids, w.embed)                                # (B, T, E)
+        if arch.embed_scale != 1.0:
+            h = h * arch.embed_scale
+        if w.project_in is not None:
+            h = w.project_in(h)
+        if w.pos_embed is not None:
+            h = h + F.embedding(positions + arch.pos_offset, w.pos_embed)
+        cos, sin = self._rotary(positions, h.dtype, max_positions)
+        return h, cos, sin
 
-    def _attention(self, layer: LayerWeights, i: int, x: torch.Tensor, cos, sin, cache: KVCache,
-                   start: int, key_mask: torch.Tensor):
-        B, T, _ = x.shape
-        q, k, v = self._split_qkv(layer.qkv(x))                           # (B, T, H|Hkv, D)
-        k_cache, v_cache = cache.layer(i)
-        q = self.ops.rotary_kv_append(q, k, v, cos, sin, k_cache, v_cache, start)  # (B, T, H, D)
-        if T > 1 or start == 0:
-            assert start == 0, "prefill starts at slot 0"
-            out = self.ops.prefill_attention(q.transpose(1, 2), k_cache[:B, :, :T], v_cache[:B, :, :T],
-                                             key_mask[:, :T], self.scale, layer.sliding_window)  # (B, H, T, D)
-            out = out.transpose(1, 2).reshape(B, T, -1)
-        else:
-            length = start + 1
-            mask = key_mask
-            if layer.sliding_window is not None and length > layer.sliding_window:
-                mask = key_mask.clone()
-                mask[:, : length - layer.sliding_window] = False
-            out = self.ops.decode_attention(q.view(B, -1, q.shape[-1]), k_cache, v_cache, mask, length,
-                                            self.scale).view(B, 1, -1)     # (B, 1, H*D)
-        return layer.o(out)
+    def _layers_and_head(self, h: torch.Tensor, attend: Attend, last_only: bool) -> torch.Tensor:
+        residual = None
+        for i, layer in enumerate(self.w.layers):
+            h, residual = self.block(layer, i, h, residual, attend)
+        if residual is not None:
+            h = h + residual
+        if last_only:
+            h = h[:, -1]
+        w = self.w
+        if w.final_norm is not None:
+            h = self.norm(w.final_norm, h)
+        if w.project_out is not None:
+            h = w.project_out(h)
+        return w.lm_head(h).float()
 
-    def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        h = layer.up(x)
-        if self.w.gated_mlp:
-            gate, up = h.chunk(2, dim=-1)
-            h = self.w.act(gate) * up
-        else:
-            h = self.w.act(h)
-        return layer.down(h)
-
-    # -- the forward ---------------------------------------------------------------------------
+    # -- the forwards ----------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
                 key_mask: torch.Tensor, last_only: bool = True) -> torch.Tensor:
         """Logits (B, V) at the last position (or (B, T, V)) for tokens written at cache slots [start, start+T).
 
         input_ids, positions: (B, T); key_mask: (B, S_max) bool, True on slots holding real tokens.
+        A block of T > 1 tokens (or one at slot 0) is a prefill; one token at a later slot an eager decode step.
         """
-        w = self.w
-        h = F.embedding(input_ids, w.embed)                                # (B, T, E)
-        if w.embed_scale != 1.0:
-            h = h * w.embed_scale
-        if w.project_in is not None:
-            h = w.project_in(h)
-        if w.pos_embed is not None:
-            h = h + F.embedding(positions + w.pos_offset, w.pos_embed)
-        cos, sin = self._rotary(positions, h.dtype, cache.max_seq_len)
+        h, cos, sin = self._embed(input_ids, positions, cache.max_seq_len)
+        B, T = input_ids.shape
+        ops, scale = self.ops, self.scale
 
-        residual = None
-        for i, layer in enumerate(w.layers):
-            if w.residual == "parallel":
-                a = self._attention(layer, i, self._norm(layer.norm1, h), cos, sin, cache, start, key_mask)
-                m = self._mlp(layer, self._norm(layer.norm2, h))
-                h = m + a + h
-            elif w.residual == "post_norm":
-                h = self._norm(layer.norm1, self._attention(layer, i, h, cos, sin, cache, start, key_mask), h)[0]
-                h = self._norm(layer.norm2, self._mlp(layer, h), h)[0]
-            else:  # pre-norm, the residual add fused into the next norm
-                if residual is None:
-                    residual, normed = h, self._norm(layer.norm1, h)
-                else:
-                    normed, residual = self._norm(layer.norm1, h, residual)
-                a = self._attention(layer, i, normed, cos, sin, cache, start, key_mask)
-                normed, residual = self._norm(layer.norm2, a, residual)
-                h = self._mlp(layer, normed)
-        if residual is not None:
-            h = h + residual
-        if last_only:
-            h = h[:, -1]
-        if w.final_norm is not None:
-            h = self._norm(w.final_norm, h)
-        if w.project_out is not None:
-            h = w.project_out(h)
-        return w.lm_head(h).float()
+        def attend(layer: LayerWeights, i: int, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.split_qkv(layer.qkv(x))                         # (B, T, H|Hkv, D)
+            k_cache, v_cache = cache.layer(i)
+            q = ops.rotary_kv_append(q, k, v, cos, sin, k_cache, v_cache, start)  # (B, T, H, D)
+            window = self.windows[i]
+            if T > 1 or start == 0:
+                assert start == 0, "prefill starts at slot 0"
+                out = ops.prefill_attention(q.transpose(1, 2), k_cache[:B, :, :T], v_cache[:B, :, :T],
+                                            key_mask[:, :T], scale, window)  # (B, H, T, D)
+                return layer.o(out.transpose(1, 2).reshape(B, T, -1))
+            length = start + 1
+            mask = key_mask
+            if window is not None and length > window:
+                mask = key_mask.clone()
+                mask[:, : length - window] = False
+            out = ops.decode_attention(q.view(B, -1, q.shape[-1]), k_cache, v_cache, mask, length, scale)
+            return layer.o(out.view(B, 1, -1))                             # (B, 1, H*D)
+
+        return self._layers_and_head(h, attend, last_only)
+
+    def decode_static(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot: torch.Tensor,
+                      key_mask: torch.Tensor) -> torch.Tensor:
+        """One decode step whose cache slot is a tensor, so one traced graph serves every token: logits (B, V).
+
+        input_ids, positions: (B, 1); slot: (1,) long, the cache slot this token is written to (every row
+        writes the same slot: prompts are left padded); key_mask: (B, S_max) bool, True on real tokens.
+        Keys and values are written in place at `slot` (index_copy_ into the cache), and attention reads all
+        S_max slots with the slots after `slot` masked: a fixed length, for the price of attending to the whole
+        cache (masked slots hold zeros or finite stale keys, see KVCache) instead of the filled part.
+        """
+        h, cos, sin = self._embed(input_ids, positions, cache.max_seq_len)
+        B = input_ids.shape[0]
+        S = cache.max_seq_len
+        ops, scale, arch = self.ops, self.scale, self.arch
+        slots = torch.arange(S, device=key_mask.device)                  # (S_max,)
+        filled = key_mask & (slots <= slot)[None, :]                       # (B, S_max)
+        masks = {None: filled}
+        for window in self.distinct_windows:
+            masks[window] = filled & (slots > slot - window)[None, :]
+
+        def attend(layer: LayerWeights, i: int, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.split_qkv(layer.qkv(x))                         # (B, 1, H|Hkv, D)
+            k_new = torch.empty((B, arch.num_kv_heads, 1, arch.head_dim), dtype=k.dtype, device=k.device)
+            v_new = torch.empty_like(k_new)                                # (B, Hkv, 1, D)
+            # the backend's own rotary (bit-identical to the eager step), its cache write into the one-slot
+            # scratch; then one in-place copy into the cache at the tensor slot
+            q = ops.rotary_kv_append(q, k, v, cos, sin, k_new, v_new, 0)  # (B, 1, H, D)
+            k_cache, v_cache = cache.layer(i)
+            k_cache[:B].index_copy_(2, slot, k_new)
+            v_cache[:B].index_copy_(2, slot, v_new)
+            out = ops.decode_attention(q.reshape(B, arch.num_heads, arch.head_dim), k_cache, v_cache,
+                                       masks[self.windows[i]], S, scale)  # (B, H, D)
+            return layer.o(out.view(B, 1, -1))                             # (B, 1, H*D)
+
+        return self._layers_and_head(h, attend, last_only=True)

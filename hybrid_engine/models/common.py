@@ -8,18 +8,23 @@ import torch.nn.functional as F
 from .base import Linear, Norm
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of GELU (gelu_new, gelu_pytorch_tanh and gelu_fast are all this)."""
+    return F.gelu(x, approximate="tanh")
+
+
+# One function object per name for the model's life: a compiled decode step guards on the function's identity,
+# so a lambda made anew at each eval() would recompile it.
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu, "gelu_new": gelu_tanh,
+               "gelu_pytorch_tanh": gelu_tanh, "gelu_fast": gelu_tanh}
+
+
 def activation(name: str):
     """The activation a Hugging Face config names, as a function."""
-    table = {
-        "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
-        # gelu_new / gelu_pytorch_tanh / gelu_fast are all the tanh approximation of GELU
-        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    }
-    if name not in table:
-        raise NotImplementedError(f"activation {name!r} is not supported; supported: {', '.join(sorted(table))}")
-    return table[name]
+    if name not in ACTIVATIONS:
+        raise NotImplementedError(f"activation {name!r} is not supported; supported: "
+                                  f"{', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[name]
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -116,9 +121,10 @@ def _base(module: nn.Module) -> nn.Module:
     return module.base_layer if is_lora(module) else module
 
 
-def layer_norm(module: nn.Module, rms: bool) -> Norm:
+def layer_norm(module: nn.Module) -> Norm:
+    """A LayerNorm's or RMSNorm's tensors and eps (which of the two it is: Architecture.norm)."""
     eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-5)
-    return Norm(module.weight, getattr(module, "bias", None), eps, rms)
+    return Norm(module.weight, getattr(module, "bias", None), eps)
 
 
 def can_pack(weight: torch.Tensor) -> bool:

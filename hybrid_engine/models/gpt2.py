@@ -1,7 +1,7 @@
 """GPT-2: learned absolute positions, LayerNorm, Conv1D projections stored (in, out), one fused c_attn."""
 from __future__ import annotations
 
-from .base import LayerWeights, Linear, ModelWeights
+from .base import Architecture, LayerWeights, Linear, ModelWeights
 from .common import Relayer, activation, layer_norm
 
 
@@ -14,22 +14,20 @@ def gpt2_weights(model, relayer: Relayer) -> ModelWeights:
     layers = []
     for i, block in enumerate(core.h):
         layers.append(LayerWeights(
-            norm1=layer_norm(block.ln_1, rms=False),
-            norm2=layer_norm(block.ln_2, rms=False),
+            norm1=layer_norm(block.ln_1),
+            norm2=layer_norm(block.ln_2),
             qkv=relayer.linear(f"{i}.qkv", block.attn.c_attn, transposed=True),  # already [q | k | v]
             o=relayer.linear(f"{i}.o", block.attn.c_proj, transposed=True),
             up=relayer.linear(f"{i}.fc", block.mlp.c_fc, transposed=True),
             down=relayer.linear(f"{i}.proj", block.mlp.c_proj, transposed=True),
         ))
+    arch = Architecture(num_heads=cfg.n_head, num_kv_heads=cfg.n_head, head_dim=cfg.n_embd // cfg.n_head,
+                        act=activation(cfg.activation_function), positions="learned")
     return ModelWeights(
+        arch=arch,
         embed=core.wte.weight,
         layers=layers,
-        final_norm=layer_norm(core.ln_f, rms=False),
+        final_norm=layer_norm(core.ln_f),
         lm_head=Linear(relayer.weight("lm_head", model.get_output_embeddings())),
-        num_heads=cfg.n_head,
-        num_kv_heads=cfg.n_head,
-        head_dim=cfg.n_embd // cfg.n_head,
-        act=activation(cfg.activation_function),
-        gated_mlp=False,
         pos_embed=core.wpe.weight,
     )

@@ -1,7 +1,7 @@
 """GPT-NeoX (Pythia): LayerNorm, partial rotary, fused per-head QKV, parallel or sequential residual."""
 from __future__ import annotations
 
-from .base import LayerWeights, Linear, ModelWeights
+from .base import Architecture, LayerWeights, Linear, ModelWeights
 from .common import Relayer, activation, layer_norm
 
 
@@ -11,26 +11,28 @@ def gpt_neox_weights(model, relayer: Relayer) -> ModelWeights:
     layers = []
     for i, block in enumerate(core.layers):
         layers.append(LayerWeights(
-            norm1=layer_norm(block.input_layernorm, rms=False),
-            norm2=layer_norm(block.post_attention_layernorm, rms=False),
+            norm1=layer_norm(block.input_layernorm),
+            norm2=layer_norm(block.post_attention_layernorm),
             qkv=relayer.linear(f"{i}.qkv", block.attention.query_key_value),  # per head [q | k | v]
             o=relayer.linear(f"{i}.o", block.attention.dense),
             up=relayer.linear(f"{i}.fc", block.mlp.dense_h_to_4h),
             down=relayer.linear(f"{i}.proj", block.mlp.dense_4h_to_h),
         ))
     rotary = core.rotary_emb
-    return ModelWeights(
-        embed=core.embed_in.weight,
-        layers=layers,
-        final_norm=layer_norm(core.final_layer_norm, rms=False),
-        lm_head=Linear(relayer.weight("lm_head", model.get_output_embeddings())),
+    arch = Architecture(
         num_heads=cfg.num_attention_heads,
         num_kv_heads=cfg.num_attention_heads,
         head_dim=cfg.hidden_size // cfg.num_attention_heads,
         act=activation(cfg.hidden_act),
-        gated_mlp=False,
         qkv_layout="per_head",
         residual="parallel" if cfg.use_parallel_residual else "pre_norm",
-        inv_freq=rotary.inv_freq,
         rope_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+    )
+    return ModelWeights(
+        arch=arch,
+        embed=core.embed_in.weight,
+        layers=layers,
+        final_norm=layer_norm(core.final_layer_norm),
+        lm_head=Linear(relayer.weight("lm_head", model.get_output_embeddings())),
+        inv_freq=rotary.inv_freq,
     )

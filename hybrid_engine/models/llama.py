@@ -4,7 +4,7 @@ Qwen2 adds a bias to q/k/v; Mistral (and Qwen2 where configured) a sliding atten
 """
 from __future__ import annotations
 
-from .base import LayerWeights, Linear, ModelWeights
+from .base import Architecture, LayerWeights, Linear, ModelWeights
 from .common import Relayer, activation, layer_norm
 
 
@@ -12,32 +12,37 @@ def llama_weights(model, relayer: Relayer) -> ModelWeights:
     cfg = model.config
     core = model.model
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    layers = []
+    layers, windows = [], []
     for i, block in enumerate(core.layers):
         attn, mlp = block.self_attn, block.mlp
         window = getattr(attn, "sliding_window", None)
         if window is None and cfg.model_type == "mistral":
             window = getattr(cfg, "sliding_window", None)
         layers.append(LayerWeights(
-            norm1=layer_norm(block.input_layernorm, rms=True),
-            norm2=layer_norm(block.post_attention_layernorm, rms=True),
+            norm1=layer_norm(block.input_layernorm),
+            norm2=layer_norm(block.post_attention_layernorm),
             qkv=relayer.fused(f"{i}.qkv", [attn.q_proj, attn.k_proj, attn.v_proj]),
             o=relayer.linear(f"{i}.o", attn.o_proj),
             up=relayer.fused(f"{i}.gate_up", [mlp.gate_proj, mlp.up_proj]),
             down=relayer.linear(f"{i}.down", mlp.down_proj),
-            sliding_window=window,
         ))
+        windows.append(window)
     rotary = core.rotary_emb
-    return ModelWeights(
-        embed=core.embed_tokens.weight,
-        layers=layers,
-        final_norm=layer_norm(core.norm, rms=True),
-        lm_head=Linear(relayer.weight("lm_head", model.get_output_embeddings())),
+    arch = Architecture(
         num_heads=cfg.num_attention_heads,
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
         head_dim=head_dim,
         act=activation(cfg.hidden_act),
+        norm="rms",
         gated_mlp=True,
-        inv_freq=rotary.inv_freq,
         rope_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+        sliding_windows=tuple(windows) if any(w is not None for w in windows) else (),
+    )
+    return ModelWeights(
+        arch=arch,
+        embed=core.embed_tokens.weight,
+        layers=layers,
+        final_norm=layer_norm(core.norm),
+        lm_head=Linear(relayer.weight("lm_head", model.get_output_embeddings())),
+        inv_freq=rotary.inv_freq,
     )
