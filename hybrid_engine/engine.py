@@ -293,6 +293,53 @@ class HybridEngine:
                 self.static.release()
         return out
 
+    # -- scoring -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, prompt_len: int = 1,
+              temperature: float = 1.0) -> torch.Tensor:
+        """Logprobs of tokens [prompt_len, T) of each sequence under one prefill-only inference forward: (B,
+        T - prompt_len) fp32, column t = log softmax(logits / temperature) at column prompt_len - 1 + t, gathered
+        at token prompt_len + t, as the training forward gives them (PPO's reference logprobs).
+
+        For frozen models: the weights are described at the first call (or after train()); after changing them
+        call eval() again. input_ids, attention_mask: (B, T), left padded or not padded, T <= max_seq_len and
+        B <= max_batch_size (the prefill writes the KV cache, which is then simply overwritten next time).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids "
+                             f"{tuple(input_ids.shape)}")
+        if not 1 <= prompt_len < T:
+            raise ValueError(f"prompt_len={prompt_len}: expected 1 <= prompt_len < seq_len {T}")
+        if temperature <= 0.0:
+            raise ValueError(f"temperature={temperature}: expected a positive value")
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)            # (B, T) real tokens only
+        if not self.supported:
+            logits = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                   use_cache=False).logits                            # (B, T, V)
+        else:
+            if self.tp is not None:
+                raise NotImplementedError("score() with tp_size > 1: every rank of the group would have to score "
+                                          "the same rows; wrap the frozen model with tp_size=1")
+            if T > self.config.max_seq_len:
+                raise ValueError(f"seq_len {T} exceeds max_seq_len {self.config.max_seq_len}")
+            if B > self.config.max_batch_size:
+                raise ValueError(f"batch size {B} exceeds max_batch_size {self.config.max_batch_size}")
+            if self.training or self.inference is None:
+                self.eval()
+            cache = self._cache_for()
+            key_mask = torch.zeros(B, cache.max_seq_len, dtype=torch.bool, device=input_ids.device)  # (B, S_max)
+            key_mask[:, :T] = attention_mask.bool()
+            logits = self.inference.forward(input_ids, positions, cache, 0, key_mask, last_only=False)  # (B, T, V)
+        logits = logits[:, prompt_len - 1:-1].float()                                   # (B, T - P, V)
+        if temperature != 1.0:
+            logits = logits / temperature
+        return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)
+
     @torch.no_grad()
     def _hf_generate(self, input_ids, attention_mask, max_new_tokens, params: SamplingParams, eos_token_id,
                      pad_token_id) -> GenerationOutput:
