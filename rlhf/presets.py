@@ -36,7 +36,8 @@ def build_word_tokenizer(words: tuple[str, ...] = VOCABULARY) -> PreTrainedToken
     core.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS)
+    # The name is what warnings call it (rlhf/data/tokenize.py names a tokenizer that does not know the data).
+    return PreTrainedTokenizerFast(tokenizer_object=core, name_or_path="tiny-preset-words", **SPECIAL_TOKENS)
 
 
 @dataclass

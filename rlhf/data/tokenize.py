@@ -17,12 +17,13 @@ whatever the tokenizer merges.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
-from rlhf.data.formats import Example
+from rlhf.data.formats import DataError, Example
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,28 @@ class PromptDataset(Dataset):
                 "index": torch.tensor(indices, dtype=torch.long)}  # (B, T), (B, T), (B,)
 
 
+UNKNOWN_TOKEN_LIMIT = 0.05  # a share of unknown tokens above which the model cannot see what the data says
+_warned_unknown: weakref.WeakSet = weakref.WeakSet()  # tokenizers already warned about: once per run, not per set
+
+
+def warn_unknown_tokens(tokenizer, rows: Sequence[Sequence[int]], what: str) -> None:
+    """Warn (once per tokenizer) when more than UNKNOWN_TOKEN_LIMIT of the tokens of ``rows`` are the tokenizer's
+    unknown token: the tiny preset's word-level tokenizer maps most words of real data to it."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    total = sum(len(ids) for ids in rows)
+    if unk is None or not total or tokenizer in _warned_unknown:
+        return
+    share = sum(ids.count(unk) for ids in rows) / total
+    if share > UNKNOWN_TOKEN_LIMIT:
+        _warned_unknown.add(tokenizer)
+        name = getattr(tokenizer, "name_or_path", "") or f"{type(tokenizer).__name__}, {len(tokenizer)} tokens"
+        logger.warning("%.0f%% of the tokens of the %s are the unknown token %s of the tokenizer '%s': the model "
+                       "cannot see what this data says. For real data train a real model (--actor-model, or "
+                       "--model-name-or-path; e.g. HuggingFaceTB/SmolLM2-135M-Instruct) instead of the tiny preset's "
+                       "word tokenizer, which knows only the synthetic task's words",
+                       100 * share, what, tokenizer.unk_token, name)
+
+
 def build_sft_dataset(tokenizer, examples: Sequence[Example], max_seq_len: int = 512) -> SFTDataset:
     """Prompt + chosen answer, truncated to ``max_seq_len``; an example whose prompt fills it is dropped."""
     rows, dropped = [], 0
@@ -162,19 +185,46 @@ def build_sft_dataset(tokenizer, examples: Sequence[Example], max_seq_len: int =
         logger.warning(
             "SFT: dropped %d of %d examples whose prompt fills max_seq_len=%d", dropped, len(examples), max_seq_len
         )
+    warn_unknown_tokens(tokenizer, [ids for ids, _ in rows], "SFT examples")
     return SFTDataset(rows, pad_token_id(tokenizer), dropped)
 
 
 def build_pair_dataset(tokenizer, examples: Sequence[Example], max_seq_len: int = 512) -> PairDataset:
-    """(prompt + chosen, prompt + rejected), each truncated to ``max_seq_len``; SFT-only examples are skipped."""
-    rows = []
+    """(prompt + chosen, prompt + rejected), each truncated to ``max_seq_len``; SFT-only examples are skipped.
+
+    A pair whose two sequences are the same (as written, once tokenized, or once truncated) carries no preference:
+    such pairs are dropped with one warning giving the counts, and a DataError is raised when none is left."""
+    rows, tokenized, pairs = [], [], 0
+    same = {"as written": 0, "once tokenized": 0, f"once truncated to --max-seq-len {max_seq_len}": 0}
+    reasons = list(same)
     for ex in examples:
         if ex.rejected is None:
             continue
+        pairs += 1
+        if ex.chosen == ex.rejected:
+            same[reasons[0]] += 1
+            continue
         prompt_ids = encode_prompt(tokenizer, ex.prompt)
-        chosen = (prompt_ids + encode_answer(tokenizer, ex.chosen))[:max_seq_len]
-        rejected = (prompt_ids + encode_answer(tokenizer, ex.rejected))[:max_seq_len]
+        chosen, rejected = encode_answer(tokenizer, ex.chosen), encode_answer(tokenizer, ex.rejected)
+        tokenized += [prompt_ids + chosen, prompt_ids + rejected]
+        if chosen == rejected:  # e.g. a word-level tokenizer that maps both answers' words to <unk>
+            same[reasons[1]] += 1
+            continue
+        chosen, rejected = (prompt_ids + chosen)[:max_seq_len], (prompt_ids + rejected)[:max_seq_len]
+        if chosen == rejected:
+            same[reasons[2]] += 1
+            continue
         rows.append((chosen, rejected, len(prompt_ids)))
+    warn_unknown_tokens(tokenizer, tokenized, "preference pairs")  # first: it may be why the pairs are the same
+    dropped = sum(same.values())
+    if dropped:
+        why = ", ".join(f"{count} identical {reason}" for reason, count in same.items() if count)
+        if not rows:
+            raise DataError(f"none of the {pairs} preference pairs has a chosen answer that differs from the rejected "
+                            f"one ({why}); expected pairs whose answers differ"
+                            + (" (a longer --max-seq-len keeps more of each answer)" if same[reasons[2]] else ""))
+        logger.warning("dropped %d of %d preference pairs whose chosen and rejected answers are the same (%s): they "
+                       "carry no preference", dropped, pairs, why)
     return PairDataset(rows, pad_token_id(tokenizer))
 
 
@@ -196,6 +246,7 @@ def build_prompt_dataset(tokenizer, examples: Sequence[Example], max_prompt_len:
             len(examples),
             max_prompt_len,
         )
+    warn_unknown_tokens(tokenizer, rows, "step-3 prompts")
     return PromptDataset(rows, pad_token_id(tokenizer), dropped, prompts, fields)
 
 
