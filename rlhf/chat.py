@@ -15,9 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hybrid_engine
-from rlhf.common import run_cli
+from rlhf.common import AT_LEAST_1, BOUNDS, ArgumentParser, Bounds, bounded, run_cli
 from rlhf.data.tokenize import DEFAULT_TEMPLATE
-from rlhf.models import load_tokenizer, require_checkpoint
+from rlhf.models import load_tokenizer, loading, require_checkpoint
 
 
 class Chat:
@@ -27,7 +27,8 @@ class Chat:
                  temperature: float = 0.7, top_k: int = 0, top_p: float = 0.9, seed: int = 0, device: str = "cpu"):
         require_checkpoint(path, "pass a checkpoint directory such as outputs/run/ppo/actor")
         self.tokenizer = load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(path).to(device)
+        with loading(path, "model"):
+            model = AutoModelForCausalLM.from_pretrained(path).to(device)
         self.engine = hybrid_engine.wrap(model, max_seq_len=max_seq_len, max_batch_size=1, allow_fallback=True).eval()
         self.max_seq_len, self.max_new_tokens = max_seq_len, min(max_new_tokens, max_seq_len - 1)
         self.sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -70,17 +71,20 @@ class Chat:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rlhf chat", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="rlhf chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="a saved actor: a Hugging Face checkpoint directory (e.g. outputs/ppo/actor)")
     p.add_argument("--prompt", default=None, help="answer this one message, print the answer and exit")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
-    p.add_argument("--max-seq-len", type=int, default=1024, help="conversation + answer budget in tokens; older "
-                   "turns are dropped beyond it (default 1024)")
+    p.add_argument("--max-new-tokens", type=bounded(int, AT_LEAST_1), default=128,
+                   help="longest answer in tokens (default 128)")
+    p.add_argument("--max-seq-len", type=bounded(int, Bounds(2)), default=1024, help="conversation + answer budget "
+                   "in tokens; older turns are dropped beyond it (default 1024)")
     p.add_argument("--greedy", action="store_true", help="pick the most likely token instead of sampling")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9; 1: off)")
+    p.add_argument("--temperature", type=bounded(float, BOUNDS["temperature"]), default=0.7,
+                   help="sampling temperature (default 0.7)")
+    p.add_argument("--top-k", type=bounded(int, BOUNDS["top_k"]), default=0,
+                   help="sample among the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=bounded(float, BOUNDS["top_p"]), default=0.9,
+                   help="nucleus sampling mass (default 0.9; 1: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda when available)")

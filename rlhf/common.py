@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import sys
+import tempfile
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,83 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
 
-from rlhf.models import ModelOptions
+from rlhf.models import ModelOptions, require_model_source, require_tokenizer_source
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric option accepts: ``low`` and ``high``, each included unless ``*_open``; None: unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or (value < self.high or (not self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return "a positive number" if self.low == 0 and self.low_open else f"at least {self.low:g}"
+        return f"a number in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_1, NON_NEGATIVE, POSITIVE = Bounds(1), Bounds(0), Bounds(0, low_open=True)
+PROBABILITY = Bounds(0, 1, high_open=True)  # dropout, a held-out share: 1 would leave nothing
+# The values every step's numeric options accept, by field name (SFT, reward model, DPO, step 3 share the names):
+# checked as a flag is parsed (the error names the flag) and as a config is built in code. None (a per-algorithm
+# default, "keep the model's") is always accepted.
+BOUNDS: dict[str, Bounds] = {
+    **dict.fromkeys(("max_seq_len", "max_prompt_seq_len", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "per_device_generation_batch_size", "per_device_training_batch_size", "num_train_epochs",
+                     "gradient_accumulation_steps", "generation_batches", "ppo_epochs", "n_samples_per_prompt",
+                     "log_interval", "inference_tp_size"), AT_LEAST_1),
+    "max_answer_seq_len": Bounds(2),  # the engine generates one token in prefill, the rest in decode
+    **dict.fromkeys(("num_warmup_steps", "max_steps", "eval_interval", "eval_prompts", "lora_dim", "actor_lora_dim",
+                     "critic_lora_dim", "weight_decay", "actor_weight_decay", "critic_weight_decay", "top_k",
+                     "tp_gather_partition_size", "logprob_audit_interval", "kl_ctl", "kl_loss_coef", "unsup_coef"),
+                    NON_NEGATIVE),
+    **dict.fromkeys(("learning_rate", "lora_learning_rate", "actor_learning_rate", "critic_learning_rate",
+                     "actor_lora_learning_rate", "critic_lora_learning_rate", "beta", "temperature",
+                     "clip_reward_value", "cliprange_high", "cliprange_value"), POSITIVE),
+    "cliprange": Bounds(0, 1, low_open=True, high_open=True),  # the ratio is kept in [1 - eps, 1 + eps]
+    **dict.fromkeys(("dropout", "actor_dropout", "critic_dropout", "eval_fraction"), PROBABILITY),
+    "label_smoothing": Bounds(0, 0.5, high_open=True),  # the probability a preference is flipped
+    **dict.fromkeys(("gamma", "lam", "ema_decay"), Bounds(0, 1)),
+    "top_p": Bounds(0, 1, low_open=True),
+}
+
+
+def bounded(kind: type, bounds: Bounds) -> Callable[[str], Any]:
+    """An argparse ``type`` that parses ``kind`` and refuses values outside ``bounds``."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value not in bounds:
+            raise argparse.ArgumentTypeError(f"expected {bounds}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value: 'x'"
+    return parse
+
+
+def check_bounds(cfg: Any) -> None:
+    """One-line ValueError for the first numeric field of ``cfg`` outside its ``BOUNDS``."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        bounds = BOUNDS.get(f.name)
+        if bounds is not None and isinstance(value, (int, float)) and value not in bounds:
+            raise ValueError(f"--{f.name.replace('_', '-')} {value}: expected {bounds}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line through ``run_cli`` (a ValueError: "prog: error: ..., exit status 2), not
+    the usage block, which for ``rlhf train`` is 120 lines."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message} ({self.prog} --help lists the options)")
 
 
 def opt(default: Any, help: str, **kwargs) -> Any:
@@ -69,6 +146,9 @@ class StepConfig:
     log_interval: int = opt(10, "optimizer steps between metrics.jsonl records")
     disable_tqdm: bool = opt(False, "no progress bars")
 
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
     def metrics_path(self) -> str:
         return self.metrics_dir or str(Path(self.output_dir).resolve().parent)
 
@@ -107,7 +187,9 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
             parser.add_argument(flag, dest=dest, nargs="+", default=list(default), metavar="PATH[:WEIGHT]",
                                 help=help_text)
         else:
-            parser.add_argument(flag, dest=dest, type=kind, default=default, help=help_text, **meta)
+            bounds = BOUNDS.get(f.name)
+            parser.add_argument(flag, dest=dest, type=bounded(kind, bounds) if bounds else kind, default=default,
+                                help=help_text, **meta)
 
 
 def config_from_args(config_cls: type, args: argparse.Namespace, prefix: str = "", **overrides) -> Any:
@@ -123,10 +205,16 @@ def config_from_args(config_cls: type, args: argparse.Namespace, prefix: str = "
 
 def step_main(config_cls: type, run: Callable, description: str, argv: list[str] | None = None) -> dict:
     """`python -m rlhf.<step>`: every field of `config_cls` as a flag, then `run(config)`; prints the summary."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = ArgumentParser(prog=f"python -m {config_cls.__module__}", description=description)
     add_launcher_args(parser)
     add_config_args(parser, config_cls)
-    summary = run(config_from_args(config_cls, parser.parse_args(argv)))
+    cfg = config_from_args(config_cls, parser.parse_args(argv))
+    require_output_dir(cfg.output_dir)
+    if getattr(cfg, "model_name_or_path", None):  # step 3's models: rlhf.ppo.require_step3_models
+        require_model_source(cfg.model_name_or_path, "--model-name-or-path")
+    if getattr(cfg, "tokenizer_name_or_path", None):
+        require_tokenizer_source(cfg.tokenizer_name_or_path, "--tokenizer-name-or-path")
+    summary = run(cfg)
     print(summary)
     return summary
 
@@ -155,6 +243,25 @@ def close_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def require_output_dir(path: str | Path, flag: str = "--output-dir") -> None:
+    """One-line ValueError unless ``path`` is a directory this process can write in, or can be made as one.
+    Nothing is left behind: a probe file in the nearest existing directory is made and removed."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: exists and is not a directory (expected a directory to write into)")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, so no directory can be made under it")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".rlhf-write-probe-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot write in {existing} ({err.strerror}; expected a writable "
+                         "directory)") from err
 
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> None:

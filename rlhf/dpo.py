@@ -59,10 +59,6 @@ class DPOConfig(StepConfig):
     def validate(self) -> None:
         if self.model_name_or_path is None:
             raise ValueError("DPO needs --model-name-or-path: the SFT checkpoint (step 1's output)")
-        if self.beta <= 0:
-            raise ValueError(f"DPO --beta {self.beta}: expected a positive number")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"DPO --label-smoothing {self.label_smoothing}: expected a number in [0, 0.5)")
         if self.label_smoothing and self.loss != "sigmoid":
             raise ValueError(f"DPO --label-smoothing applies to the sigmoid loss, not --loss {self.loss}")
 

@@ -9,8 +9,10 @@ reward model. A saved reward model is a Hugging Face backbone checkpoint plus ``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,20 +38,125 @@ class ModelOptions:
     only_optimize_lora: bool = False
 
 
+class ModelError(ValueError):
+    """A model, reward-model or tokenizer path that cannot be loaded; the one-line message names the path (or the
+    file in it) and what was expected."""
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def looks_local(name_or_path: str) -> bool:
+    """A path rather than a hub id (``org/name``): it exists, or starts with ``/``, ``.`` or ``~``, or has more than
+    one ``/``. Such a path is never sent to the hub, whose answer to a missing one is a traceback about the internet
+    connection."""
+    return (Path(name_or_path).expanduser().exists() or name_or_path.startswith(("/", ".", "~"))
+            or name_or_path.count("/") > 1 or "\\" in name_or_path)
+
+
+def _require_intact_safetensors(file: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt"):  # reads the header only; a truncated file fails here
+            pass
+    except Exception as err:  # the Rust SafetensorError has no Python base class to name
+        raise ModelError(f"{file}: truncated or corrupt ({err}); save or download the checkpoint again") from err
+
+
+def _require_weights(path: Path, shown: str, kind: str, hint: str) -> None:
+    found = [name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not found:
+        raise ModelError(f"{shown}: not a saved {kind} (no {' or '.join(WEIGHT_FILES[::2])}); {hint}")
+    if found[0] == "model.safetensors":
+        _require_intact_safetensors(path / found[0])
+    elif found[0] == "model.safetensors.index.json":
+        index = path / found[0]
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as err:
+            raise ModelError(f"{index}: unreadable shard index ({err}); save or download the checkpoint again") \
+                from err
+        for shard in shards:
+            if not (path / shard).is_file():
+                raise ModelError(f"{path / shard}: missing (listed in {index.name}); save or download the "
+                                 "checkpoint again")
+            _require_intact_safetensors(path / shard)
+
+
+def _require_config(path: Path, shown: str, kind: str, hint: str) -> None:
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{shown}: not a saved {kind} (no config.json); {hint}")
+    try:
+        values = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelError(f"{config}: cannot read ({err})") from err
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{config}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); expected "
+                         "a Hugging Face model config") from err
+    if not isinstance(values, dict) or "model_type" not in values:
+        raise ModelError(f"{config}: no 'model_type' (expected a Hugging Face model config)")
+
+
 def require_checkpoint(path: str | Path, hint: str, reward: bool = False) -> None:
-    """One-line ValueError unless ``path`` is a saved checkpoint directory (``config.json``, and for a reward
-    model its value head); ``hint`` ends the message with what to pass instead. Checked before Hugging Face, whose
-    answer to a missing local path is a hub lookup and a traceback about the internet connection."""
-    files = ("config.json", VALUE_HEAD_FILE) if reward else ("config.json",)
-    missing = [name for name in files if not (Path(path) / name).is_file()]
-    if missing:
-        kind = "reward model" if reward else "model"
-        raise ValueError(f"{path}: not a saved {kind} (no {missing[0]}); {hint}")
+    """One-line ModelError unless ``path`` is a saved checkpoint directory: a readable ``config.json``, intact
+    weights, and for a reward model its value head; ``hint`` ends the message with what to pass instead. Checked
+    before Hugging Face, whose answers are a hub lookup for a missing path and tracebacks for broken files."""
+    shown, path = str(path), Path(path).expanduser()  # the message shows the path as the user wrote it
+    kind = "reward model" if reward else "model"
+    if not path.exists():
+        raise ModelError(f"{shown}: not a saved {kind} (no such directory); {hint}")
+    if not path.is_dir():
+        raise ModelError(f"{shown}: not a saved {kind} (a file, not a checkpoint directory); {hint}")
+    _require_config(path, shown, kind, hint)
+    _require_weights(path, shown, kind, hint)
+    if reward:
+        if not (path / VALUE_HEAD_FILE).is_file():
+            raise ModelError(f"{shown}: not a saved reward model (no {VALUE_HEAD_FILE}); {hint}")
+        _require_intact_safetensors(path / VALUE_HEAD_FILE)
 
 
-def load_tokenizer(name_or_path: str):
+def require_model_source(name_or_path: str, flag: str | None = None) -> None:
+    """A hub id passes (Hugging Face reports on it); a local path must be a checkpoint (``require_checkpoint``)."""
+    if looks_local(name_or_path):
+        require_checkpoint(name_or_path, f"{flag + ' expects' if flag else 'expected'} a checkpoint directory or a "
+                           "Hugging Face model id")
+
+
+def require_tokenizer_source(name_or_path: str, flag: str | None = None) -> None:
+    """A hub id passes; a local path must be a directory holding a saved tokenizer."""
+    if not looks_local(name_or_path):
+        return
+    path = Path(name_or_path).expanduser()
+    hint = f"{flag + ' expects' if flag else 'expected'} a tokenizer directory or a Hugging Face model id"
+    if not path.is_dir():
+        raise ModelError(f"{name_or_path}: not a saved tokenizer ({'a file' if path.exists() else 'no such directory'}"
+                         f"); {hint}")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{name_or_path}: not a saved tokenizer (no {' or '.join(TOKENIZER_FILES)}); {hint}")
+
+
+@contextlib.contextmanager
+def loading(source: str, what: str) -> Iterator[None]:
+    """Turn Hugging Face's errors while loading ``source`` (a hub id it cannot find, a file it cannot parse) into
+    one ModelError line naming ``source``; RLHF_TRACEBACK=1 still shows the original, chained."""
+    try:
+        yield
+    except ModelError:
+        raise
+    except (OSError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{source}: cannot load the {what} ({first})") from err
+
+
+def load_tokenizer(name_or_path: str, flag: str | None = None):
     """A tokenizer from a hub id or a local path; without a pad token it pads with EOS."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    require_tokenizer_source(name_or_path, flag)
+    with loading(name_or_path, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -66,12 +173,14 @@ def _config(source: str | PretrainedConfig, dropout: float | None) -> Pretrained
 
 
 def _build(auto_class, source: str | PretrainedConfig, options: ModelOptions) -> nn.Module:
-    config = _config(source, options.dropout)
     dtype = DTYPES[options.dtype]
     if isinstance(source, str):
-        model = auto_class.from_pretrained(source, config=config, dtype=dtype)
+        require_model_source(source)
+        with loading(source, "model"):
+            config = _config(source, options.dropout)
+            model = auto_class.from_pretrained(source, config=config, dtype=dtype)
     else:
-        model = auto_class.from_config(config, dtype=dtype)
+        model = auto_class.from_config(_config(source, options.dropout), dtype=dtype)
     if options.gradient_checkpointing:
         # transformers 5 renamed the switch; detect the feature rather than the version
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -156,6 +265,8 @@ class RewardModel(nn.Module):
     def from_pretrained(cls, path: str | Path, options: ModelOptions | None = None) -> RewardModel:
         """Load a directory written by ``save_reward_model`` (backbone checkpoint + value head)."""
         options = options or ModelOptions()
+        require_checkpoint(path, "expected a directory written by step 2 (rlhf.models.save_reward_model)",
+                           reward=True)
         path = Path(path)
         backbone = _build(AutoModel, str(path), options)
         model = cls(backbone)

@@ -27,13 +27,13 @@ from tqdm.auto import tqdm
 
 from rlhf.advantages import ESTIMATORS
 from rlhf.checkpoint import save_actor_checkpoint, save_reward_checkpoint
-from rlhf.common import config_from_args, opt, run_cli, step_main, to_device
+from rlhf.common import check_bounds, config_from_args, opt, run_cli, step_main, to_device
 from rlhf.data import build_prompt_dataset, build_sft_dataset, load_step_examples, make_dataloader, train_eval_split
 from rlhf.data.synthetic import gold_scores
 from rlhf.deepspeed_utils import init_distributed
 from rlhf.experience import max_logprob_gap, sequence_kl
 from rlhf.metrics import MetricsLogger
-from rlhf.models import load_tokenizer
+from rlhf.models import load_tokenizer, require_checkpoint, require_model_source
 from rlhf.rewards import RewardFunction
 from rlhf.rl_trainer import GoldFn, RLTrainer, records
 
@@ -178,18 +178,26 @@ class PPOConfig:
                          self.std_normalization, self.gamma, self.lam)
 
     def validate(self) -> None:
+        check_bounds(self)
         if self.inference_tp_size > 1 and self.actor_zero_stage != 3:
             raise ValueError("--inference-tp-size > 1 requires --actor-zero-stage 3 (as DeepSpeed-Chat)")
-        if self.max_answer_seq_len < 2:
-            raise ValueError(f"--max-answer-seq-len {self.max_answer_seq_len}: expected at least 2")
         algo = self.algo()
-        if algo.n_samples_per_prompt < 1:
-            raise ValueError(f"--n-samples-per-prompt {algo.n_samples_per_prompt}: expected at least 1")
         if ESTIMATORS[algo.estimator].grouped and algo.n_samples_per_prompt < 2:
             raise ValueError(f"--algorithm {algo.name} compares the answers to one prompt: "
                              f"--n-samples-per-prompt {algo.n_samples_per_prompt}, expected at least 2")
         if self.reward_fn is not None:
             RewardFunction(self.reward_fn)  # an import failure ends the run before any model is loaded
+
+
+def require_step3_models(cfg: PPOConfig, algo: Algorithm) -> None:
+    """One line, before any model is loaded, unless the actor is a model and the reward model (without a reward
+    function) a step-2 checkpoint with its value head; with a reward function PPO's critic starts from any model."""
+    require_model_source(cfg.actor_model_name_or_path, "--actor-model-name-or-path")
+    if cfg.reward_fn is None:
+        require_checkpoint(cfg.critic_model_name_or_path, "--critic-model-name-or-path expects step 2's output",
+                           reward=True)
+    elif algo.needs_critic:
+        require_model_source(cfg.critic_model_name_or_path, "--critic-model-name-or-path")
 
 
 def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None,
@@ -199,6 +207,7 @@ def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
     built-in one)."""
     cfg.validate()
     algo = cfg.algo()
+    require_step3_models(cfg, algo)
     start = time.time()
     dist = init_distributed()
     torch.manual_seed(cfg.seed)

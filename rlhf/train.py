@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from rlhf.common import add_config_args, add_launcher_args, run_cli
+from rlhf.common import BOUNDS, ArgumentParser, add_config_args, add_launcher_args, bounded, require_output_dir, run_cli
 from rlhf.data import Example, build_prompt_dataset, load_step_examples, make_dataloader
 from rlhf.data.synthetic import gold_scores, write_synthetic_data
 from rlhf.deepspeed_utils import init_distributed
 from rlhf.dpo import DPOConfig, add_dpo_args, dpo_config_from_args, run_dpo
 from rlhf.metrics import MetricsLogger, plot
-from rlhf.models import load_tokenizer, require_checkpoint
+from rlhf.models import load_tokenizer, require_checkpoint, require_model_source, require_tokenizer_source
 from rlhf.ppo import PPOConfig, ppo_config_from_args, run_ppo
 from rlhf.presets import PRESETS, Preset, apply_budget, get_preset
 from rlhf.reward import RewardConfig, reward_config_from_args, run_reward
@@ -131,7 +131,7 @@ def dpo_step(cfg: DPOConfig, tokenizer, metrics: MetricsLogger, gold: bool) -> d
 
 
 def build_parser(preset: Preset | None, algorithm: str = "ppo") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf train", description="RLHF in three steps: SFT, reward model, PPO "
+    parser = ArgumentParser(prog="rlhf train", description="RLHF in three steps: SFT, reward model, PPO "
                                      "(or GRPO, RLOO, REINFORCE++ against a reward function). "
                                      "Without arguments: the tiny preset on the built-in synthetic task.")
     add_launcher_args(parser)
@@ -152,7 +152,7 @@ def build_parser(preset: Preset | None, algorithm: str = "ppo") -> argparse.Argu
                         help="per-step proportions of pair sources (default: 2,4,4, or the preset's)")
     parser.add_argument("--output-dir", default="outputs/run", help="run directory (default: outputs/run)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of splits, shuffles and initialisation")
-    parser.add_argument("--max-seq-len", type=int, default=None,
+    parser.add_argument("--max-seq-len", type=bounded(int, BOUNDS["max_seq_len"]), default=None,
                         help="max prompt+answer tokens for steps 1-2 (default: 512, or the preset's)")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
     parser.add_argument("--report-to", default="none", metavar="NAMES",
@@ -220,11 +220,23 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def require_paths(args: argparse.Namespace) -> None:
+    """One line, before anything is written, for an output dir that cannot be one, and for a model or tokenizer
+    path this run reads that is not a checkpoint (checkpoints of earlier steps: ``step3_config``, ``dpo_config``)."""
+    require_output_dir(args.output_dir)
+    if args.actor_model and 1 in args.step:
+        require_model_source(args.actor_model, "--actor-model")
+    if args.reward_model and 2 in args.step:
+        require_model_source(args.reward_model, "--reward-model")
+    if args.tokenizer:
+        require_tokenizer_source(args.tokenizer, "--tokenizer")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, preset = parse_args(argv)
     start = time.time()
+    require_paths(args)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"actor": str(out / "actor"), "reward": str(out / "reward"), "ppo": str(out / "ppo"),
              "dpo": str(out / "dpo")}
     synthetic = not args.data
@@ -237,10 +249,11 @@ def main(argv: list[str] | None = None) -> dict:
         choose_reward_fn(args, synthetic)
     if 3 in args.step:
         step3_config(args, paths)  # a bad option or missing checkpoint ends the run before any step starts
+    if synthetic and preset is None:
+        raise ValueError("--data is required without a preset (the synthetic task needs the preset's tokenizer)")
+    out.mkdir(parents=True, exist_ok=True)
     dist = init_distributed()
     metrics = MetricsLogger(out, enabled=dist.is_main, report_to=args.report_to)
-    if synthetic and preset is None:
-        raise SystemExit("rlhf train: --data is required without a preset (the synthetic task needs its tokenizer)")
     data = args.data
     if synthetic:
         if dist.is_main:  # one writer; the others wait, then read the same files

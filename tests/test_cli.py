@@ -1,7 +1,9 @@
 """The console script: bad input ends a run with one line naming the file, line and field (exit status 2)."""
 import pytest
+from transformers import AutoModelForCausalLM
 
 from rlhf.cli import main
+from tests.hf_models import CONFIGS
 
 
 def test_malformed_record_is_one_line_naming_file_line_and_field(tmp_path, capsys):
@@ -16,7 +18,7 @@ def test_malformed_record_is_one_line_naming_file_line_and_field(tmp_path, capsy
 
 @pytest.mark.parametrize("argv,message", [
     (["train", "--data", "missing.jsonl"], "missing.jsonl: file not found"),
-    (["chat", "no/such/model", "--prompt", "hi"], "no/such/model: not a saved model (no config.json)"),
+    (["chat", "no/such/model", "--prompt", "hi"], "no/such/model: not a saved model (no such directory)"),
     (["train", "--inference-tp-size", "2", "--step", "3"], "--inference-tp-size > 1 requires --actor-zero-stage 3"),
     (["train", "--report-to", "tensorboard,mlflow"], "--report-to: unknown 'mlflow' (expected a comma-separated list "
      "of tensorboard, wandb, or none)"),
@@ -37,12 +39,13 @@ def test_step3_alone_checks_its_model_paths_first(tmp_path, capsys):
     """`--step 3` reads --actor-model / --reward-model (else OUTPUT_DIR/actor and /reward); a path that is not a
     checkpoint ends the run with one line before any model is loaded."""
     causal_lm = tmp_path / "lm"
-    causal_lm.mkdir()
-    (causal_lm / "config.json").write_text("{}")  # a causal LM's checkpoint: no value head
+    AutoModelForCausalLM.from_config(CONFIGS["llama"]()).save_pretrained(causal_lm)  # no value head
+    capsys.readouterr()
     out = str(tmp_path / "run")
     cases = [
-        (["--actor-model", "no/such/actor"], "no/such/actor: not a saved model (no config.json); give --actor-model"),
-        ([], f"{out}/actor: not a saved model (no config.json)"),
+        (["--actor-model", "no/such/actor"],
+         "no/such/actor: not a saved model (no such directory); give --actor-model"),
+        ([], f"{out}/actor: not a saved model (no such directory)"),
         (["--actor-model", str(causal_lm), "--reward-model", str(causal_lm)],
          f"{causal_lm}: not a saved reward model (no value_head.safetensors); give --reward-model a step-2"),
     ]

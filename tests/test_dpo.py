@@ -97,8 +97,8 @@ def test_pair_labels_and_answer_logprob_sums_skip_prompt_and_padding():
 
 @pytest.mark.parametrize("fields,message", [
     (dict(model_name_or_path=None), "DPO needs --model-name-or-path"),
-    (dict(beta=0.0), "DPO --beta 0.0: expected a positive number"),
-    (dict(label_smoothing=0.5), "DPO --label-smoothing 0.5: expected a number in [0, 0.5)"),
+    (dict(beta=0.0), "--beta 0.0: expected a positive number"),
+    (dict(label_smoothing=0.5), "--label-smoothing 0.5: expected a number in [0, 0.5)"),
     (dict(loss="ipo", label_smoothing=0.1), "applies to the sigmoid loss, not --loss ipo"),
 ])
 def test_dpo_config_errors_are_one_line(fields, message):
@@ -155,8 +155,8 @@ def test_train_cli_dpo_options_and_errors(tmp_path, capsys):
     assert (args.dpo_learning_rate, args.dpo_per_device_train_batch_size) == (preset.dpo.learning_rate, 32)
     assert (args.dpo_beta, args.dpo_loss) == (0.1, "ipo")
     out = tmp_path / "run"
-    cases = [(["--step", "2"], f"{out}/actor: not a saved model (no config.json); give --actor-model"),
-             (["--dpo-beta", "0"], "DPO --beta 0.0: expected a positive number")]
+    cases = [(["--step", "2"], f"{out}/actor: not a saved model (no such directory); give --actor-model"),
+             (["--dpo-beta", "0"], "argument --dpo-beta: expected a positive number, got 0")]
     for flags, message in cases:  # each ends the run before any step starts
         assert cli_main(["train", "--algorithm", "dpo", "--output-dir", str(out), *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()
