@@ -15,7 +15,7 @@ from rlhf.cli import main
 from rlhf.common import require_output_dir
 from rlhf.data import DataError, Example, build_pair_dataset, build_sft_dataset
 from rlhf.dpo import DPOConfig
-from rlhf.models import ModelError, RewardModel, create_reward_model, save_reward_model
+from rlhf.models import ModelError, RewardModel, create_reward_model, load_tokenizer, save_reward_model
 from rlhf.ppo import PPOConfig
 from rlhf.ppo import main as ppo_main
 from rlhf.presets import build_word_tokenizer
@@ -99,6 +99,33 @@ def test_train_refuses_model_and_tokenizer_paths_before_writing(models, tmp_path
     assert not out.exists()  # nothing written
 
 
+def test_checkpoint_without_model_type_or_weights(models, tmp_path, capsys):
+    no_type = tmp_path / "no_type"
+    shutil.copytree(models["actor"], no_type)
+    (no_type / "config.json").write_text('{"hidden_size": 16}')
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(models["actor"], no_weights, ignore=shutil.ignore_patterns("model.safetensors"))
+    cases = [(no_type, f"{no_type}/config.json: no 'model_type' (expected a Hugging Face model config)"),
+             (no_weights, f"{no_weights}: not a saved model (no model.safetensors or pytorch_model.bin); pass a")]
+    for path, message in cases:
+        assert main(["chat", str(path), "--prompt", "hi"]) == 2
+        assert message in one_error_line(capsys, "rlhf chat")
+
+
+def test_hugging_face_errors_on_a_hub_id_become_one_line(monkeypatch):
+    """What Hugging Face raises for a hub id (no network, no such repo) is cut to its first line, naming the id."""
+    import transformers
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your internet "
+                      "connection or see the docs.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(ModelError, match=r"^someorg/somemodel: cannot load the tokenizer \(We couldn't connect to "
+                       r"'https://huggingface.co' to load the files.\)$"):
+        load_tokenizer("someorg/somemodel")
+
+
 @pytest.mark.parametrize("name,message", [
     ("actor", "actor: not a saved reward model (no value_head.safetensors); give --reward-model a step-2 checkpoint"),
     ("truncated_head", "truncated_head/value_head.safetensors: truncated or corrupt"),
@@ -156,6 +183,7 @@ def test_output_dir_must_be_a_writable_directory(tmp_path, capsys):
     (["--gamma", "2"], "argument --gamma: expected a number in [0, 1], got 2"),
     (["--algorithm", "dpo", "--dpo-beta", "0"], "argument --dpo-beta: expected a positive number, got 0"),
     (["--sft-dropout", "1"], "argument --sft-dropout: expected a number in [0, 1), got 1"),
+    (["--sft-zero-stage", "7"], "argument --sft-zero-stage: invalid choice: 7 (choose from 0, 1, 2, 3)"),
 ])
 def test_numeric_flags_out_of_range(flags, message, tmp_path, capsys):
     assert main(["train", "--output-dir", str(tmp_path / "run"), *flags]) == 2
