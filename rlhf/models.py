@@ -57,12 +57,12 @@ def looks_local(name_or_path: str) -> bool:
 
 
 def _require_intact_safetensors(file: Path) -> None:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(file), framework="pt"):  # reads the header only; a truncated file fails here
             pass
-    except Exception as err:  # the Rust SafetensorError has no Python base class to name
+    except (OSError, SafetensorError) as err:
         raise ModelError(f"{file}: truncated or corrupt ({err}); save or download the checkpoint again") from err
 
 
@@ -145,7 +145,7 @@ def loading(source: str, what: str) -> Iterator[None]:
     one ModelError line naming ``source``; RLHF_TRACEBACK=1 still shows the original, chained."""
     try:
         yield
-    except ModelError:
+    except (ModelError, torch.cuda.OutOfMemoryError):  # out of memory is no bad input
         raise
     except (OSError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
