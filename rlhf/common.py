@@ -205,7 +205,9 @@ def config_from_args(config_cls: type, args: argparse.Namespace, prefix: str = "
 
 def step_main(config_cls: type, run: Callable, description: str, argv: list[str] | None = None) -> dict:
     """`python -m rlhf.<step>`: every field of `config_cls` as a flag, then `run(config)`; prints the summary."""
-    parser = ArgumentParser(prog=f"python -m {config_cls.__module__}", description=description)
+    module = sys.modules[config_cls.__module__]  # under `python -m rlhf.sft` it is __main__; its spec keeps the name
+    prog = f"python -m {getattr(module.__spec__, 'name', None) or config_cls.__module__}"
+    parser = ArgumentParser(prog=prog, description=description)
     add_launcher_args(parser)
     add_config_args(parser, config_cls)
     cfg = config_from_args(config_cls, parser.parse_args(argv))
