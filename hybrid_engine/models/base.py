@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import KVCache
+from ..ops.library import packed_linear
 
 # Rows up to which a Linear uses its oneDNN-packed weight: decode steps (B rows) and small prefills. Larger
 # prefills are compute-bound, where MKL's plain sgemm is as good.
@@ -37,9 +38,9 @@ class Linear:
     packed: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # a compiled step reads the plain weight: fake tensors cannot stand for oneDNN's opaque packed layout
-        if (self.packed is not None and x.numel() <= PACKED_MAX_ROWS * x.shape[-1]
-                and not torch.compiler.is_compiling()):
+        if self.packed is not None and x.numel() <= PACKED_MAX_ROWS * x.shape[-1]:
+            if torch.compiler.is_compiling():  # a custom op: inductor cannot lower the ATen one on it
+                return packed_linear(x, self.packed, self.bias)
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if not self.transposed:
             return F.linear(x, self.weight, self.bias)
@@ -261,7 +262,7 @@ class InferenceModel:
 
         input_ids, positions: (B, 1); slot: (1,) long, the cache slot this token is written to (every row
         writes the same slot: prompts are left padded); key_mask: (B, S_max) bool, True on real tokens.
-        Keys and values are written in place at `slot` (index_copy_ into the cache), and attention reads all
+        Keys and values are written in place at `slot` (index_put_ into the cache), and attention reads all
         S_max slots with the slots after `slot` masked: a fixed length, for the price of attending to the whole
         cache (masked slots hold zeros or finite stale keys, see KVCache) instead of the filled part.
         """
@@ -271,6 +272,8 @@ class InferenceModel:
         ops, scale, arch = self.ops, self.scale, self.arch
         slots = torch.arange(S, device=key_mask.device)                  # (S_max,)
         filled = key_mask & (slots <= slot)[None, :]                       # (B, S_max)
+        rows = torch.arange(B, device=key_mask.device)[:, None, None]     # (B, 1, 1)
+        heads = torch.arange(arch.num_kv_heads, device=key_mask.device)[None, :, None]  # (1, Hkv, 1)
         masks = {None: filled}
         for window in self.distinct_windows:
             masks[window] = filled & (slots > slot - window)[None, :]
@@ -280,11 +283,14 @@ class InferenceModel:
             k_new = torch.empty((B, arch.num_kv_heads, 1, arch.head_dim), dtype=k.dtype, device=k.device)
             v_new = torch.empty_like(k_new)                                # (B, Hkv, 1, D)
             # the backend's own rotary (bit-identical to the eager step), its cache write into the one-slot
-            # scratch; then one in-place copy into the cache at the tensor slot
+            # scratch; then one in-place write into the cache at the tensor slot. index_put_ on the cache tensor
+            # itself, not on a view of it: inductor writes that in place, where a write through a view of the
+            # (L, B_max, ...) cache was functionalised into a copy of the whole cache per layer (8 ms a step here)
             q = ops.rotary_kv_append(q, k, v, cos, sin, k_new, v_new, 0)  # (B, 1, H, D)
+            index = (torch.tensor(i, device=slot.device), rows, heads, slot[None, None, :])
+            cache.k.index_put_(index, k_new)
+            cache.v.index_put_(index, v_new)
             k_cache, v_cache = cache.layer(i)
-            k_cache[:B].index_copy_(2, slot, k_new)
-            v_cache[:B].index_copy_(2, slot, v_new)
             out = ops.decode_attention(q.reshape(B, arch.num_heads, arch.head_dim), k_cache, v_cache,
                                        masks[self.windows[i]], S, scale)  # (B, H, D)
             return layer.o(out.view(B, 1, -1))                             # (B, 1, H*D)

@@ -25,6 +25,18 @@ OPS = ("rms_norm", "rms_norm_residual", "layer_norm", "layer_norm_residual", "ro
        "decode_attention", "prefill_attention", "tp_pack", "tp_unpack")
 
 
+@custom_op("hybrid_engine_cpu::packed_linear", mutates_args=())  # every device type: packed is MkldnnCPU
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T + b with W a oneDNN-packed weight (models/common.pack_linears): opaque to inductor, which cannot
+    lower mkldnn._linear_pointwise on an unfrozen packed weight itself. x: (..., in) -> (..., out)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@register_fake("hybrid_engine_cpu::packed_linear")
+def _(x, packed, bias):
+    return x.new_empty(x.shape[:-1] + (packed.shape[0],))
+
+
 def _empty(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     return torch.empty(like.shape if shape is None else shape, dtype=dtype or like.dtype, device=like.device)
 
