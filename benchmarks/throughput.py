@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --device cuda --dtype bf16 --model-size 1b --batch-sizes 1 16 64 \
         --prompt-len 256 --new-tokens 256 --json throughput.json
     python benchmarks/throughput.py --model path/to/checkpoint --prompts prompts.jsonl   # your model, your prompts
+    python benchmarks/throughput.py --compile --hf-static   # + the compiled engine, + HF's static-cache baseline
 
 Prints a table (the model and its parameter count, tokens/s of each, the speedup, whether both produced identical
 tokens) and, on CUDA, the achieved memory bandwidth of a decode step against the H200's ~4.3 TB/s copy ceiling.
@@ -12,6 +13,11 @@ of `{"prompt": "..."}` (one user turn) or `{"messages": [{"role": ..., "content"
 with the checkpoint's chat template (a plain `prompt` is used as is without one). Batch b takes the first b
 prompts (cycling when there are fewer). Without `--prompts`, prompts are random token ids of --prompt-len.
 Both sides always generate --new-tokens per row (EOS does not stop them), so they do the same work.
+
+`--compile` adds the engine with compile=True (the static decode step: inductor, and CUDA graphs on CUDA) beside
+the eager engine; its first call, which compiles the step for the batch's bucket, is timed apart (compile s).
+`--hf-static` adds Hugging Face's strongest baseline: generate with a static cache, whose decoding forward
+transformers compiles itself (mode reduce-overhead: CUDA graphs) on CUDA; on CPU it runs uncompiled.
 """
 from __future__ import annotations
 
@@ -169,7 +175,11 @@ def run(args) -> list[dict]:
     seq_len = max(ids.shape[1] for ids, _ in batches.values()) + args.new_tokens
     n_params = sum(p.numel() for p in model.parameters())
     engine = hybrid_engine.wrap(model, max_seq_len=seq_len, max_batch_size=max(args.batch_sizes),
-                                kernels=args.kernels).eval()
+                                kernels=args.kernels, compile=False).eval()
+    compiled = None
+    if args.compile:
+        compiled = hybrid_engine.wrap(model, max_seq_len=seq_len, max_batch_size=max(args.batch_sizes),
+                                      kernels=args.kernels, compile=True).eval()
     print(f"model: {name} ({model.config.model_type}), {n_params / 1e6:.1f}M params, {args.dtype}, {args.device}; "
           f"prompts: {args.prompts or 'random ids'}; kernels: {sorted(set(b for b, _ in engine.ops.choices.values()))}",
           flush=True)
@@ -181,38 +191,77 @@ def run(args) -> list[dict]:
             return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
                                   min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=pad_id)
 
-        def eng_fn(n=args.new_tokens, ids=ids, mask=mask):
+        def eng_fn(n=args.new_tokens, ids=ids, mask=mask, engine=engine):
             return engine.generate(ids, mask, max_new_tokens=n, eos_token_id=[])
 
+        fns = {"hf": hf_fn, "engine": eng_fn}
+        compile_s = None
+        if compiled is not None:
+            fns["compiled"] = lambda n=args.new_tokens, ids=ids, mask=mask: eng_fn(n, ids, mask, compiled)
+            sync(args.device)
+            t = time.perf_counter()
+            fns["compiled"]()  # compiles (and on CUDA captures) the step of this batch's bucket
+            sync(args.device)
+            compile_s = time.perf_counter() - t
+        if args.hf_static:
+            fns["hf_static"] = lambda ids=ids, mask=mask: model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                do_sample=False, pad_token_id=pad_id, cache_implementation="static")
         with torch.inference_mode():
-            secs, outs = timed({"hf": hf_fn, "engine": eng_fn}, args.device, args.repeats)
+            secs, outs = timed(fns, args.device, args.repeats)
         hf_s, eng_s, hf_out, eng_out = secs["hf"], secs["engine"], outs["hf"], outs["engine"]
         new = batch * args.new_tokens
         row = dict(model=name, params=n_params, batch_size=batch, prompt_len=prompt_len, new_tokens=args.new_tokens,
                    hf_tokens_per_s=new / hf_s, engine_tokens_per_s=new / eng_s, speedup=hf_s / eng_s,
                    outputs_equal=bool(torch.equal(hf_out, eng_out.sequences)))
+        if compiled is not None:
+            row.update(compiled_tokens_per_s=new / secs["compiled"], compiled_speedup=hf_s / secs["compiled"],
+                       compile_s=compile_s,
+                       compiled_equal=bool(torch.equal(hf_out, outs["compiled"].sequences)))
+        if args.hf_static:
+            row.update(hf_static_tokens_per_s=new / secs["hf_static"],
+                       hf_static_equal=bool(torch.equal(hf_out, outs["hf_static"])))
         if args.device == "cuda" and args.new_tokens > 1:
             prefill_s = timed({"prefill": lambda f=eng_fn: f(1)}, args.device, args.repeats)[0]["prefill"]
             step_s = (eng_s - prefill_s) / (args.new_tokens - 1)
             mean_len = prompt_len + args.new_tokens // 2  # the cache length of the average decode step
             row.update(decode_step_ms=step_s * 1e3, decode_bandwidth_fraction=decode_step_bytes(
                 model, batch, mean_len) / step_s / PEAK_BYTES_PER_S)
+            if compiled is not None:
+                # the compiled step attends to all max_seq_len slots (masked), so its floor reads the whole cache
+                fn = fns["compiled"]
+                prefill_s = timed({"prefill": lambda f=fn: f(1)}, args.device, args.repeats)[0]["prefill"]
+                step_s = (secs["compiled"] - prefill_s) / (args.new_tokens - 1)
+                row.update(compiled_step_ms=step_s * 1e3, compiled_bandwidth_fraction=decode_step_bytes(
+                    model, batch, seq_len) / step_s / PEAK_BYTES_PER_S)
         rows.append(row)
         print_row(row, header=len(rows) == 1)
     return rows
 
 
 def print_row(row: dict, header: bool) -> None:
+    """One line per batch size; the compiled engine and HF's static cache, when run, on lines of their own."""
     if header:
-        print(f"{'model':<24} {'params':>7} {'batch':>5} {'prompt':>6} {'new':>5} {'HF tok/s':>10} "
-              f"{'engine tok/s':>12} {'speedup':>7} {'equal':>5}"
+        print(f"{'model':<24} {'params':>7} {'batch':>5} {'prompt':>6} {'new':>5} {'run':<16} {'tok/s':>10} "
+              f"{'vs HF':>7} {'equal':>5} {'compile s':>9}"
               + (f" {'step ms':>8} {'bw frac':>7}" if "decode_step_ms" in row else ""))
-    line = (f"{row['model'][:24]:<24} {row['params'] / 1e6:>6.1f}M {row['batch_size']:>5} {row['prompt_len']:>6} "
-            f"{row['new_tokens']:>5} {row['hf_tokens_per_s']:>10.1f} {row['engine_tokens_per_s']:>12.1f} "
-            f"{row['speedup']:>6.2f}x {str(row['outputs_equal']):>5}")
-    if "decode_step_ms" in row:
-        line += f" {row['decode_step_ms']:>8.2f} {row['decode_bandwidth_fraction']:>7.2f}"
-    print(line, flush=True)
+    lead = (f"{row['model'][:24]:<24} {row['params'] / 1e6:>6.1f}M {row['batch_size']:>5} {row['prompt_len']:>6} "
+            f"{row['new_tokens']:>5}")
+    hf = row["hf_tokens_per_s"]
+    runs = [("HF generate", hf, True, None, None, None)]
+    if "hf_static_tokens_per_s" in row:
+        runs.append(("HF static cache", row["hf_static_tokens_per_s"], row["hf_static_equal"], None, None, None))
+    runs.append(("engine eager", row["engine_tokens_per_s"], row["outputs_equal"], None,
+                 row.get("decode_step_ms"), row.get("decode_bandwidth_fraction")))
+    if "compiled_tokens_per_s" in row:
+        runs.append(("engine compiled", row["compiled_tokens_per_s"], row["compiled_equal"], row["compile_s"],
+                     row.get("compiled_step_ms"), row.get("compiled_bandwidth_fraction")))
+    for name, tok_s, equal, compile_s, step_ms, bw in runs:
+        line = (f"{lead} {name:<16} {tok_s:>10.1f} {tok_s / hf:>6.2f}x {str(equal):>5} "
+                f"{'' if compile_s is None else f'{compile_s:.1f}':>9}")
+        if "decode_step_ms" in row:
+            line += f" {'' if step_ms is None else f'{step_ms:.2f}':>8} {'' if bw is None else f'{bw:.2f}':>7}"
+        print(line, flush=True)
 
 
 def main(argv=None) -> int:
@@ -233,6 +282,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement, median kept (default 3)")
     p.add_argument("--kernels", default=None, help="engine kernels: auto|cuda|triton|cpu|torch (default: "
                    "$HYBRID_ENGINE_KERNELS or auto)")
+    p.add_argument("--compile", action="store_true",
+                   help="also run the engine with compile=True (the compiled static decode step)")
+    p.add_argument("--hf-static", action="store_true",
+                   help="also run HF generate with a static cache (compiled by transformers on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the rows as a JSON list to this path")
     args = p.parse_args(argv)
@@ -247,7 +300,7 @@ def main(argv=None) -> int:
         with open(tmp, "w") as f:
             json.dump(rows, f, indent=2)
         os.replace(tmp, args.json)
-    if not all(r["outputs_equal"] for r in rows):
+    if not all(r["outputs_equal"] and r.get("compiled_equal", True) for r in rows):
         print("WARNING: the engine's tokens differ from Hugging Face's in some rows", file=sys.stderr)
         return 1 if args.dtype == "fp32" else 0
     return 0
