@@ -145,6 +145,43 @@ def scenario_zero3_tp1(rank):
     return res
 
 
+def scenario_zero3_compile(rank):
+    """compile=True under ZeRO-3 (pinned: the gathered weights stay from eval() to train()): HF's tokens before
+    and after an optimizer step with one compilation; streamed layers (gathered inside the forward) take the
+    eager step instead."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    import hybrid_engine
+
+    torch._dynamo.reset()
+    model = _model("llama")
+    ref = copy.deepcopy(model)
+    ds = _ds(model, 3)
+    counter = CompileCounterWithBackend("aot_eager")
+    engine = hybrid_engine.wrap(ds, max_seq_len=24, max_batch_size=4, compile=True, compile_backend=counter,
+                                pin_parameters=True)
+    res = {"greedy": _greedy_matches(engine, ref, rank)}
+    ids, mask = _prompts(rank)
+    before = engine.eval().generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], pad_token_id=0).sequences
+    engine.train()
+    labels = torch.randint(3, 101, ids.shape, generator=torch.Generator().manual_seed(rank))
+    ds.backward(ds(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    ds.step()
+    ref.load_state_dict(_full_state(model))
+    after = engine.eval().generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], pad_token_id=0).sequences
+    hf = _hf(ref, ids, mask)
+    res["after_step"] = (torch.equal(after, hf) and not torch.equal(before, after),
+                         f"before {before.tolist()} after {after.tolist()} hf {hf.tolist()}")
+    res["one_compilation"] = (counter.frame_count == 1, f"{counter.frame_count} compilations")
+    engine.train()
+    streamed = hybrid_engine.wrap(ds, max_seq_len=24, max_batch_size=4, compile=True, compile_backend=counter,
+                                  pin_parameters=False, gather_partition_size=1)
+    res["streamed_eager"] = _greedy_matches(streamed, ref, rank)
+    streamed.release_memory()
+    return res
+
+
 def _tp_scenario(rank, name: str, stage: int, lora: bool = False, group_size: int = 0):
     import hybrid_engine
 

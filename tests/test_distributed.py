@@ -64,6 +64,10 @@ def test_zero3_tp1_greedy_optimizer_step_release_and_streaming(results):
     _check(results, "zero3_tp1")
 
 
+def test_compiled_step_under_zero3(results):
+    _check(results, "zero3_compile")
+
+
 def test_zero3_tp2_greedy_and_sampled_logprobs(results):
     _check(results, "zero3_tp2")
 
