@@ -1,16 +1,21 @@
 """Rollouts for PPO: generate with the hybrid engine, then score the sequences with the training forward of
 the actor, the frozen reference, the reward model and the critic (DeepSpeed-Chat's `generate_experience`).
+The actor's forward can be skipped by reusing the logprobs the engine reported while generating, and the
+reference can be scored by an engine's prefill-only forward (`HybridEngine.score`).
 
 Index convention (as DeepSpeed-Chat): for a sequence of P prompt columns and N answer columns, the logits and
 values at column P-1+t belong to answer token t, so every per-action tensor is (B, N).
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
+from hybrid_engine import HybridEngine
 from rlhf.models import position_ids_from_mask
 
 
@@ -20,7 +25,7 @@ class Experience:
     attention_mask: torch.Tensor  # (B, P+N) 1 on prompt tokens and on answer tokens up to and including EOS
     action_mask: torch.Tensor     # (B, N) bool
     prompt_len: int
-    logprobs: torch.Tensor        # (B, N) the actor's training-forward logprobs (PPO's "old" logprobs)
+    logprobs: torch.Tensor        # (B, N) PPO's "old" logprobs: the training forward's, or the rollout's reused
     ref_logprobs: torch.Tensor    # (B, N)
     rollout_logprobs: torch.Tensor  # (B, N) what the hybrid engine reported while generating
     values: torch.Tensor | None = None  # (B, N) the critic's, before the update; None without a critic
@@ -56,6 +61,36 @@ def action_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor,
 
 
 @dataclass
+class PhaseTimer:
+    """Seconds per named phase, summed until `pop()`; free when off (the trainer's default). On CUDA each phase
+    synchronizes before and after, so the kernels a phase launches are charged to it. `clock`: wall time by
+    default; time.process_time counts this process's CPU seconds only (with one thread: its work, whatever else
+    the machine runs)."""
+    enabled: bool = False
+    clock: Callable[[], float] = time.perf_counter
+    seconds: dict = field(default_factory=dict)
+
+    def phase(self, name: str):
+        return self._timed(name) if self.enabled else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _timed(self, name: str):
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        start = self.clock()
+        try:
+            yield
+        finally:
+            sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + self.clock() - start
+
+    def pop(self) -> dict:
+        """The seconds per phase since the last pop(), and a fresh count."""
+        out, self.seconds = self.seconds, {}
+        return out
+
+
+@dataclass
 class RolloutStats:
     seconds: float
     new_tokens: int
@@ -64,24 +99,36 @@ class RolloutStats:
     gathered_bytes: int = 0     # ZeRO-3 parameters all-gathered by the eval() switch
     tp_bytes: int = 0           # this rank's tensor-parallel shards written by it
     train_switch_s: float = 0.0  # the train() switch (partitioning the gathered parameters again)
+    # largest |rollout - training-forward logprob| over the answer tokens; None when the rollout's logprobs were
+    # reused without an audit (the training forward was not run)
+    logprob_gap: float | None = None
 
 
 @torch.no_grad()
 def generate_experience(hybrid, actor, ref, critic, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                         max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
-                        top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None
-                        ) -> tuple[Experience, RolloutStats]:
+                        top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                        reuse_rollout_logprobs: bool = False, audit: bool = False,
+                        timer: PhaseTimer | None = None) -> tuple[Experience, RolloutStats]:
     """One generation batch: sample answers with the hybrid engine, then score them with the training forward
     of the actor, the frozen reference and the critic (None: no values). The models are plain modules (a
-    DeepSpeed engine's `.module`); the rewards are the caller's (a reward model or a function)."""
+    DeepSpeed engine's `.module`); `ref` may be a HybridEngine instead, scored with its prefill-only forward. The
+    rewards are the caller's (a reward model or a function).
+
+    `reuse_rollout_logprobs`: PPO's old logprobs are the engine's rollout logprobs (same weights, same tokens,
+    within the measured gap), saving the actor's forward; `audit` runs that forward anyway to report the gap."""
+    timer = timer or PhaseTimer()
     start = time.perf_counter()
-    hybrid.eval()
-    out = hybrid.generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, do_sample=True,
-                          temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                          pad_token_id=pad_token_id, generator=generator)
+    with timer.phase("switch"):
+        hybrid.eval()
+    with timer.phase("generate"):
+        out = hybrid.generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, do_sample=True,
+                              temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                              pad_token_id=pad_token_id, generator=generator)
     gen_s = time.perf_counter() - start
     switch = hybrid.last_switch
-    hybrid.train()
+    with timer.phase("switch"):
+        hybrid.train()
     stats = RolloutStats(gen_s, int(out.action_mask.sum()), switch.seconds, switch.relaid_bytes, switch.gathered_bytes,
                          switch.tp_bytes, hybrid.last_train_switch.seconds)
     actor.eval()  # no dropout: the "old" logprobs must be those of the policy that generated
@@ -90,17 +137,29 @@ def generate_experience(hybrid, actor, ref, critic, prompt_ids: torch.Tensor, pr
     mask = action_mask.float()
     attention_mask = torch.cat([prompt_mask, action_mask.to(prompt_mask.dtype)], dim=1)
     seq = out.sequences
-    logprobs = action_logprobs(actor, seq, attention_mask, P, temperature)
-    ref_logprobs = action_logprobs(ref, seq, attention_mask, P, temperature)
-    values = action_values(critic, seq, attention_mask, P) * mask if critic is not None else None
+    logprobs = out.logprobs
+    if not reuse_rollout_logprobs or audit:
+        with timer.phase("old_logprobs"):
+            forward = action_logprobs(actor, seq, attention_mask, P, temperature) * mask
+        stats.logprob_gap = max_logprob_gap(out.logprobs, forward, action_mask)
+        logprobs = logprobs if reuse_rollout_logprobs else forward
+    with timer.phase("ref_logprobs"):
+        if isinstance(ref, HybridEngine):
+            ref_logprobs = ref.score(seq, attention_mask, prompt_len=P, temperature=temperature)
+        else:
+            ref_logprobs = action_logprobs(ref, seq, attention_mask, P, temperature)
+    values = None
+    if critic is not None:
+        with timer.phase("values"):
+            values = action_values(critic, seq, attention_mask, P) * mask
     actor.train()
-    return Experience(seq, attention_mask, action_mask, P, logprobs * mask, ref_logprobs * mask, out.logprobs,
+    return Experience(seq, attention_mask, action_mask, P, logprobs, ref_logprobs * mask, out.logprobs,
                       values), stats
 
 
-def max_logprob_gap(exp: Experience) -> float:
-    """Largest |rollout logprob - training-forward logprob| over the answer tokens of a rollout."""
-    gap = (exp.rollout_logprobs - exp.logprobs).abs().masked_fill(~exp.action_mask, 0.0)
+def max_logprob_gap(rollout: torch.Tensor, forward: torch.Tensor, action_mask: torch.Tensor) -> float:
+    """Largest |rollout logprob - training-forward logprob| over the answer tokens (B, N) of a rollout."""
+    gap = (rollout - forward).abs().masked_fill(~action_mask, 0.0)
     return float(gap.max()) if gap.numel() else 0.0
 
 

@@ -11,8 +11,9 @@ clipped value loss (0.2 each), `ppo_epochs` passes over `generation_batches` rol
 actor and an optional pre-training (PTX) loss. `grpo`, `rloo`, `reinforce++` and `reinforce++-baseline` are
 critic-free: `--n-samples-per-prompt` answers per prompt, an advantage estimator from rlhf/advantages.py, KL as a
 reward penalty or a loss term. Rewards come from the reward model or from `--reward-fn` (rlhf/rewards.py).
-Every round logs the largest gap between the logprobs the hybrid engine reported while generating and the
-training forward's on the same tokens.
+PPO's "old" logprobs are those the hybrid engine reported while generating (`--reuse-rollout-logprobs`, on when
+the actor has no dropout); every `--logprob-audit-interval` rollouts (and every rollout with
+`--no-reuse-rollout-logprobs`) the training forward runs too and the round logs the largest gap between the two.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from rlhf.common import check_bounds, config_from_args, opt, run_cli, step_main,
 from rlhf.data import build_prompt_dataset, build_sft_dataset, load_step_examples, make_dataloader, train_eval_split
 from rlhf.data.synthetic import gold_scores
 from rlhf.deepspeed_utils import init_distributed
-from rlhf.experience import max_logprob_gap, sequence_kl
+from rlhf.experience import sequence_kl
 from rlhf.metrics import MetricsLogger
 from rlhf.models import load_tokenizer, require_checkpoint, require_model_source
 from rlhf.rewards import RewardFunction
@@ -155,6 +156,16 @@ class PPOConfig:
                                        "instead of once per rollout (slower, less memory)")
     tp_gather_partition_size: int = opt(8, "ZeRO-3: actor layers gathered at a time (0: all at once)")
     kernels: str | None = opt(None, "hybrid-engine kernels: auto|cuda|triton|cpu|torch")
+    reuse_rollout_logprobs: bool | None = opt(None, "PPO's old logprobs are those the engine reported while "
+                                              "generating (one actor forward less per rollout); refused for an "
+                                              "actor with dropout (default: on when the actor has none)")
+    logprob_audit_interval: int = opt(10, "with reused rollout logprobs: every K-th rollout (the first included) "
+                                      "runs the actor's training forward anyway and logs logprob_gap (0: never)")
+    # Off by default: on CPU it costs what the training forward costs (benchmarks/rlhf_step.py, 1.00x) and holds
+    # a second KV cache and fused copies of the reference's layers; the GPU check says whether it pays there.
+    score_reference_with_engine: bool = opt(False, "the reference model's logprobs from an engine's prefill-only "
+                                            "forward (HybridEngine.score) instead of its training forward; not "
+                                            "under actor ZeRO-3")
     gold_task: str = opt("none", "score answers with a rule too: 'synthetic' (the built-in task) or 'none'",
                          choices=["none", "synthetic"])
     eval_prompts: int = opt(256, "held-out prompts scored before and after PPO")
@@ -181,6 +192,9 @@ class PPOConfig:
         check_bounds(self)
         if self.inference_tp_size > 1 and self.actor_zero_stage != 3:
             raise ValueError("--inference-tp-size > 1 requires --actor-zero-stage 3 (as DeepSpeed-Chat)")
+        if self.logprob_audit_interval < 0:
+            raise ValueError(f"--logprob-audit-interval {self.logprob_audit_interval}: expected 0 (never) or a "
+                             "positive number of rollouts")
         algo = self.algo()
         if ESTIMATORS[algo.estimator].grouped and algo.n_samples_per_prompt < 2:
             raise ValueError(f"--algorithm {algo.name} compares the answers to one prompt: "
@@ -255,11 +269,13 @@ def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
         exp, stats = trainer.rollout(batch, prompts, fields, generator)
         gen_tokens, gen_seconds = gen_tokens + stats.new_tokens, gen_seconds + stats.seconds
         record = {"reward": exp.scores.mean().item(), "kl": sequence_kl(exp).mean().item(),
-                  "logprob_gap": max_logprob_gap(exp), "answer_len": exp.action_mask.sum(-1).float().mean().item(),
+                  "answer_len": exp.action_mask.sum(-1).float().mean().item(),
                   "gen_tokens_per_s": stats.new_tokens / max(stats.seconds, 1e-9),
                   "eval_switch_s": stats.eval_switch_s, "relaid_bytes": stats.relaid_bytes,
                   "gathered_bytes": stats.gathered_bytes, "tp_bytes": stats.tp_bytes,
                   "train_switch_s": stats.train_switch_s}
+        if stats.logprob_gap is not None:  # not measured on a rollout whose logprobs were reused unaudited
+            record["logprob_gap"] = stats.logprob_gap
         if gold_fn is not None:
             golds = gold_fn([p for p in prompts for _ in range(algo.n_samples_per_prompt)], trainer.answers(exp))
             record["gold"] = sum(golds) / len(golds)
@@ -277,7 +293,7 @@ def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
         history.append(record)
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}",
-                        gap=f"{record['logprob_gap']:.1e}")
+                        **({"gap": f"{record['logprob_gap']:.1e}"} if "logprob_gap" in record else {}))
         if step % cfg.log_interval == 0:
             metrics.log(name, step, **record)
             if cfg.print_answers and dist.is_main:
@@ -299,7 +315,7 @@ def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
         "dropped_prompts": train_set.num_dropped, "reward_before": before.get("reward"),
         "reward_after": after.get("reward"), "gold_before": before.get("gold"), "gold_after": after.get("gold"),
         "final_reward": mean("reward"), "final_kl": mean("kl"),
-        "max_logprob_gap": max((r["logprob_gap"] for r in history), default=0.0),
+        "max_logprob_gap": max((r["logprob_gap"] for r in history if "logprob_gap" in r), default=0.0),
         "gen_tokens_per_s": gen_tokens / max(gen_seconds, 1e-9), "seconds": time.time() - start,
     }
 

@@ -18,7 +18,7 @@ import hybrid_engine
 from rlhf.advantages import ESTIMATORS, EstimatorInput
 from rlhf.common import all_reduce_sum, to_device
 from rlhf.deepspeed_utils import ds_config, init_inference, initialize
-from rlhf.experience import Experience, action_logprobs, action_values, generate_experience, lm_loss
+from rlhf.experience import Experience, PhaseTimer, action_logprobs, action_values, generate_experience, lm_loss
 from rlhf.losses import aggregate, kl_divergence, kl_penalized_rewards, masked_mean, policy_loss, value_loss
 from rlhf.models import VALUE_HEAD_FILE, ModelOptions, RewardModel, create_actor, create_critic, create_reward_model
 from rlhf.rewards import RewardFunction
@@ -38,19 +38,54 @@ def critic_options(cfg) -> ModelOptions:
                         only_optimize_lora=cfg.only_optimize_lora)
 
 
+def dropout_settings(model) -> dict[str, float]:
+    """The nonzero dropout probabilities of a model: its config's fields (every family names them differently)
+    and any nn.Dropout module's."""
+    config = getattr(model, "config", None)
+    found = {k: v for k, v in (config.to_dict() if config is not None else {}).items()
+             if ("dropout" in k or k.endswith("_pdrop")) and isinstance(v, float) and v > 0}
+    found.update({name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0})
+    return found
+
+
+def reuse_rollout_logprobs(cfg, actor) -> bool:
+    """Whether PPO's old logprobs are the rollout's: --reuse-rollout-logprobs asks for it (and refuses an actor
+    with dropout, whose training forward the rollout's logprobs cannot stand for); unset, it is on exactly when
+    the actor has no dropout."""
+    dropout = dropout_settings(actor)
+    if cfg.reuse_rollout_logprobs and dropout:
+        shown = ", ".join(f"{k}={v}" for k, v in list(dropout.items())[:3])
+        raise ValueError(f"--reuse-rollout-logprobs needs an actor without dropout, this one has {shown}: pass "
+                         "--actor-dropout 0 or --no-reuse-rollout-logprobs")
+    return not dropout if cfg.reuse_rollout_logprobs is None else cfg.reuse_rollout_logprobs
+
+
 class RLTrainer:
-    """Holds the models (actor, reference, critic if any, reward model if no reward function) of one run."""
+    """Holds the models (actor, reference, critic if any, reward model if no reward function) of one run.
+    `timer` (off unless enabled) sums the seconds of each phase of the rollouts and updates
+    (benchmarks/rlhf_step.py reads it)."""
 
     def __init__(self, cfg, tokenizer, total_steps: int, device: torch.device, reward_fn: RewardFunction | None):
         self.cfg, self.algo, self.tokenizer, self.device = cfg, cfg.algo(), tokenizer, device
         micro = cfg.per_device_training_batch_size
         actor = create_actor(cfg.actor_model_name_or_path, actor_options(cfg))
+        self.reuse_logprobs = reuse_rollout_logprobs(cfg, actor)
+        self.rollouts = 0  # rollouts made so far, for the audit interval
+        self.timer = PhaseTimer()
         self.actor = initialize(actor, ds_config(micro, 1, cfg.actor_zero_stage, cfg.offload, cfg.dtype),
                                 cfg.actor_learning_rate, cfg.actor_weight_decay, total_steps, cfg.num_warmup_steps,
                                 cfg.lr_scheduler_type,
                                 lora_lr=cfg.actor_lora_learning_rate if cfg.actor_lora_dim else None)
         ref = create_actor(cfg.actor_model_name_or_path, ModelOptions())
         self.ref = init_inference(ref, micro, cfg.actor_zero_stage, cfg.offload_reference_model, cfg.dtype)
+        rows = cfg.per_device_generation_batch_size * self.algo.n_samples_per_prompt
+        seq_len = cfg.max_prompt_seq_len + cfg.max_answer_seq_len
+        # the frozen reference through the engine's prefill-only forward (its weights described once); under
+        # ZeRO-3 it stays on the training forward, which gathers its layers one at a time
+        self.ref_engine = None
+        if cfg.score_reference_with_engine and cfg.actor_zero_stage != 3:
+            self.ref_engine = hybrid_engine.wrap(self.ref.module, max_seq_len=seq_len, max_batch_size=rows,
+                                                 kernels=cfg.kernels, pack_weights=False)
         self.critic = None
         if self.algo.needs_critic:
             # from the trained reward model (DeepSpeed-Chat); from a causal LM's backbone with a new value head
@@ -68,8 +103,7 @@ class RLTrainer:
             self.reward_model = init_inference(reward, micro, cfg.critic_zero_stage, cfg.offload_reward_model,
                                                cfg.dtype)
         self.ema = copy.deepcopy(self.actor.module).eval() if cfg.enable_ema else None
-        rows = cfg.per_device_generation_batch_size * self.algo.n_samples_per_prompt
-        self.hybrid = hybrid_engine.wrap(self.actor, max_seq_len=cfg.max_prompt_seq_len + cfg.max_answer_seq_len,
+        self.hybrid = hybrid_engine.wrap(self.actor, max_seq_len=seq_len,
                                          max_batch_size=rows, tp_size=cfg.inference_tp_size, kernels=cfg.kernels,
                                          force_fallback=not cfg.enable_hybrid_engine,
                                          release_cache_after_generate=cfg.release_inference_cache,
@@ -81,25 +115,32 @@ class RLTrainer:
 
     def score(self, exp: Experience, prompts: list[str], fields: list[dict]) -> torch.Tensor:
         """(B,) the reward of each row: the reward function on the decoded text, else the reward model."""
-        if self.reward_fn is not None:
-            return self.reward_fn(prompts, self.answers(exp), fields).to(self.device)
-        return self.reward_model.module.score(exp.sequences, exp.attention_mask).float()
+        with self.timer.phase("reward"):
+            if self.reward_fn is not None:
+                return self.reward_fn(prompts, self.answers(exp), fields).to(self.device)
+            return self.reward_model.module.score(exp.sequences, exp.attention_mask).float()
 
-    def generate(self, batch: dict, generator: torch.Generator, n_samples: int = 1):
-        """Sample `n_samples` answers per prompt (consecutive rows) and score them with the training forwards."""
+    def generate(self, batch: dict, generator: torch.Generator, n_samples: int = 1, audit: bool = False):
+        """Sample `n_samples` answers per prompt (consecutive rows) and score them with the training forwards
+        (the actor's skipped when its rollout logprobs are reused, unless `audit`)."""
         cfg = self.cfg
         ids = batch["input_ids"].repeat_interleave(n_samples, dim=0)          # (B * n, P)
         mask = batch["attention_mask"].repeat_interleave(n_samples, dim=0)
         critic = self.critic.module if self.critic is not None else None
-        return generate_experience(self.hybrid, self.actor.module, self.ref.module, critic, ids, mask,
+        ref = self.ref_engine or self.ref.module
+        return generate_experience(self.hybrid, self.actor.module, ref, critic, ids, mask,
                                    cfg.max_answer_seq_len, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
-                                   cfg.temperature, cfg.top_k, cfg.top_p, generator)
+                                   cfg.temperature, cfg.top_k, cfg.top_p, generator, self.reuse_logprobs, audit,
+                                   self.timer)
 
     def rollout(self, batch: dict, prompts: list[str], fields: list[dict], generator: torch.Generator):
         """One rollout with its scores, per-token rewards, advantages and returns filled (once, for every
         minibatch and epoch); `prompts` and `fields` are the batch's records."""
         algo, n = self.algo, self.algo.n_samples_per_prompt
-        exp, stats = self.generate(batch, generator, n)
+        interval = self.cfg.logprob_audit_interval
+        audit = bool(interval) and self.rollouts % interval == 0  # the first rollout, then every interval-th
+        self.rollouts += 1
+        exp, stats = self.generate(batch, generator, n, audit)
         exp.scores = self.score(exp, [p for p in prompts for _ in range(n)], [f for f in fields for _ in range(n)])
         exp.rewards = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, exp.scores, exp.action_mask, algo.kl_ctl,
                                            self.cfg.clip_reward_value)
@@ -113,28 +154,31 @@ class RLTrainer:
         """One minibatch: actor step on the clipped policy loss (+ the KL loss term), a PTX step when given, and
         a critic step on the clipped value loss when there is a critic."""
         cfg, algo = self.cfg, self.algo
-        logprobs = action_logprobs(self.actor, exp.sequences, exp.attention_mask, exp.prompt_len, cfg.temperature)
-        actor_loss = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, algo.clip, algo.clip_high,
-                                 algo.loss_agg, cfg.max_answer_seq_len)
-        out = {"actor_loss": actor_loss.item(), "advantage": masked_mean(exp.advantages, exp.action_mask).item()}
-        loss = actor_loss
-        if algo.kl_loss_coef:
-            kl = aggregate(kl_divergence(logprobs, exp.ref_logprobs, algo.kl_estimator), exp.action_mask,
-                           algo.loss_agg, cfg.max_answer_seq_len)
-            loss = loss + algo.kl_loss_coef * kl
-            out["kl_loss"] = kl.item()
-        self.actor.backward(loss)
-        self.actor.step()
-        if ptx_batch is not None:
-            ptx = lm_loss(self.actor, to_device(ptx_batch, self.device))
-            self.actor.backward(cfg.unsup_coef * ptx)
+        with self.timer.phase("actor_update"):
+            logprobs = action_logprobs(self.actor, exp.sequences, exp.attention_mask, exp.prompt_len,
+                                       cfg.temperature)
+            actor_loss = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, algo.clip,
+                                     algo.clip_high, algo.loss_agg, cfg.max_answer_seq_len)
+            out = {"actor_loss": actor_loss.item(), "advantage": masked_mean(exp.advantages, exp.action_mask).item()}
+            loss = actor_loss
+            if algo.kl_loss_coef:
+                kl = aggregate(kl_divergence(logprobs, exp.ref_logprobs, algo.kl_estimator), exp.action_mask,
+                               algo.loss_agg, cfg.max_answer_seq_len)
+                loss = loss + algo.kl_loss_coef * kl
+                out["kl_loss"] = kl.item()
+            self.actor.backward(loss)
             self.actor.step()
-            out["ptx_loss"] = ptx.item()
+            if ptx_batch is not None:
+                ptx = lm_loss(self.actor, to_device(ptx_batch, self.device))
+                self.actor.backward(cfg.unsup_coef * ptx)
+                self.actor.step()
+                out["ptx_loss"] = ptx.item()
         if self.critic is not None:
-            values = action_values(self.critic, exp.sequences, exp.attention_mask, exp.prompt_len)
-            critic_loss = value_loss(values, exp.values, exp.returns, exp.action_mask, cfg.cliprange_value)
-            self.critic.backward(critic_loss)
-            self.critic.step()
+            with self.timer.phase("critic_update"):
+                values = action_values(self.critic, exp.sequences, exp.attention_mask, exp.prompt_len)
+                critic_loss = value_loss(values, exp.values, exp.returns, exp.action_mask, cfg.cliprange_value)
+                self.critic.backward(critic_loss)
+                self.critic.step()
             out["critic_loss"] = critic_loss.item()
         if self.ema is not None:
             self.update_ema()
