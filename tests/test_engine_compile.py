@@ -209,3 +209,64 @@ def test_cpu_custom_ops_have_fake_implementations():
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def _sgd_step(model, ids, mask) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(input_ids=ids, attention_mask=mask).logits.logsumexp(-1).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_captured_addresses_survive_train_eval_and_move_on_release(tmp_path):
+    """What a CUDA graph holds is the address of every tensor the step reads (static.graph_inputs). On the CPU:
+    after an optimizer step and train()/eval() every one is where it was (parameters are updated in place, the
+    fused buffers refilled in place, the rotary table kept), so the graphs need no re-capture; release_memory()
+    frees buffers, and the next generation sees new addresses (and would re-capture). Packing is off as on a GPU
+    (its oneDNN copies are CPU-only and remade at each eval())."""
+    from hybrid_engine.static import graph_inputs
+
+    model = tiny_model("qwen2", tmp_path)
+    ids, mask = left_padded_prompts(LENGTHS, 0)
+    _, compiled, _ = engines(model, "cpu", pack_weights=False)
+
+    def addresses():
+        greedy(compiled, ids, mask, 0)
+        state = compiled.static.states[bucket_of(len(LENGTHS), 4)]
+        return [t.data_ptr() for t in graph_inputs(compiled.inference, compiled.cache, state)]
+
+    first = addresses()
+    compiled.train()
+    _sgd_step(model, ids, mask)
+    compiled.eval()
+    assert addresses() == first
+    compiled.release_memory()
+    assert addresses() != first
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_captured_once_per_bucket_and_replayed_after_weight_updates(tmp_path):
+    """On CUDA, compile=True (the default) captures each bucket's step once; an optimizer step with train()/eval()
+    replays the same graph with the new weights (HF's tokens on them); release_memory() forces one re-capture."""
+    model = tiny_model("llama", tmp_path).cuda()
+    ids, mask = (t.cuda() for t in left_padded_prompts(LENGTHS, 0))
+    engine = hybrid_engine.wrap(model, max_seq_len=MAX_SEQ, max_batch_size=4).eval()
+    eager = hybrid_engine.wrap(model, max_seq_len=MAX_SEQ, max_batch_size=4, compile=False).eval()
+    assert engine.static is not None and engine.static.cuda_graphs
+    out = greedy(engine, ids, mask, 0)
+    assert torch.equal(out.sequences, greedy(eager, ids, mask, 0).sequences)
+    assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 0))
+    assert engine.static.captures == 1
+    greedy(engine, ids[:, 2:], mask[:, 2:], 0)   # a shorter prompt, same bucket: a replay
+    assert engine.static.captures == 1
+    engine.train()
+    _sgd_step(model, ids, mask)
+    model.eval()
+    after = greedy(engine.eval(), ids, mask, 0)
+    assert not torch.equal(after.sequences, out.sequences)
+    assert torch.equal(after.sequences, hf_greedy(model, ids, mask, 0))
+    assert engine.static.captures == 1, "re-captured after a weight update"
+    engine.release_memory()
+    greedy(engine, ids, mask, 0)
+    assert engine.static.captures == 2
