@@ -224,7 +224,10 @@ def step_main(config_cls: type, run: Callable, description: str, argv: list[str]
 def run_cli(main: Callable, prog: str, argv: list[str] | None = None) -> int:
     """Run an entry point's `main(argv)`. Bad input (a ValueError, such as the data loader's DataError naming
     file, line and field) ends the run with that one line on stderr and exit status 2, not a traceback;
-    RLHF_TRACEBACK=1 shows the traceback instead."""
+    RLHF_TRACEBACK=1 shows the traceback instead. A run stopped by SIGTERM/SIGINT after its checkpoint prints how
+    to resume and exits 143/130."""
+    from rlhf.guards import Stopped
+
     try:
         result = main(argv)
     except ValueError as err:
@@ -232,6 +235,11 @@ def run_cli(main: Callable, prog: str, argv: list[str] | None = None) -> int:
             raise
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{prog}: {stop}", file=sys.stderr, flush=True)
+        close_distributed()
+        return stop.code
     close_distributed()
     return result if isinstance(result, int) else 0
 

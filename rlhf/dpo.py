@@ -36,7 +36,8 @@ from rlhf.losses import DPO_LOSSES, dpo_loss
 from rlhf.metrics import MetricsLogger
 from rlhf.models import create_actor
 from rlhf.presets import Preset, apply_budget
-from rlhf.step_loop import prepare_step, train_loop
+from rlhf.resume import RunControl
+from rlhf.step_loop import initial_eval, prepare_step, skipped_updates, train_loop
 
 
 @dataclass
@@ -114,12 +115,14 @@ def evaluate_dpo(policy, reference, loader, device: torch.device, cfg: DPOConfig
             "rejected_reward": rejected_sum / count}
 
 
-def run_dpo(cfg: DPOConfig, tokenizer=None, metrics: MetricsLogger | None = None) -> dict:
+def run_dpo(cfg: DPOConfig, tokenizer=None, metrics: MetricsLogger | None = None,
+            control: RunControl | None = None) -> dict:
     """Train ``cfg.model_name_or_path`` with DPO on ``cfg.data``'s step-2 pairs, evaluate, save to
     ``cfg.output_dir``; return a summary."""
     cfg.validate()
     start = time.time()
-    s = prepare_step(cfg, 2, "dpo", "DPO", build_pair_dataset, create_actor, tokenizer=tokenizer, metrics=metrics)
+    s = prepare_step(cfg, 2, "dpo", "DPO", build_pair_dataset, create_actor, tokenizer=tokenizer, metrics=metrics,
+                     control=control)
     # The reference gets none of the policy's LoRA or checkpointing: it is the SFT model, frozen. Its parameters
     # can only be offloaded under ZeRO-3 (init_inference), so --offload reaches it there only.
     reference = init_inference(create_actor(cfg.model_name_or_path), cfg.per_device_train_batch_size,
@@ -128,16 +131,15 @@ def run_dpo(cfg: DPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
     def evaluate(engine):
         return evaluate_dpo(engine, reference, s.eval_loader, s.dist.device, cfg)
 
-    initial = evaluate(s.engine) if len(s.eval_set) else {}
-    if initial:
-        s.metrics.log("dpo_eval", 0, **initial)
+    initial = initial_eval(s, "dpo_eval", lambda: evaluate(s.engine))
 
     def loss_fn(engine, batch):
         loss, chosen, rejected = dpo_batch(engine, reference, batch, cfg)
         return loss, {"train_accuracy": (chosen > rejected).float().mean().item(),
                       "margin": (chosen - rejected).mean().item()}
 
-    step, last_loss = train_loop(s, cfg, "DPO", loss_fn, evaluate if len(s.eval_set) else None, cfg.eval_interval)
+    step, last_loss = train_loop(s, cfg, "DPO", loss_fn, evaluate if len(s.eval_set) else None, cfg.eval_interval,
+                                 saved={"initial": initial})
     final = evaluate(s.engine) if len(s.eval_set) else {}
     if final:
         s.metrics.log("dpo_eval", step, **final)
@@ -152,6 +154,7 @@ def run_dpo(cfg: DPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
         "initial_accuracy": initial.get("accuracy", nan),
         "accuracy": final.get("accuracy", nan),
         "margin": final.get("margin", nan),
+        **skipped_updates(s),
         "seconds": time.time() - start,
     }
 

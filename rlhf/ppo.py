@@ -35,6 +35,7 @@ from rlhf.deepspeed_utils import init_distributed
 from rlhf.experience import sequence_kl
 from rlhf.metrics import MetricsLogger
 from rlhf.models import load_tokenizer, require_checkpoint, require_model_source
+from rlhf.resume import RunControl, capture_rng, restore_rng
 from rlhf.rewards import RewardFunction
 from rlhf.rl_trainer import GoldFn, RLTrainer, records
 
@@ -215,7 +216,7 @@ def require_step3_models(cfg: PPOConfig, algo: Algorithm) -> None:
 
 
 def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None,
-            gold_fn: GoldFn | None = None) -> dict:
+            gold_fn: GoldFn | None = None, control: RunControl | None = None) -> dict:
     """Train the actor with `cfg.algorithm`; save actor/ (and critic/ for PPO, actor_ema/) under cfg.output_dir.
     `gold_fn` (prompts, answers) -> scores is a rule to report before and after (cfg.gold_task names the
     built-in one)."""
@@ -253,21 +254,45 @@ def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
     rounds = min(rounds, cfg.max_steps) if cfg.max_steps else rounds
     rows = cfg.per_device_generation_batch_size * algo.n_samples_per_prompt
     minibatches = -(-rows // cfg.per_device_training_batch_size)
+    control = control or RunControl()
     trainer = RLTrainer(cfg, tokenizer, rounds * cfg.ppo_epochs * cfg.generation_batches * minibatches, dist.device,
-                        reward_fn)
+                        reward_fn, control.max_nonfinite_steps)
     name = algo.name
-    before = trainer.evaluate(eval_loader, eval_set, gold_fn) if len(eval_set) else {}
-    metrics.log(f"{name}_eval", 0, **before)
+    resumed = control.load(trainer.engines())
+    if resumed is None:
+        before = trainer.evaluate(eval_loader, eval_set, gold_fn) if len(eval_set) else {}
+        metrics.log(f"{name}_eval", 0, **before)
 
     generator = torch.Generator(device=dist.device).manual_seed(cfg.seed + dist.rank)
-    bar = tqdm(total=rounds, desc=f"step 3 {name}", disable=cfg.disable_tqdm or not dist.is_main)
-    step, buffer, history, gen_tokens, gen_seconds = 0, [], [], 0, 0.0
+    step, buffer, history, gen_tokens, gen_seconds, used, ptx_used = 0, [], [], 0, 0.0, 0, 0
     batches = (b for _ in range(cfg.num_train_epochs) for b in loader)
-    for batch in batches:
+    if resumed is not None:  # replay the data order to the checkpoint, then its RNG streams
+        r = resumed
+        step, history, gen_tokens, gen_seconds, before = r["step"], r["history"], r["gen_tokens"], r["gen_seconds"], \
+            r["before"]
+        used, ptx_used = r["batches"], r["ptx"]
+        for _ in range(used):
+            next(batches)
+        for _ in range(ptx_used):
+            next(ptx_batches)
+        trainer.load_state(r["trainer"])
+        restore_rng(r["rng"], {"sampling": generator})
+
+    def loop_state() -> dict:  # what a checkpoint holds besides the engines: read when one is written
+        return {"step": step, "batches": used, "ptx": ptx_used, "history": history, "gen_tokens": gen_tokens,
+                "gen_seconds": gen_seconds, "before": before, "trainer": trainer.state(),
+                "rng": capture_rng({"sampling": generator})}
+
+    bar = tqdm(total=rounds, initial=step, desc=f"step 3 {name}", disable=cfg.disable_tqdm or not dist.is_main)
+    for batch in batches if step < rounds else ():
+        used += 1
+        trainer.round = step + 1
         batch = to_device(batch, dist.device)
         prompts, fields = records(train_set, batch)
         exp, stats = trainer.rollout(batch, prompts, fields, generator)
         gen_tokens, gen_seconds = gen_tokens + stats.new_tokens, gen_seconds + stats.seconds
+        if not trainer.guard.ok(step + 1, reward=exp.scores, advantage=exp.advantages):
+            continue  # this rollout is not trained on
         record = {"reward": exp.scores.mean().item(), "kl": sequence_kl(exp).mean().item(),
                   "answer_len": exp.action_mask.sum(-1).float().mean().item(),
                   "gen_tokens_per_s": stats.new_tokens / max(stats.seconds, 1e-9),
@@ -286,7 +311,9 @@ def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
         for _ in range(cfg.ppo_epochs):
             for rollout in buffer:
                 for mb in rollout.minibatches(cfg.per_device_training_batch_size):
-                    losses.append(trainer.train_on(mb, next(ptx_batches) if ptx_batches else None))
+                    ptx = next(ptx_batches) if ptx_batches else None
+                    ptx_used += ptx is not None
+                    losses.append(trainer.train_on(mb, ptx))
         buffer = []
         step += 1
         record.update({k: sum(d[k] for d in losses) / len(losses) for k in losses[0]})
@@ -298,9 +325,11 @@ def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
             metrics.log(name, step, **record)
             if cfg.print_answers and dist.is_main:
                 print(f"[{name} {step}] {prompts[0]} -> {trainer.answers(exp)[0]}")
+        control.after_update(step, trainer.engines(), loop_state, trainer.guard)
         if step >= rounds:
             break
     bar.close()
+    control.after_update(step, trainer.engines(), loop_state, trainer.guard, last=True)
     after = trainer.evaluate(eval_loader, eval_set, gold_fn) if len(eval_set) else {}
     metrics.log(f"{name}_eval", step, **after)
     save_actor_checkpoint(trainer.actor.module, tokenizer, f"{cfg.output_dir}/actor")
@@ -316,7 +345,8 @@ def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
         "reward_after": after.get("reward"), "gold_before": before.get("gold"), "gold_after": after.get("gold"),
         "final_reward": mean("reward"), "final_kl": mean("kl"),
         "max_logprob_gap": max((r["logprob_gap"] for r in history if "logprob_gap" in r), default=0.0),
-        "gen_tokens_per_s": gen_tokens / max(gen_seconds, 1e-9), "seconds": time.time() - start,
+        "gen_tokens_per_s": gen_tokens / max(gen_seconds, 1e-9), "nonfinite_skipped": trainer.guard.skipped,
+        "seconds": time.time() - start,
     }
 
 

@@ -30,7 +30,8 @@ from rlhf.data import build_pair_dataset
 from rlhf.losses import pairwise_loss
 from rlhf.metrics import MetricsLogger
 from rlhf.models import create_reward_model, gather_scores
-from rlhf.step_loop import prepare_step, train_loop
+from rlhf.resume import RunControl
+from rlhf.step_loop import initial_eval, prepare_step, skipped_updates, train_loop
 
 
 @dataclass
@@ -68,17 +69,16 @@ def evaluate_reward(engine, loader, device: torch.device) -> dict[str, float]:
             "rejected_score": rejected_sum / count}
 
 
-def run_reward(cfg: RewardConfig, model_config=None, tokenizer=None, metrics: MetricsLogger | None = None) -> dict:
+def run_reward(cfg: RewardConfig, model_config=None, tokenizer=None, metrics: MetricsLogger | None = None,
+               control: RunControl | None = None) -> dict:
     """Train on ``cfg.data``'s step-2 pairs, evaluate, save to ``cfg.output_dir``; return a summary.
 
     ``model_config`` builds a randomly initialised backbone when ``cfg.model_name_or_path`` is None.
     """
     start = time.time()
     s = prepare_step(cfg, 2, "reward", "the reward model", build_pair_dataset, create_reward_model, model_config,
-                     tokenizer, metrics)
-    initial = evaluate_reward(s.engine, s.eval_loader, s.dist.device) if len(s.eval_set) else {}
-    if initial:
-        s.metrics.log("reward_eval", 0, **initial)
+                     tokenizer, metrics, control)
+    initial = initial_eval(s, "reward_eval", lambda: evaluate_reward(s.engine, s.eval_loader, s.dist.device))
 
     def ranking_loss(engine, batch):
         chosen, rejected = pair_scores(engine, batch)
@@ -88,7 +88,7 @@ def run_reward(cfg: RewardConfig, model_config=None, tokenizer=None, metrics: Me
         return evaluate_reward(engine, s.eval_loader, s.dist.device)
 
     step, last_loss = train_loop(s, cfg, "step 2 reward model", ranking_loss, evaluate if len(s.eval_set) else None,
-                                 cfg.eval_interval)
+                                 cfg.eval_interval, saved={"initial": initial})
     final = evaluate_reward(s.engine, s.eval_loader, s.dist.device) if len(s.eval_set) else {}
     if final:
         s.metrics.log("reward_eval", step, **final)
@@ -104,6 +104,7 @@ def run_reward(cfg: RewardConfig, model_config=None, tokenizer=None, metrics: Me
         "accuracy": final.get("accuracy", nan),
         "chosen_score": final.get("chosen_score", nan),
         "rejected_score": final.get("rejected_score", nan),
+        **skipped_updates(s),
         "seconds": time.time() - start,
     }
 

@@ -7,14 +7,14 @@
         # fields: each other column of the data records, as a list aligned with the rows (None where absent)
         return [1.0 if ref in r else 0.0 for r, ref in zip(responses, fields["answer"])]
 
-A function that cannot be imported, raises, or returns the wrong number of values, a non-number or a NaN
-ends the run with one line naming the function and the row.
+A function that cannot be imported, raises, or returns the wrong number of values or a non-number ends the run
+with one line naming the function and the row. A NaN or infinite reward is passed on: the trainer skips that
+rollout's update and counts it (rlhf/guards.py), and stops after ``--max-nonfinite-steps`` in a row.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 import numbers
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,7 +57,7 @@ def _import_function(spec: str) -> Callable:
 
 
 class RewardFunction:
-    """A user's reward function, checked on every call: one finite number per row."""
+    """A user's reward function, checked on every call: one number per row."""
 
     def __init__(self, spec: str):
         self.spec = spec
@@ -88,8 +88,6 @@ class RewardFunction:
             if not isinstance(value, numbers.Real) or isinstance(value, bool):
                 raise ValueError(f"--reward-fn {self.spec}: row {row}: returned {value!r} "
                                  f"({type(value).__name__}), expected a number")
-            if not math.isfinite(value):
-                raise ValueError(f"--reward-fn {self.spec}: row {row}: returned {value}, expected a finite number")
         return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
     def _failing_row(self, prompts, responses, fields) -> int | None:

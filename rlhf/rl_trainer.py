@@ -19,6 +19,7 @@ from rlhf.advantages import ESTIMATORS, EstimatorInput
 from rlhf.common import all_reduce_sum, to_device
 from rlhf.deepspeed_utils import ds_config, init_inference, initialize
 from rlhf.experience import Experience, PhaseTimer, action_logprobs, action_values, generate_experience, lm_loss
+from rlhf.guards import NonFiniteGuard
 from rlhf.losses import aggregate, kl_divergence, kl_penalized_rewards, masked_mean, policy_loss, value_loss
 from rlhf.models import VALUE_HEAD_FILE, ModelOptions, RewardModel, create_actor, create_critic, create_reward_model
 from rlhf.rewards import RewardFunction
@@ -65,8 +66,11 @@ class RLTrainer:
     `timer` (off unless enabled) sums the seconds of each phase of the rollouts and updates
     (benchmarks/rlhf_step.py reads it)."""
 
-    def __init__(self, cfg, tokenizer, total_steps: int, device: torch.device, reward_fn: RewardFunction | None):
+    def __init__(self, cfg, tokenizer, total_steps: int, device: torch.device, reward_fn: RewardFunction | None,
+                 max_nonfinite_steps: int = 5):
         self.cfg, self.algo, self.tokenizer, self.device = cfg, cfg.algo(), tokenizer, device
+        # a non-finite loss skips its update; `round` (set by the loop) names the round in messages
+        self.guard, self.round = NonFiniteGuard(max_nonfinite_steps, f"step 3 ({self.algo.name}) round"), 0
         micro = cfg.per_device_training_batch_size
         actor = create_actor(cfg.actor_model_name_or_path, actor_options(cfg))
         self.reuse_logprobs = reuse_rollout_logprobs(cfg, actor)
@@ -166,8 +170,9 @@ class RLTrainer:
                                algo.loss_agg, cfg.max_answer_seq_len)
                 loss = loss + algo.kl_loss_coef * kl
                 out["kl_loss"] = kl.item()
-            self.actor.backward(loss)
-            self.actor.step()
+            if self.guard.ok(self.round, actor_loss=loss):
+                self.actor.backward(loss)
+                self.actor.step()
             if ptx_batch is not None:
                 ptx = lm_loss(self.actor, to_device(ptx_batch, self.device))
                 self.actor.backward(cfg.unsup_coef * ptx)
@@ -177,12 +182,28 @@ class RLTrainer:
             with self.timer.phase("critic_update"):
                 values = action_values(self.critic, exp.sequences, exp.attention_mask, exp.prompt_len)
                 critic_loss = value_loss(values, exp.values, exp.returns, exp.action_mask, cfg.cliprange_value)
-                self.critic.backward(critic_loss)
-                self.critic.step()
+                if self.guard.ok(self.round, critic_loss=critic_loss):
+                    self.critic.backward(critic_loss)
+                    self.critic.step()
             out["critic_loss"] = critic_loss.item()
         if self.ema is not None:
             self.update_ema()
         return out
+
+    def engines(self) -> dict:
+        """The trained DeepSpeed engines, by the name their checkpoint is saved under."""
+        return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
+
+    def state(self) -> dict:
+        """What a checkpoint needs of the trainer besides its engines."""
+        return {"rollouts": self.rollouts, "guard": self.guard.state(),
+                "ema": {k: v.clone() for k, v in self.ema.state_dict().items()} if self.ema is not None else None}
+
+    def load_state(self, state: dict) -> None:
+        self.rollouts = state["rollouts"]
+        self.guard.load_state(state["guard"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
 
     @torch.no_grad()
     def update_ema(self) -> None:

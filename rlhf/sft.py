@@ -30,7 +30,8 @@ from rlhf.common import (
 from rlhf.data import build_sft_dataset
 from rlhf.metrics import MetricsLogger
 from rlhf.models import create_actor
-from rlhf.step_loop import prepare_step, train_loop
+from rlhf.resume import RunControl
+from rlhf.step_loop import initial_eval, prepare_step, skipped_updates, train_loop
 
 
 @dataclass
@@ -58,22 +59,22 @@ def evaluate_sft(engine, loader, device: torch.device) -> dict[str, float]:
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def run_sft(cfg: SFTConfig, model_config=None, tokenizer=None, metrics: MetricsLogger | None = None) -> dict:
+def run_sft(cfg: SFTConfig, model_config=None, tokenizer=None, metrics: MetricsLogger | None = None,
+            control: RunControl | None = None) -> dict:
     """Train the actor on ``cfg.data``, evaluate, save to ``cfg.output_dir``; return a summary dict.
 
     ``model_config`` builds a randomly initialised model when ``cfg.model_name_or_path`` is None (the tiny
     preset); ``tokenizer`` defaults to the model's.
     """
     start = time.time()
-    s = prepare_step(cfg, 1, "sft", "SFT", build_sft_dataset, create_actor, model_config, tokenizer, metrics)
-    initial = evaluate_sft(s.engine, s.eval_loader, s.dist.device) if len(s.eval_set) else {}
-    if initial:
-        s.metrics.log("sft_eval", 0, **initial)
+    s = prepare_step(cfg, 1, "sft", "SFT", build_sft_dataset, create_actor, model_config, tokenizer, metrics,
+                     control)
+    initial = initial_eval(s, "sft_eval", lambda: evaluate_sft(s.engine, s.eval_loader, s.dist.device))
 
     def lm_loss(engine, batch):
         return engine(**batch, use_cache=False).loss, {}
 
-    step, last_loss = train_loop(s, cfg, "step 1 SFT", lm_loss)
+    step, last_loss = train_loop(s, cfg, "step 1 SFT", lm_loss, saved={"initial": initial})
     final = evaluate_sft(s.engine, s.eval_loader, s.dist.device) if len(s.eval_set) else {}
     if final:
         s.metrics.log("sft_eval", step, **final)
@@ -87,6 +88,7 @@ def run_sft(cfg: SFTConfig, model_config=None, tokenizer=None, metrics: MetricsL
         "initial_eval_loss": initial.get("eval_loss", float("nan")),
         "final_eval_loss": final.get("eval_loss", float("nan")),
         "perplexity": final.get("perplexity", float("nan")),
+        **skipped_updates(s),
         "seconds": time.time() - start,
     }
 

@@ -12,8 +12,10 @@ from tqdm.auto import tqdm
 from rlhf.common import StepConfig, num_update_steps, to_device
 from rlhf.data import load_step_examples, make_dataloader, train_eval_split
 from rlhf.deepspeed_utils import DistInfo, ds_config, init_distributed, initialize
+from rlhf.guards import NonFiniteGuard
 from rlhf.metrics import MetricsLogger
 from rlhf.models import load_tokenizer
+from rlhf.resume import RunControl, capture_rng, restore_rng
 
 
 @dataclass
@@ -29,11 +31,16 @@ class Step:
     eval_loader: object
     engine: object           # DeepSpeed engine of the model being trained
     total_steps: int         # optimizer steps the run will take
+    control: RunControl      # checkpoints, signals, the non-finite limit
+    resumed: dict | None     # the state of the checkpoint resumed from (engine already loaded), else None
+    skipped: int = 0         # updates skipped for a non-finite loss (set by train_loop)
 
 
 def prepare_step(cfg: StepConfig, step: int, name: str, what: str, build_dataset: Callable, create_model: Callable,
-                 model_config=None, tokenizer=None, metrics: MetricsLogger | None = None) -> Step:
-    """Load step `step`'s share of cfg.data, hold out the eval share, build loaders and the DeepSpeed engine.
+                 model_config=None, tokenizer=None, metrics: MetricsLogger | None = None,
+                 control: RunControl | None = None) -> Step:
+    """Load step `step`'s share of cfg.data, hold out the eval share, build loaders and the DeepSpeed engine; with
+    `control` resuming, load its newest checkpoint into the engine.
 
     `what` names the step in error messages; `build_dataset(tokenizer, examples, max_seq_len)` and
     `create_model(source, options)` are the step's own.
@@ -64,26 +71,57 @@ def prepare_step(cfg: StepConfig, step: int, name: str, what: str, build_dataset
                        cfg.offload, cfg.dtype, world_size=dist.world_size)
     engine = initialize(model, config, cfg.learning_rate, cfg.weight_decay, total_steps, cfg.num_warmup_steps,
                         cfg.lr_scheduler_type, lora_lr=cfg.lora_learning_rate if cfg.lora_dim else None)
-    return Step(name, dist, tokenizer, metrics, train_set, eval_set, train_loader, eval_loader, engine, total_steps)
+    control = control or RunControl()
+    resumed = control.load({"model": engine})
+    return Step(name, dist, tokenizer, metrics, train_set, eval_set, train_loader, eval_loader, engine, total_steps,
+                control, resumed)
 
 
 def train_loop(s: Step, cfg: StepConfig, desc: str, loss_fn: Callable, evaluate: Callable | None = None,
-               eval_interval: int = 0) -> tuple[int, float]:
+               eval_interval: int = 0, saved: dict | None = None) -> tuple[int, float]:
     """Epochs over s.train_loader; returns (optimizer steps taken, mean loss of the last window).
 
     `loss_fn(engine, batch)` gives (loss, {metric: float}) for a batch on the device; the window of micro-batches
     since the last record is averaged into metrics.jsonl every cfg.log_interval steps, with the learning rate.
     `evaluate(engine)` (a dict) is logged as "<name>_eval" every `eval_interval` steps when both are given.
+    A micro-batch with a non-finite loss is skipped (no backward). Checkpoints (s.control) carry the loop's
+    position, RNG streams and `saved` (the caller's own state, back as s.resumed["saved"]); resuming from one
+    replays the data order up to that position and continues bit for bit.
     """
-    engine, metrics = s.engine, s.metrics
+    engine, metrics, control = s.engine, s.metrics, s.control
     engine.train()
-    step, window, last_loss = 0, [], float("nan")
-    bar = tqdm(total=s.total_steps, desc=desc, disable=cfg.disable_tqdm or not s.dist.is_main)
+    guard = NonFiniteGuard(control.max_nonfinite_steps, f"{s.name} step")
+    step, window, last_loss, start_epoch, done = 0, [], float("nan"), 0, 0
+    r = s.resumed
+    if r is not None:
+        step, window, last_loss, start_epoch, done = r["step"], r["window"], r["last_loss"], r["epoch"], r["batches"]
+        guard.load_state(r["guard"])
+    bar = tqdm(total=s.total_steps, initial=step, desc=desc, disable=cfg.disable_tqdm or not s.dist.is_main)
+
+    def loop_state() -> dict:  # what a checkpoint holds besides the engine: read when one is written
+        return {"step": step, "epoch": epoch, "batches": done, "window": window, "last_loss": last_loss,
+                "guard": guard.state(), "rng": capture_rng(), "saved": saved}
+
     for epoch in range(cfg.num_train_epochs):
+        if step >= s.total_steps:
+            break
         if hasattr(s.train_loader.sampler, "set_epoch"):  # DistributedSampler reshuffles per epoch
             s.train_loader.sampler.set_epoch(epoch)
-        for batch in s.train_loader:
+        if epoch < start_epoch:  # resumed: draw the finished epochs' orders, as the run did
+            list(s.train_loader.sampler)
+            continue
+        batches = iter(s.train_loader)
+        if r is not None and epoch == start_epoch:
+            for _ in range(done):  # the resumed epoch's batches already trained on
+                next(batches)
+            restore_rng(r["rng"])  # after the data is placed: creating the iterator draws from torch's stream
+        else:
+            done = 0
+        for batch in batches:
+            done += 1
             loss, extra = loss_fn(engine, to_device(batch, s.dist.device))
+            if not guard.ok(step + 1, loss=loss):
+                continue
             engine.backward(loss)
             engine.step()
             window.append({"loss": loss.item(), **extra})
@@ -101,11 +139,30 @@ def train_loop(s: Step, cfg: StepConfig, desc: str, loss_fn: Callable, evaluate:
                 window = []
             if evaluate is not None and eval_interval and step % eval_interval == 0:
                 metrics.log(f"{s.name}_eval", step, **evaluate(engine))
+            control.after_update(step, {"model": engine}, loop_state, guard, last=step >= s.total_steps)
             if step >= s.total_steps:
                 break
-        if step >= s.total_steps:
-            break
     bar.close()
+    s.skipped = guard.skipped
     if window:
         last_loss = sum(w["loss"] for w in window) / len(window)
     return step, last_loss
+
+
+def initial_eval(s: Step, record: str, evaluate: Callable[[], dict]) -> dict:
+    """The evaluation before training, logged as `record` at step 0; a resumed step has it from its checkpoint."""
+    if s.resumed is not None:
+        return s.resumed["saved"]["initial"]
+    initial = evaluate() if len(s.eval_set) else {}
+    if initial:
+        s.metrics.log(record, 0, **initial)
+    return initial
+
+
+def skipped_updates(s: Step) -> dict:
+    """The summary's count of skipped updates: non-finite losses, and fp16 overflows (DeepSpeed's loss scaler
+    skips those itself)."""
+    out = {"nonfinite_skipped": s.skipped}
+    if getattr(s.engine, "fp16_enabled", lambda: False)():
+        out["fp16_overflow_skipped"] = s.engine.skipped_steps
+    return out

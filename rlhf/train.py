@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,10 +26,12 @@ from rlhf.data import Example, build_prompt_dataset, load_step_examples, make_da
 from rlhf.data.synthetic import gold_scores, write_synthetic_data
 from rlhf.deepspeed_utils import init_distributed
 from rlhf.dpo import DPOConfig, add_dpo_args, dpo_config_from_args, run_dpo
+from rlhf.guards import StopSignal
 from rlhf.metrics import MetricsLogger, plot
 from rlhf.models import load_tokenizer, require_checkpoint, require_model_source, require_tokenizer_source
 from rlhf.ppo import PPOConfig, ppo_config_from_args, run_ppo
 from rlhf.presets import PRESETS, Preset, apply_budget, get_preset
+from rlhf.resume import RunControl, StepRunner, open_run
 from rlhf.reward import RewardConfig, reward_config_from_args, run_reward
 from rlhf.sft import SFTConfig, run_sft, sft_config_from_args
 
@@ -117,10 +120,10 @@ def dpo_config(args: argparse.Namespace, paths: dict[str, str], **shared) -> DPO
     return cfg
 
 
-def dpo_step(cfg: DPOConfig, tokenizer, metrics: MetricsLogger, gold: bool) -> dict:
+def dpo_step(cfg: DPOConfig, tokenizer, metrics: MetricsLogger, gold: bool, control: RunControl | None = None) -> dict:
     """DPO; with ``gold`` (the built-in task) also the gold score of answers sampled from the SFT model and from
     the DPO policy, on the same held-out step-3 prompts with the same seed, as step 3 reports it."""
-    summary = run_dpo(cfg, tokenizer=tokenizer, metrics=metrics)
+    summary = run_dpo(cfg, tokenizer=tokenizer, metrics=metrics, control=control)
     if gold:
         summary["gold_before"] = sft_gold_baseline(cfg.model_name_or_path, tokenizer, cfg.data, cfg.data_split,
                                                    cfg.seed)
@@ -155,6 +158,21 @@ def build_parser(preset: Preset | None, algorithm: str = "ppo") -> argparse.Argu
     parser.add_argument("--max-seq-len", type=bounded(int, BOUNDS["max_seq_len"]), default=None,
                         help="max prompt+answer tokens for steps 1-2 (default: 512, or the preset's)")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output-dir: finished steps are skipped, the step it was in goes "
+                        "on from its newest checkpoint (OUTPUT_DIR/checkpoints) with the same data order and RNG "
+                        "streams, so the result is the one an uninterrupted run gives")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start this run's steps over in an --output-dir that already holds them (their "
+                        "checkpoints and metrics records are removed)")
+    parser.add_argument("--save-interval", type=int, default=0, metavar="N",
+                        help="write a checkpoint of the whole training state every N optimizer steps (steps 1-2, "
+                        "DPO) or rounds (step 3); 0: only at the end of each step. SIGTERM/SIGINT always write one")
+    parser.add_argument("--keep-checkpoints", type=int, default=2, metavar="K",
+                        help="checkpoints kept per step, the newest (default: 2)")
+    parser.add_argument("--max-nonfinite-steps", type=int, default=5, metavar="K",
+                        help="updates in a row skipped for a non-finite loss, reward or advantage before the run "
+                        "stops with an error (default: 5)")
     parser.add_argument("--report-to", default="none", metavar="NAMES",
                         help="also send every metric to these, comma-separated: tensorboard (OUTPUT_DIR/tensorboard), "
                         "wandb (OUTPUT_DIR/wandb; WANDB_MODE=offline keeps it local); default: none (metrics.jsonl)")
@@ -251,9 +269,14 @@ def main(argv: list[str] | None = None) -> dict:
         step3_config(args, paths)  # a bad option or missing checkpoint ends the run before any step starts
     if synthetic and preset is None:
         raise ValueError("--data is required without a preset (the synthetic task needs the preset's tokenizer)")
+    # each step's name in metrics.jsonl, run_state.json and checkpoints/, and its final output
+    names = {1: "sft", 2: "reward", 3: args.algorithm, "dpo": "dpo"}
+    outputs = {"sft": paths["actor"], "reward": paths["reward"], args.algorithm: paths["ppo"], "dpo": paths["dpo"]}
     out.mkdir(parents=True, exist_ok=True)
     dist = init_distributed()
     metrics = MetricsLogger(out, enabled=dist.is_main, report_to=args.report_to)
+    run = open_run(out, [names[s] for s in args.step] + (["dpo"] if with_dpo else []), outputs, args.resume,
+                   args.overwrite, metrics.path, dist.is_main)
     data = args.data
     if synthetic:
         if dist.is_main:  # one writer; the others wait, then read the same files
@@ -276,24 +299,37 @@ def main(argv: list[str] | None = None) -> dict:
         model_config = None
     shared = dict(data=data, data_split=data_split, seed=args.seed, max_seq_len=max_seq_len,
                   disable_tqdm=args.disable_tqdm, metrics_dir=str(out), tokenizer_name_or_path=args.tokenizer)
-    summary: dict[str, dict] = {}
-    if 1 in args.step:
+
+    def sft(control: RunControl) -> dict:
         cfg = sft_config_from_args(args, SFT_PREFIX, model_name_or_path=args.actor_model,
                                    output_dir=paths["actor"], **shared)
-        summary["step 1: SFT"] = run_sft(cfg, model_config=model_config, tokenizer=tokenizer, metrics=metrics)
+        done = run_sft(cfg, model_config=model_config, tokenizer=tokenizer, metrics=metrics, control=control)
         if synthetic and dist.is_main and 3 not in args.step and not with_dpo:  # else measured before and after
-            summary["step 1: SFT"]["gold_score (sampled)"] = sft_gold_baseline(paths["actor"], tokenizer, data,
-                                                                               data_split, args.seed)
-    if 2 in args.step:
+            done["gold_score (sampled)"] = sft_gold_baseline(paths["actor"], tokenizer, data, data_split, args.seed)
+        return done
+
+    def reward(control: RunControl) -> dict:
         cfg = reward_config_from_args(args, RM_PREFIX, model_name_or_path=args.reward_model or args.actor_model,
                                       output_dir=paths["reward"], **shared)
-        summary["step 2: reward model"] = run_reward(cfg, model_config=model_config, tokenizer=tokenizer,
-                                                     metrics=metrics)
-    if 3 in args.step:
-        summary[f"step 3: {args.algorithm.upper()}"] = run_ppo(step3_config(args, paths), tokenizer=tokenizer,
-                                                              metrics=metrics)
-    if with_dpo:
-        summary["DPO"] = dpo_step(dpo_config(args, paths, **shared), tokenizer, metrics, synthetic and dist.is_main)
+        return run_reward(cfg, model_config=model_config, tokenizer=tokenizer, metrics=metrics, control=control)
+
+    def rl(control: RunControl) -> dict:
+        return run_ppo(step3_config(args, paths), tokenizer=tokenizer, metrics=metrics, control=control)
+
+    def dpo(control: RunControl) -> dict:
+        return dpo_step(dpo_config(args, paths, **shared), tokenizer, metrics, synthetic and dist.is_main, control)
+
+    resume_hint = shlex.join(["rlhf", "train", *(sys.argv[1:] if argv is None else argv)])
+    resume_hint += "" if args.resume else " --resume"
+    with StopSignal() as stop:
+        steps = StepRunner(run, out, args, stop, metrics.path if dist.is_main else None, dist.is_main, resume_hint)
+        for number, title, train in ((1, "step 1: SFT", sft), (2, "step 2: reward model", reward),
+                                     (3, f"step 3: {args.algorithm.upper()}", rl)):
+            if number in args.step:
+                steps(names[number], title, train)
+        if with_dpo:
+            steps("dpo", "DPO", dpo)
+    summary = steps.summary
     if not dist.is_main:
         return summary
     plot(out)

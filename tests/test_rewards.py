@@ -70,15 +70,19 @@ def test_import_failures(spec, message, module, tmp_path):
     ("broken", "raised ZeroDivisionError: float division by zero on row 1 (prompt 'q2')"),
     ("short", "returned 2 values for 3 rows"),
     ("words", "row 0: returned 'high' (str), expected a number"),
-    ("nan", "row 1: returned nan, expected a finite number"),
     ("scalar", "returned float, expected a list of 3 numbers"),
 ])
 def test_call_failures_name_the_function_and_the_row(name, message, module):
     fn = RewardFunction(f"{module}:{name}")
     with pytest.raises(ValueError) as err:
-        fn(["q1", "q2", "q3"], ["a", "b" if name == "nan" else "", "c"], [{}, {}, {}])
+        fn(["q1", "q2", "q3"], ["a", "", "c"], [{}, {}, {}])
     text = str(err.value)
     assert text.startswith(f"--reward-fn {module}:{name}: ") and message in text and "\n" not in text
+
+
+def test_a_nan_reward_is_passed_on_to_the_trainer_guard(module):
+    rewards = RewardFunction(f"{module}:nan")(["q1", "q2", "q3"], ["a", "b", "c"], [{}, {}, {}])
+    assert rewards[0] == 1.0 and rewards[1].isnan() and rewards[2] == 1.0
 
 
 def test_cli_reports_a_bad_reward_function_in_one_line_before_training(tmp_path, capsys):
