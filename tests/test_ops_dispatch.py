@@ -9,7 +9,7 @@ import torch
 from hybrid_engine import ops as ops_lib
 from hybrid_engine.ops import builder
 
-# What kernels="auto" takes per op, written out (not derived from ops.AUTO_PREFER): on CPU the C++ twins except
+# What kernels="auto" takes per op, written out (not derived from ops/tables.py): on CPU the C++ twins except
 # prefill (torch's SDPA measured faster); on CUDA the CUDA kernels where there is one, except decode (Triton's
 # until a benchmark shows the CUDA one faster), and Triton for the norms and prefill.
 AUTO_ON_CPU = {"rms_norm": "cpu", "layer_norm": "cpu", "rotary_kv_append": "cpu", "prefill_attention": "torch",
@@ -115,7 +115,7 @@ def test_auto_warns_once_and_falls_back_when_the_build_fails(fresh, monkeypatch)
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 def test_explicit_cuda_without_a_gpu_raises(fresh):
-    with pytest.raises(ops_lib.BackendError, match="kernels='cuda' on cpu: ops rms_norm, .*CUDA tensors"):
+    with pytest.raises(ops_lib.BackendError, match="kernels='cuda' on cpu: ops rotary_kv_append, .*CUDA tensors"):
         ops_lib.select("cuda", "cpu")
     with pytest.raises(ops_lib.BackendError, match="kernels='cpu' on cuda"):
         ops_lib.select("cpu", "cuda")
@@ -195,3 +195,17 @@ def test_arch_flags_follow_torch_cuda_arch_list(monkeypatch):
     assert builder.cuda_arch_flags() == ["-gencode=arch=compute_80,code=sm_80",
                                          "-gencode=arch=compute_90,code=sm_90",
                                          "-gencode=arch=compute_90,code=compute_90"]
+
+
+@pytest.mark.parametrize("triton_loads,helper", [(True, "triton"), (False, "torch")])
+def test_explicit_cuda_serves_the_ops_it_lacks_from_their_own_tables(fresh, monkeypatch, triton_loads, helper):
+    """ops/tables.py: the CUDA backend has no norm or prefill kernel, so their tables have no cuda entry and
+    kernels="cuda" takes them from their auto order (Triton, else torch), saying so."""
+    fake_gpu_backends(monkeypatch, triton_loads=triton_loads)
+    chosen_ops = ops_lib.select("cuda", "cuda")
+    lacking = ("rms_norm", "layer_norm", "prefill_attention")
+    expected = {name: helper if name in lacking else "cuda" for name in ops_lib.OP_NAMES}
+    assert chosen(chosen_ops.choices) == expected
+    if triton_loads:  # every function is a stand-in named after its backend (torch's are the references)
+        assert {name: getattr(chosen_ops, name).backend for name in ops_lib.OP_NAMES} == expected
+    assert "requested cuda has no rms_norm kernel; using " + helper in chosen_ops.choices["rms_norm"][1]

@@ -1,17 +1,18 @@
-"""The ops the inference forward calls, each with a dispatch table of backends.
+"""The ops the inference forward calls, each with its own dispatch table of backends (tables.py).
 
 `select(kernels, device)` returns an `OpSet`: one callable per op, chosen once when the engine is built, so the
 decode loop pays no dispatch cost per call. Backends, fastest first:
 
   cuda    C++/CUDA kernels (csrc/attention, csrc/tensor_parallel), JIT-built by builder.CudaOpsBuilder. It has
-          no norm or prefill kernel: those ops use Triton (else torch), and `backends()` says so.
+          no norm or prefill kernel: their tables have no cuda entry, so under kernels="cuda" they use their auto
+          order (Triton, else torch), and `backends()` says so.
   triton  Triton kernels (hybrid_engine/kernels); on CPU only under TRITON_INTERPRET=1 (slow; for tests).
   cpu     C++ CPU twins (csrc/cpu), JIT-built by builder.CpuOpsBuilder; every op.
   torch   the plain PyTorch references (reference.py); every op, every device.
 
 `kernels` is one of auto|cuda|triton|cpu|torch, or None for $HYBRID_ENGINE_KERNELS (default auto). `auto`
-takes, per op, the first backend in its order for the device that loads, and warns once when it falls back.
-An explicitly requested backend that cannot load raises `BackendError`, naming the op and why.
+takes, per op, the first backend in the op's order for the device that loads, and warns once when it falls
+back. An explicitly requested backend that cannot load raises `BackendError`, naming the ops and why.
 """
 from __future__ import annotations
 
@@ -24,22 +25,10 @@ import torch
 
 from . import reference
 from .builder import BuildError, CpuOpsBuilder, CudaOpsBuilder
+from .tables import FASTEST_FIRST, TABLES, OpTable
 
-OP_NAMES = ("rms_norm", "layer_norm", "rotary_kv_append", "prefill_attention", "decode_attention",
-            "tp_pack", "tp_unpack")
+OP_NAMES = tuple(table.name for table in TABLES)
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
-AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}  # interpreted Triton: never auto
-CUDA_LACKS = ("rms_norm", "layer_norm", "prefill_attention")  # served by Triton (else torch) under `cuda`
-# Per-op exceptions to AUTO_ORDER: (device, op) -> (order, why), each with the evidence behind it.
-AUTO_PREFER = {
-    # benchmarks/kernels.py: torch's SDPA flash kernel beats the C++ prefill at T=64 (1632 vs 1990 us).
-    ("cpu", "prefill_attention"): (("torch", "cpu"), "measured faster on cpu (benchmarks/kernels.py)"),
-    # Unmeasured: the CUDA decode kernel's inner loop handles one key per warp iteration, the Triton one a
-    # 64-key tile per tl.dot, and no run of benchmarks/kernels.py on a GPU shows the CUDA kernel faster. Until
-    # one does, auto takes Triton's.
-    ("cuda", "decode_attention"): (("triton", "cuda", "torch"),
-                                   "Triton's tiled kernel until benchmarks/kernels.py shows the CUDA one faster"),
-}
 
 
 class BackendError(RuntimeError):
@@ -85,7 +74,8 @@ def _load_triton(device: str) -> dict:
 
 
 def _load(backend: str, device: str) -> dict:
-    """{op: function} that `backend` provides on `device`; raises BuildError with the reason if it cannot."""
+    """{op: function} that `backend` provides on `device` (the ops its tables list); raises BuildError with the
+    reason if it cannot."""
     if backend == "torch":
         return {name: getattr(reference, name) for name in OP_NAMES}
     if backend == "cpu":
@@ -111,20 +101,29 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _select_auto(device: str) -> tuple[dict, dict]:
+def _load_all(backends, device: str) -> tuple[dict, dict]:
+    """({backend: {op: function}} of those that load, {backend: why not} of those that do not)."""
     tables, failures = {}, {}
-    for backend in AUTO_ORDER.get(device, ("torch",)):
+    for backend in backends:
         try:
             tables[backend] = _load(backend, device)
         except BuildError as err:
             failures[backend] = str(err)
+    return tables, failures
+
+
+def _first(table: OpTable, device: str, loaded: dict) -> str:
+    return next(b for b in table.order(device) if b in loaded and table.name in loaded[b])
+
+
+def _select_auto(device: str) -> tuple[dict, dict]:
+    loaded, failures = _load_all(FASTEST_FIRST.get(device, ("torch",)), device)
     why = "; ".join(f"{b} unavailable: {r}" for b, r in failures.items())
     fns, choices = {}, {}
-    for name in OP_NAMES:
-        order, reason = AUTO_PREFER.get((device, name), (AUTO_ORDER.get(device, ("torch",)), "fastest that loads"))
-        backend = next(b for b in order if b in tables and name in tables[b])
-        fns[name] = tables[backend][name]
-        choices[name] = (backend, f"auto on {device}: {reason}" + (f" ({why})" if why else ""))
+    for table in TABLES:
+        backend = _first(table, device, loaded)
+        fns[table.name] = loaded[backend][table.name]
+        choices[table.name] = (backend, f"auto on {device}: {table.reason(device)}" + (f" ({why})" if why else ""))
     if failures:
         detail = "; ".join(failures.values())
         _warn_once(f"hybrid_engine.ops: kernels='auto' on {device} fell back for some ops ({detail})")
@@ -132,21 +131,26 @@ def _select_auto(device: str) -> tuple[dict, dict]:
 
 
 def _select_explicit(backend: str, device: str) -> tuple[dict, dict]:
+    """The requested backend for every op it has a kernel for (raising if it cannot load); each other op from
+    its own auto order (under `cuda`: the norms and prefill from Triton, else torch)."""
+    served = [t.name for t in TABLES if backend in t.backends]
     try:
-        table = _load(backend, device)
+        own = _load(backend, device)
     except BuildError as err:
-        ops = ", ".join(OP_NAMES)
-        raise BackendError(f"kernels={backend!r} on {device}: ops {ops} cannot use it: {err}") from err
-    choices = {name: (backend, "requested") for name in table}
-    if backend == "cuda":  # the documented gap: no CUDA norm or prefill kernel, so Triton's, else torch's
-        try:
-            helper, via = _load("triton", device), "triton"
-        except BuildError as err:
-            helper, via = _load("torch", device), f"torch (triton unavailable: {err})"
-        for name in CUDA_LACKS:
-            table[name] = helper[name]
-            choices[name] = (via.split(" ")[0], f"requested cuda has no {name} kernel; using {via}")
-    return table, choices
+        raise BackendError(f"kernels={backend!r} on {device}: ops {', '.join(served)} cannot use it: {err}") from err
+    fns = {name: own[name] for name in served}
+    choices = {name: (backend, "requested") for name in served}
+    lacking = [t for t in TABLES if backend not in t.backends]
+    if lacking:
+        helpers = {b for t in lacking for b in t.order(device)}
+        loaded, failures = _load_all([b for b in FASTEST_FIRST.get(device, ("torch",)) if b in helpers], device)
+        why = "; ".join(f"{b} unavailable: {r}" for b, r in failures.items())
+        for table in lacking:
+            via = _first(table, device, loaded)
+            fns[table.name] = loaded[via][table.name]
+            choices[table.name] = (via, f"requested {backend} has no {table.name} kernel; using {via}"
+                                   + (f" ({why})" if why else ""))
+    return fns, choices
 
 
 def select(kernels: str | None = None, device: str | torch.device = "cpu") -> OpSet:
