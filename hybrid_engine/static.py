@@ -13,8 +13,8 @@ call is a tensor in a `DecodeState`, allocated once per batch bucket and updated
 Buckets are powers of two up to max_batch_size (and max_batch_size itself): a batch of B rows runs in the
 smallest bucket >= B, the extra rows finished from the start and attending to zeros, so one graph serves every
 batch size in the bucket. `step` (compiled with fullgraph=True by `StaticDecoder`) runs the forward at `slot`
-(KV written in place with index_copy_), then, for greedy decoding, chooses the next token, records it and
-updates `finished` on the device. Sampling stays beside the graph: `torch.multinomial` with the caller's
+(KV written in place, index_put_ on the cache tensor), then, for greedy decoding, chooses the next token,
+records it and updates `finished` on the device. Sampling stays beside the graph: `torch.multinomial` with the caller's
 generator cannot be traced (dynamo has no torch.Generator), and drawing it eagerly from the same logits keeps
 the tokens identical to the eager path's. The host reads `finished` every `eos_check_every` steps only.
 
@@ -155,11 +155,12 @@ class StaticDecoder:
         greedy = not params.do_sample
         tok, logp = next_tokens(logits, params)                                   # the first token, eagerly
         choose_and_record(state, _pad_rows(tok, rows), _pad_rows(logp, rows), has_eos)
-        run = self._runner(model, cache, state, greedy, has_eos)
+        run = None  # made at the first decode step (a CUDA graph is not captured for a one-token generation)
         steps = 1
         while steps < max_new_tokens:
             if has_eos and steps % self.eos_check_every == 0 and bool(state.finished.all()):
                 break
+            run = run or self._runner(model, cache, state, greedy, has_eos)
             run()
             if not greedy:  # sampled beside the graph, from the real rows only (as many draws as eager makes)
                 tok, logp = next_tokens(state.logits[:B], params)
