@@ -53,18 +53,6 @@ def hf_decode_logprobs(model, sequences, attention_mask, prompt_len: int) -> tor
     return logp.gather(-1, sequences[:, prompt_len:, None]).squeeze(-1)
 
 
-def engine_prefill_logprobs(engine, sequences, attention_mask, prompt_len: int) -> torch.Tensor:
-    """The engine's inference forward over each whole sequence in one prefill: (B, N)."""
-    cache = engine._cache_for()
-    B, T = sequences.shape
-    key_mask = torch.zeros(B, cache.max_seq_len, dtype=torch.bool)                 # (B, S_max)
-    key_mask[:, :T] = attention_mask.bool()
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)                # (B, T)
-    logits = engine.inference.forward(sequences, positions, cache, 0, key_mask, last_only=False)  # (B, T, V)
-    logp = torch.log_softmax(logits[:, prompt_len - 1:-1].float(), dim=-1)
-    return logp.gather(-1, sequences[:, prompt_len:, None]).squeeze(-1)
-
-
 def gap(logprobs: torch.Tensor, reference: torch.Tensor, action_mask: torch.Tensor) -> tuple[float, float]:
     diff = (logprobs - reference).abs()[action_mask]
     return diff.max().item(), diff.mean().item()
@@ -85,7 +73,7 @@ def measure(model, reference, ids, mask, new_tokens: int, eos, pad: int, sample:
             train = action_logprobs(model, out.sequences, full_mask, P)           # (B, N)
             exact = action_logprobs(reference, out.sequences, full_mask, P) if reference is not None else None
         found = {f"engine decode {kernels} {'packed' if pack else 'plain'}": out.logprobs,
-                 f"engine prefill {kernels}": engine_prefill_logprobs(engine, out.sequences, full_mask, P)}
+                 f"engine prefill {kernels}": engine.score(out.sequences, full_mask, prompt_len=P)}
         if kernels == "cpu" and pack:  # HF's rows depend on the sequences only: once is enough
             found["HF decode"] = hf_decode_logprobs(model, out.sequences, full_mask, P)
             found["HF forward"] = train
@@ -93,7 +81,7 @@ def measure(model, reference, ids, mask, new_tokens: int, eos, pad: int, sample:
             torch_ops, cpu_ops = ops_lib.select("torch", "cpu"), ops_lib.select("cpu", "cpu")
             for op in C_OPS:
                 engine.inference.ops = dataclasses.replace(torch_ops, **{op: getattr(cpu_ops, op)})
-                found[f"prefill torch + cpu {op}"] = engine_prefill_logprobs(engine, out.sequences, full_mask, P)
+                found[f"prefill torch + cpu {op}"] = engine.score(out.sequences, full_mask, prompt_len=P)
         for name, logprobs in found.items():
             if name.startswith("engine prefill") and not pack:
                 continue  # a prefill of more than PACKED_MAX_ROWS rows never reads the packed copies
