@@ -107,3 +107,20 @@ def test_throughput_benchmark_takes_the_checkpoint_and_chat_prompts(real_model, 
                                                     add_generation_prompt=True, return_dict=False)) for r in first_two)
     assert (row["model"], row["params"], row["prompt_len"]) == (path.name, 134_515_008, longest)
     assert row["outputs_equal"]
+
+
+def test_score_equals_the_training_forward(real_model):
+    """engine.score over the 8 chat prompts (each token after the first): with the torch kernels the prefill runs
+    the training forward's ops on its shapes, bit for bit; the C++ kernels' summation order moves a logprob by
+    1-2.5e-5 after 30 layers (benchmarks/RESULTS.md), within the rollout tolerance."""
+    _, tokenizer, model = real_model
+    ids, mask = chat_batch(tokenizer, QUESTIONS)
+    real = (mask[:, 1:] * mask[:, :-1]).bool()  # the token and the one it is predicted from are not padding
+    ref = hf_logprobs(model, ids, mask, 1)[real]
+    for kernels in ("torch", "auto"):
+        engine = hybrid_engine.wrap(model, max_seq_len=96, max_batch_size=len(QUESTIONS), kernels=kernels)
+        got = engine.score(ids, mask)[real]
+        if kernels == "torch":
+            assert torch.equal(got, ref)
+        else:
+            torch.testing.assert_close(got, ref, atol=FP32_LOGPROB_ATOL, rtol=0)
