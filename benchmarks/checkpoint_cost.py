@@ -68,8 +68,10 @@ def full_run(out: Path, save_interval: int) -> float:
     cmd = [sys.executable, "-m", "rlhf.train", "--output-dir", str(out), "--disable-tqdm"]
     if save_interval:
         cmd += ["--save-interval", str(save_interval)]
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # this process's, not the run's
+    env = {k: v for k, v in os.environ.items() if k not in launcher} | {"PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=env)
     return time.perf_counter() - start
 
 

@@ -69,7 +69,7 @@ class StopSignal:
         """The exception that ends the run, after ``checkpoint`` was written."""
         signum = self.received if self.received is not None else signal.SIGTERM
         name = signal.Signals(signum).name
-        return Stopped(f"stopped by {name} at {where}; checkpoint {checkpoint}. Continue with: {resume_hint}",
+        return Stopped(f"stopped by {name} after {where}; checkpoint {checkpoint}. Continue with: {resume_hint}",
                        128 + int(signum))
 
 

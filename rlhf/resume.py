@@ -236,13 +236,13 @@ class RunControl:
         ckpt = self.checkpointer
         if ckpt is None or not (stopping or ckpt.due(counter) or (last and ckpt.last_saved != counter)):
             if stopping:
-                raise self.stop.stop(f"{counter}", "none (no checkpointer)", self.resume_hint)
+                raise self.stop.stop(f"update {counter}", "none (no checkpointer)", self.resume_hint)
             return
         path = ckpt.save(counter, engines, state()) if ckpt.last_saved != counter else ckpt.latest()
         if guard is not None:
             guard.last_checkpoint = str(path)
         if stopping:
-            raise self.stop.stop(f"{ckpt.name} {counter}", path, self.resume_hint)
+            raise self.stop.stop(f"{ckpt.name} update {counter}", path, self.resume_hint)
 
 
 def open_run(run_dir: str | Path, names: list[str], outputs: dict[str, str], resume: bool, overwrite: bool,

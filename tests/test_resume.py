@@ -101,7 +101,7 @@ def test_sigterm_checkpoints_says_how_to_resume_and_resumes_exactly(uninterrupte
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 143, err[-3000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("rlhf train: stopped by SIGTERM at ppo ") and last.endswith("--resume"), last
+    assert last.startswith("rlhf train: stopped by SIGTERM after ppo update ") and last.endswith("--resume"), last
     assert "Continue with: rlhf train --output-dir" in last
     train(out, "--resume")
     assert_same_run(out, uninterrupted)
