@@ -117,3 +117,26 @@ class NonFiniteGuard:
 
     def load_state(self, state: dict) -> None:
         self.skipped, self.in_a_row = state["skipped"], state["in_a_row"]
+
+
+def _gradient_norm(engine) -> torch.Tensor | None:
+    """The gradient norm of a ZeRO-0 fp32 engine before its step; None elsewhere. ZeRO 1-3 check the norm of
+    their gradient partitions themselves and skip a non-finite step (counted in ``engine.skipped_steps``), as
+    fp16's loss scaler does; a ZeRO-0 step would apply it."""
+    if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    norms = [p.grad.detach().norm() for p in engine.module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+
+
+def guarded_update(engine, loss: torch.Tensor, guard: NonFiniteGuard, step: int, name: str = "loss") -> bool:
+    """``engine.backward(loss)`` and ``engine.step()`` unless ``loss`` is not finite (then neither runs: False);
+    a non-finite gradient norm at the accumulation boundary drops the window's gradients instead of stepping."""
+    if not guard.ok(step, **{name: loss}):
+        return False
+    engine.backward(loss)
+    if engine.is_gradient_accumulation_boundary() and not guard.ok(step, gradient_norm=_gradient_norm(engine)):
+        engine.optimizer.zero_grad(set_to_none=True)
+        return True
+    engine.step()
+    return True

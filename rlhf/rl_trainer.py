@@ -19,7 +19,7 @@ from rlhf.advantages import ESTIMATORS, EstimatorInput
 from rlhf.common import all_reduce_sum, to_device
 from rlhf.deepspeed_utils import ds_config, init_inference, initialize
 from rlhf.experience import Experience, PhaseTimer, action_logprobs, action_values, generate_experience, lm_loss
-from rlhf.guards import NonFiniteGuard
+from rlhf.guards import NonFiniteGuard, guarded_update
 from rlhf.losses import aggregate, kl_divergence, kl_penalized_rewards, masked_mean, policy_loss, value_loss
 from rlhf.models import VALUE_HEAD_FILE, ModelOptions, RewardModel, create_actor, create_critic, create_reward_model
 from rlhf.rewards import RewardFunction
@@ -170,21 +170,16 @@ class RLTrainer:
                                algo.loss_agg, cfg.max_answer_seq_len)
                 loss = loss + algo.kl_loss_coef * kl
                 out["kl_loss"] = kl.item()
-            if self.guard.ok(self.round, actor_loss=loss):
-                self.actor.backward(loss)
-                self.actor.step()
+            guarded_update(self.actor, loss, self.guard, self.round, "actor_loss")
             if ptx_batch is not None:
                 ptx = lm_loss(self.actor, to_device(ptx_batch, self.device))
-                self.actor.backward(cfg.unsup_coef * ptx)
-                self.actor.step()
+                guarded_update(self.actor, cfg.unsup_coef * ptx, self.guard, self.round, "ptx_loss")
                 out["ptx_loss"] = ptx.item()
         if self.critic is not None:
             with self.timer.phase("critic_update"):
                 values = action_values(self.critic, exp.sequences, exp.attention_mask, exp.prompt_len)
                 critic_loss = value_loss(values, exp.values, exp.returns, exp.action_mask, cfg.cliprange_value)
-                if self.guard.ok(self.round, critic_loss=critic_loss):
-                    self.critic.backward(critic_loss)
-                    self.critic.step()
+                guarded_update(self.critic, critic_loss, self.guard, self.round, "critic_loss")
             out["critic_loss"] = critic_loss.item()
         if self.ema is not None:
             self.update_ema()

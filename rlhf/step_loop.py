@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from rlhf.common import StepConfig, num_update_steps, to_device
 from rlhf.data import load_step_examples, make_dataloader, train_eval_split
 from rlhf.deepspeed_utils import DistInfo, ds_config, init_distributed, initialize
-from rlhf.guards import NonFiniteGuard
+from rlhf.guards import NonFiniteGuard, guarded_update
 from rlhf.metrics import MetricsLogger
 from rlhf.models import load_tokenizer
 from rlhf.resume import RunControl, capture_rng, restore_rng
@@ -84,9 +84,9 @@ def train_loop(s: Step, cfg: StepConfig, desc: str, loss_fn: Callable, evaluate:
     `loss_fn(engine, batch)` gives (loss, {metric: float}) for a batch on the device; the window of micro-batches
     since the last record is averaged into metrics.jsonl every cfg.log_interval steps, with the learning rate.
     `evaluate(engine)` (a dict) is logged as "<name>_eval" every `eval_interval` steps when both are given.
-    A micro-batch with a non-finite loss is skipped (no backward). Checkpoints (s.control) carry the loop's
-    position, RNG streams and `saved` (the caller's own state, back as s.resumed["saved"]); resuming from one
-    replays the data order up to that position and continues bit for bit.
+    A micro-batch with a non-finite loss is skipped (no backward), a non-finite gradient dropped (guarded_update).
+    Checkpoints (s.control) carry the loop's position, RNG streams and `saved` (the caller's own state, back as
+    s.resumed["saved"]); resuming from one replays the data order up to that position and continues bit for bit.
     """
     engine, metrics, control = s.engine, s.metrics, s.control
     engine.train()
@@ -120,10 +120,8 @@ def train_loop(s: Step, cfg: StepConfig, desc: str, loss_fn: Callable, evaluate:
         for batch in batches:
             done += 1
             loss, extra = loss_fn(engine, to_device(batch, s.dist.device))
-            if not guard.ok(step + 1, loss=loss):
+            if not guarded_update(engine, loss, guard, step + 1):
                 continue
-            engine.backward(loss)
-            engine.step()
             window.append({"loss": loss.item(), **extra})
             if not engine.is_gradient_accumulation_boundary():
                 continue
