@@ -346,6 +346,7 @@ def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
         "final_reward": mean("reward"), "final_kl": mean("kl"),
         "max_logprob_gap": max((r["logprob_gap"] for r in history if "logprob_gap" in r), default=0.0),
         "gen_tokens_per_s": gen_tokens / max(gen_seconds, 1e-9), "nonfinite_skipped": trainer.guard.skipped,
+        "deepspeed_skipped_steps": sum(e.skipped_steps for e in trainer.engines().values()),
         "seconds": time.time() - start,
     }
 

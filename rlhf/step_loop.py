@@ -158,9 +158,6 @@ def initial_eval(s: Step, record: str, evaluate: Callable[[], dict]) -> dict:
 
 
 def skipped_updates(s: Step) -> dict:
-    """The summary's count of skipped updates: non-finite losses, and fp16 overflows (DeepSpeed's loss scaler
-    skips those itself)."""
-    out = {"nonfinite_skipped": s.skipped}
-    if getattr(s.engine, "fp16_enabled", lambda: False)():
-        out["fp16_overflow_skipped"] = s.engine.skipped_steps
-    return out
+    """The summary's counts of skipped updates: ours (a non-finite loss, or a ZeRO-0 fp32 gradient), and
+    DeepSpeed's own (fp16 overflows, non-finite gradient norms under ZeRO 1-3 or bf16)."""
+    return {"nonfinite_skipped": s.skipped, "deepspeed_skipped_steps": s.engine.skipped_steps}
