@@ -2,6 +2,7 @@
 (DeepSpeed-Chat's end-to-end comparison), phase by phase, for PPO and GRPO: same models, same prompts, one run.
 
     python benchmarks/rlhf_step.py --threads 1 --json step.json     # CPU, ~15M Llama-style model, ppo and grpo
+    python benchmarks/rlhf_step.py --threads 1 --clock cpu          # the same in CPU seconds (a shared CPU)
     python benchmarks/rlhf_step.py --device cuda --dtype bf16 --model-size 1b --json step.json
     python benchmarks/rlhf_step.py --model PATH                     # your checkpoint (actor, reference, critic, RM)
 
@@ -10,15 +11,16 @@ its phase timer on:
   hf      --no-enable-hybrid-engine --no-reuse-rollout-logprobs --no-score-reference-with-engine: Hugging Face
           generate, then a training forward for each of the actor's old logprobs and the reference's logprobs
           (DeepSpeed-Chat's HF baseline);
-  engine  the defaults: the hybrid engine generates, its rollout logprobs are PPO's old logprobs, the reference is
-          scored by the engine's prefill-only forward (HybridEngine.score).
+  engine  --reuse-rollout-logprobs --score-reference-with-engine: the hybrid engine generates, its rollout
+          logprobs are PPO's old logprobs, the reference is scored by the engine's prefill-only forward
+          (HybridEngine.score; off by default, as on CPU it costs what the training forward costs).
 The reward model and the critic start from the actor's checkpoint with a random value head (a score is a score).
 A round is one rollout of --batch-size rows (GRPO: --batch-size / 4 prompts x 4 samples) and one actor (and
 critic) step on all of them. Every answer is --new-tokens long (no EOS stop), so both sides do the same work
-whatever they sample. Each side runs one warm-up round, then the sides take turns for --repeats rounds (in ABBA
-order), so load from elsewhere on the machine falls on both alike; medians are printed. The engine's audit of the reused
-logprobs (every 10th rollout, the first included) falls in the warm-up round; it costs one `old logp` of the hf
-side per 10 rounds.
+whatever they sample. Each side runs one warm-up round, then the sides take turns for --repeats rounds (in
+ABBA order), so load from elsewhere on the machine falls on both alike; medians are printed. The engine's audit
+of the reused logprobs (every 10th rollout, the first included) falls in the warm-up round; it costs one
+`old logp` of the hf side per 10 rounds.
 """
 from __future__ import annotations
 
@@ -49,8 +51,8 @@ SIDES = {  # PPOConfig fields of each side
 PHASES = {"generate": "generate", "switch": "switch", "old_logprobs": "old logp", "ref_logprobs": "ref logp",
           "reward": "reward", "values": "values", "actor_update": "actor upd", "critic_update": "critic upd",
           "other": "other"}
-SAMPLES = {"ppo": 1, "grpo": 4}
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # rows per prompt (ALGORITHMS' defaults in rlhf/ppo.py)
+SAMPLES = {"ppo": 1, "grpo": 4}  # rows per prompt (ALGORITHMS' defaults in rlhf/ppo.py)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def prepare_models(args, work: str) -> tuple[str, str, str, int, int]:
@@ -83,7 +85,7 @@ def prompt_batch(args, vocab: int, prompts: int, device) -> dict:
 
 
 def timed_round(trainer: RLTrainer, batch: dict, generator: torch.Generator, device: str) -> dict:
-    """One rollout and one pass of updates over it: wall seconds of the round and of each phase."""
+    """One rollout and one pass of updates over it: seconds (the timer's clock) of the round and of each phase."""
     rows = batch["input_ids"].shape[0]
     trainer.timer.pop()
     throughput.sync(device)
