@@ -120,6 +120,7 @@ class InferenceModel:
                       "post_norm": self._post_norm_block}[arch.residual]
         self.mlp = self._gated_mlp if arch.gated_mlp else self._plain_mlp
         self.split_qkv = self._split_per_head if arch.qkv_layout == "per_head" else self._split_blocked
+        self.rotary = arch.positions == "rotary"
         windows = arch.sliding_windows or (None,) * len(weights.layers)
         self.windows = windows
         self.distinct_windows = tuple(sorted({w for w in windows if w is not None}))
@@ -183,7 +184,7 @@ class InferenceModel:
         arithmetic (fp32 position * inv_freq, then cos/sin, then the scaling): the same values bit for bit,
         for two index ops per forward instead of eight elementwise ones (a decode step is overhead-bound).
         """
-        if self.w.inv_freq is None:
+        if not self.rotary:
             return None, None
         key = (dtype, max_positions)
         table = self.rotary_tables.get(key)
@@ -203,7 +204,7 @@ class InferenceModel:
             h = h * arch.embed_scale
         if w.project_in is not None:
             h = w.project_in(h)
-        if w.pos_embed is not None:
+        if not self.rotary:  # learned absolute positions
             h = h + F.embedding(positions + arch.pos_offset, w.pos_embed)
         cos, sin = self._rotary(positions, h.dtype, max_positions)
         return h, cos, sin
