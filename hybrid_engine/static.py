@@ -116,7 +116,11 @@ class StaticDecoder:
     def __init__(self, backend: str = "inductor", cuda_graphs: bool = False, eos_check_every: int = 8):
         if eos_check_every < 1:
             raise ValueError(f"eos_check_every={eos_check_every}: expected at least 1")
-        self.step = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
+        # inductor fuses pointwise ops and by default rounds bf16/fp16 only at a fused kernel's end, where eager
+        # rounds after every op: a tiny bf16 Qwen2 then chose other greedy tokens than the eager step (logprobs
+        # 0.69 apart); rounding as eager does, they are identical (tests/test_engine_compile.py)
+        options = {"emulate_precision_casts": True} if backend == "inductor" else None
+        self.step = torch.compile(step, backend=backend, fullgraph=True, dynamic=False, options=options)
         self.cuda_graphs = cuda_graphs
         self.eos_check_every = eos_check_every
         self.states: dict[int, DecodeState] = {}
