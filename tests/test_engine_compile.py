@@ -266,6 +266,41 @@ def test_captured_addresses_survive_train_eval_and_move_on_release(tmp_path):
     assert addresses() != first
 
 
+def test_capture_bookkeeping_replays_and_recaptures_when_it_should(monkeypatch, tmp_path):
+    """The CUDA-graph path's decisions, on the CPU: `_capture` (the one CUDA-only piece) is replaced by a stand-in
+    whose replay runs the compiled step. One capture per bucket and variant, replayed across prompts, an
+    optimizer step and train()/eval() (with HF's tokens on the new weights); a new variant (EOS) captures its
+    own; release_memory() forces a re-capture."""
+    from types import SimpleNamespace
+
+    from hybrid_engine.static import StaticDecoder
+
+    def fake_capture(self, run, state):
+        self.captures += 1
+        return SimpleNamespace(replay=run)
+
+    monkeypatch.setattr(StaticDecoder, "_capture", fake_capture)
+    model = tiny_model("llama", tmp_path)
+    ids, mask = left_padded_prompts(LENGTHS, 0)
+    eager, compiled, counter = engines(model, "cpu", pack_weights=False)
+    compiled.static.cuda_graphs = True
+    out = greedy(compiled, ids, mask, 0)
+    assert torch.equal(out.sequences, greedy(eager, ids, mask, 0).sequences)
+    greedy(compiled, ids[:, 2:], mask[:, 2:], 0)
+    assert compiled.static.captures == 1
+    compiled.train()
+    _sgd_step(model, ids, mask)
+    model.eval()
+    after = greedy(compiled.eval(), ids, mask, 0)
+    assert torch.equal(after.sequences, hf_greedy(model, ids, mask, 0))
+    assert compiled.static.captures == 1 and counter.frame_count == 1
+    compiled.generate(ids, mask, max_new_tokens=8, eos_token_id=5, pad_token_id=0)   # the EOS variant
+    assert compiled.static.captures == 2
+    compiled.release_memory()
+    greedy(compiled, ids, mask, 0)
+    assert compiled.static.captures == 3
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graphs_captured_once_per_bucket_and_replayed_after_weight_updates(tmp_path):
