@@ -54,6 +54,18 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Ten
     return tokens, logp_all.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def prompt_masks(attention_mask: torch.Tensor, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key_mask (B, S_max) bool: True on the prompt's real tokens and on every slot after it; positions (B, P)
+    long: each real token's index among its row's real tokens, the rule Hugging Face's forward applies to a
+    left-padded row), for left-padded prompts with attention_mask (B, P)."""
+    B, P = attention_mask.shape
+    key_mask = torch.zeros(B, max_seq_len, dtype=torch.bool, device=attention_mask.device)  # (B, S_max)
+    key_mask[:, :P] = attention_mask.bool()
+    key_mask[:, P:] = True
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)                # (B, P)
+    return key_mask, positions
+
+
 @torch.inference_mode()
 def generate(model: InferenceModel, cache: KVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              max_new_tokens: int, params: SamplingParams, eos_ids: torch.Tensor | None,
@@ -62,10 +74,7 @@ def generate(model: InferenceModel, cache: KVCache, input_ids: torch.Tensor, att
     N (the number of new-token columns) may be smaller than max_new_tokens, as with Hugging Face."""
     B, P = input_ids.shape
     device = input_ids.device
-    key_mask = torch.zeros(B, cache.max_seq_len, dtype=torch.bool, device=device)  # (B, S_max)
-    key_mask[:, :P] = attention_mask.bool()
-    key_mask[:, P:] = True
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)                # (B, P)
+    key_mask, positions = prompt_masks(attention_mask, cache.max_seq_len)          # (B, S_max), (B, P)
 
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)

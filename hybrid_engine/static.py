@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import KVCache
-from .generation import GenerationOutput, SamplingParams, next_tokens
+from .generation import GenerationOutput, SamplingParams, next_tokens, prompt_masks
 from .models import InferenceModel
 
 
@@ -147,10 +147,7 @@ class StaticDecoder:
         S = cache.max_seq_len
         device = input_ids.device
         rows = bucket_of(B, cache.max_batch_size)
-        key_mask = torch.zeros(B, S, dtype=torch.bool, device=device)             # (B, S)
-        key_mask[:, :P] = attention_mask.bool()
-        key_mask[:, P:] = True
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)          # (B, P)
+        key_mask, positions = prompt_masks(attention_mask, S)                      # (B, S), (B, P)
         logits = model.forward(input_ids, positions, cache, 0, key_mask)         # (B, V) eager prefill
 
         state = self.state_for(rows, S, logits.shape[-1], device)
