@@ -27,6 +27,8 @@ moved (a buffer reallocated: release_memory(), a ZeRO-3 gather into new memory, 
 from __future__ import annotations
 
 import dataclasses
+import types
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -119,8 +121,9 @@ class StaticDecoder:
         # inductor fuses pointwise ops and by default rounds bf16/fp16 only at a fused kernel's end, where eager
         # rounds after every op: a tiny bf16 Qwen2 then chose other greedy tokens than the eager step (logprobs
         # 0.69 apart); rounding as eager does, they are identical (tests/test_engine_compile.py)
-        options = {"emulate_precision_casts": True} if backend == "inductor" else None
-        self.step = torch.compile(step, backend=backend, fullgraph=True, dynamic=False, options=options)
+        self.options = {"emulate_precision_casts": True} if backend == "inductor" else None
+        self.backend = backend
+        self.compiled: dict[tuple, Callable] = {}   # (bucket, greedy, has_eos, eos count) -> its compiled step
         self.cuda_graphs = cuda_graphs
         self.eos_check_every = eos_check_every
         self.states: dict[int, DecodeState] = {}
@@ -192,14 +195,32 @@ class StaticDecoder:
             state.eos = torch.empty_like(eos)  # a new EOS count is a new graph variant (and a recompile)
         state.eos.copy_(eos)
 
+    def step_for(self, key: tuple) -> Callable:
+        """The compiled step of one (bucket, greedy, has_eos, eos count) variant: a copy of `step` with a code
+        object of its own. Dynamo keeps compiled graphs per code object, at most recompile_limit (8) of them, and
+        with fullgraph=True one more is a hard error (FailOnRecompileLimitHit): one shared `step` would fail at
+        the 9th variant of a process (7 buckets of max_batch_size 64, greedy and sampled, already make 14). Each
+        copy holds one graph (more only if the weights' dtypes or shapes change), and its guards are checked
+        alone."""
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            rows, greedy, has_eos, eos_count = key
+            name = f"decode_step_b{rows}_{'greedy' if greedy else 'sampled'}" + (f"_eos{eos_count}" if has_eos else "")
+            code = step.__code__.replace(co_name=name)
+            fn = types.FunctionType(code, step.__globals__, name, step.__defaults__, step.__closure__)
+            compiled = self.compiled[key] = torch.compile(fn, backend=self.backend, fullgraph=True, dynamic=False,
+                                                          options=self.options)
+        return compiled
+
     def _runner(self, model: InferenceModel, cache: KVCache, state: DecodeState, greedy: bool, has_eos: bool):
-        if not self.cuda_graphs:
-            return lambda: self.step(model, cache, state, greedy, has_eos)
         key = (state.tokens.shape[0], greedy, has_eos, state.eos.shape[0])
+        compiled = self.step_for(key)
+        if not self.cuda_graphs:
+            return lambda: compiled(model, cache, state, greedy, has_eos)
         addresses = [t.data_ptr() for t in graph_inputs(model, cache, state)]
         captured = self.graphs.get(key)
         if captured is None or captured[1] != addresses:  # first use, or a buffer moved: (re-)capture
-            graph = self._capture(lambda: self.step(model, cache, state, greedy, has_eos), state)
+            graph = self._capture(lambda: compiled(model, cache, state, greedy, has_eos), state)
             captured = self.graphs[key] = (graph, addresses)
         return captured[0].replay
 

@@ -137,6 +137,25 @@ def test_one_compilation_per_batch_bucket(tmp_path):
     assert_no_graph_break()
 
 
+def test_variants_never_meet_dynamos_recompile_limit(monkeypatch, tmp_path):
+    """Every (bucket, greedy or sampled, EOS) variant is compiled from a code object of its own, so none counts
+    toward another's recompile limit (with fullgraph=True, passing it is a hard error): here a limit of 1 and
+    3 buckets x 2 variants, a second engine on another model besides."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    model = tiny_model("gpt2", tmp_path)
+    ids, mask = left_padded_prompts([6, 2, 4], 0)
+    _, compiled, counter = engines(model, "cpu")
+    for rows in (1, 2, 3):
+        for sample in (False, True):
+            compiled.generate(ids[:rows], mask[:rows], max_new_tokens=4, do_sample=sample, eos_token_id=[],
+                              generator=torch.Generator().manual_seed(0))
+    other = hybrid_engine.wrap(tiny_model("opt", tmp_path), max_seq_len=MAX_SEQ, max_batch_size=4, kernels="cpu",
+                               compile=True, compile_backend=counter)
+    other.generate(ids, mask, max_new_tokens=4, eos_token_id=[], pad_token_id=1)
+    assert counter.frame_count == 7
+    assert_no_graph_break()
+
+
 def test_weights_change_without_recompiling(tmp_path):
     """An optimizer step, train(), eval(): the compiled step reads the new weights (HF's tokens on them) with no
     recompilation, for fused (re-laid) and in-place weights alike."""
