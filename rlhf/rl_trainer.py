@@ -9,6 +9,7 @@ function is given; the rest of the algorithm (estimator, KL placement, loss aggr
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,10 +55,13 @@ def reuse_rollout_logprobs(cfg, actor) -> bool:
     with dropout, whose training forward the rollout's logprobs cannot stand for); unset, it is on exactly when
     the actor has no dropout."""
     dropout = dropout_settings(actor)
+    shown = ", ".join(f"{k}={v}" for k, v in list(dropout.items())[:3])
     if cfg.reuse_rollout_logprobs and dropout:
-        shown = ", ".join(f"{k}={v}" for k, v in list(dropout.items())[:3])
         raise ValueError(f"--reuse-rollout-logprobs needs an actor without dropout, this one has {shown}: pass "
                          "--actor-dropout 0 or --no-reuse-rollout-logprobs")
+    if cfg.reuse_rollout_logprobs is None and dropout:
+        warnings.warn(f"the actor has dropout ({shown}): PPO's old logprobs come from its training forward, one "
+                      "more forward per rollout (--actor-dropout 0 lets the rollout's be reused)", stacklevel=2)
     return not dropout if cfg.reuse_rollout_logprobs is None else cfg.reuse_rollout_logprobs
 
 

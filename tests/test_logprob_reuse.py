@@ -73,7 +73,8 @@ def test_reuse_refused_with_dropout_and_off_by_default(tiny_run):
     with pytest.raises(ValueError, match="--reuse-rollout-logprobs needs an actor without dropout, this one has "
                                          r"attention_dropout=0.1.*--actor-dropout 0 or --no-reuse-rollout-logprobs"):
         make_trainer(tiny_run, actor_dropout=0.1, reuse_rollout_logprobs=True)
-    assert not make_trainer(tiny_run, actor_dropout=0.1).reuse_logprobs
+    with pytest.warns(UserWarning, match=r"the actor has dropout \(attention_dropout=0.1\): PPO's old logprobs"):
+        assert not make_trainer(tiny_run, actor_dropout=0.1).reuse_logprobs
 
 
 def test_cli_refuses_reuse_with_dropout_in_one_line(tiny_run, capsys):
