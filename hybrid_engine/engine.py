@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from . import ops as ops_lib
 from .cache import KVCache, available_bytes
-from .generation import GenerationOutput, SamplingParams, generate
+from .generation import GenerationOutput, SamplingParams, generate, prompt_masks
 from .models import FAMILIES, InferenceModel, Relayer
 from .models.common import can_pack, pack_linears
 from .static import StaticDecoder
@@ -317,8 +317,8 @@ class HybridEngine:
             raise ValueError(f"prompt_len={prompt_len}: expected 1 <= prompt_len < seq_len {T}")
         if temperature <= 0.0:
             raise ValueError(f"temperature={temperature}: expected a positive value")
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)            # (B, T) real tokens only
         if not self.supported:
+            positions = prompt_masks(attention_mask, T)[1]                                # (B, T)
             logits = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                                    use_cache=False).logits                            # (B, T, V)
         else:
@@ -332,8 +332,7 @@ class HybridEngine:
             if self.training or self.inference is None:
                 self.eval()
             cache = self._cache_for()
-            key_mask = torch.zeros(B, cache.max_seq_len, dtype=torch.bool, device=input_ids.device)  # (B, S_max)
-            key_mask[:, :T] = attention_mask.bool()
+            key_mask, positions = prompt_masks(attention_mask, cache.max_seq_len)         # (B, S_max), (B, T)
             logits = self.inference.forward(input_ids, positions, cache, 0, key_mask, last_only=False)  # (B, T, V)
         logits = logits[:, prompt_len - 1:-1].float()                                   # (B, T - P, V)
         if temperature != 1.0:
