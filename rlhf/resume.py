@@ -260,6 +260,7 @@ def open_run(run_dir: str | Path, names: list[str], outputs: dict[str, str], res
     state = RunState(run_dir, metrics_path, write=is_main)
     found = [n for n in names if n in state.begun() or (run_dir / CHECKPOINT_DIR / n).exists()
              or (n in outputs and Path(outputs[n]).exists())]
+    barrier()  # every rank has looked before rank 0 writes run_state.json for the first step
     if found and not (resume or overwrite):
         raise ValueError(f"--output-dir {run_dir} already holds this run's {', '.join(found)} (begun or saved "
                          "earlier): add --resume to continue it, or --overwrite to start over")
