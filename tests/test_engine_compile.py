@@ -346,3 +346,32 @@ def test_cuda_graphs_captured_once_per_bucket_and_replayed_after_weight_updates(
     engine.release_memory()
     greedy(engine, ids, mask, 0)
     assert engine.static.captures == 2
+
+
+def test_real_model_compiled_matches_eager_and_hugging_face_with_eos_stops():
+    """SmolLM2-135M-Instruct (tests/real_model.py): 8 chat prompts, greedy, stopping at the model's own EOS (some
+    rows stop, some run on), the host checking every 8 steps: the compiled step's tokens, action mask and
+    logprobs are the eager engine's, and the tokens HF generate's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.real_model import QUESTIONS, chat_batch, real_model_dir
+
+    path = real_model_dir()
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    ids, mask = chat_batch(tokenizer, QUESTIONS)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    counter = CompileCounterWithBackend("aot_eager")
+    options = dict(max_seq_len=96, max_batch_size=len(QUESTIONS), kernels="cpu")
+    compiled = hybrid_engine.wrap(model, compile=True, compile_backend=counter, **options).eval()
+    eager = hybrid_engine.wrap(model, **options).eval()
+    a = compiled.generate(ids, mask, max_new_tokens=16, eos_token_id=eos, pad_token_id=pad)
+    b = eager.generate(ids, mask, max_new_tokens=16, eos_token_id=eos, pad_token_id=pad)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.action_mask, b.action_mask)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=eos,
+                        pad_token_id=pad)
+    assert torch.equal(a.sequences, hf)
+    stopped = (a.sequences[:, ids.shape[1]:] == eos).any(-1)
+    assert stopped.any() and not stopped.all()
+    assert counter.frame_count == 1
+    assert_no_graph_break()
