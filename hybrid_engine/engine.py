@@ -342,7 +342,7 @@ class HybridEngine:
     @torch.no_grad()
     def _hf_generate(self, input_ids, attention_mask, max_new_tokens, params: SamplingParams, eos_token_id,
                      pad_token_id) -> GenerationOutput:
-        if not self._warned_fallback:
+        if not self._warned_fallback and not self.config.force_fallback:  # asked for, it needs no warning
             warnings.warn(f"hybrid_engine: {self.model_type} has no inference path of its own; generate() delegates "
                           "to Hugging Face generate", stacklevel=3)
             self._warned_fallback = True
