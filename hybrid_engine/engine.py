@@ -59,6 +59,17 @@ class SwitchStats:
     release_s: float = 0.0    # partitioning the gathered parameters again (train switch)
 
 
+def _checked_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, length: str) -> torch.Tensor:
+    """The attention mask of (batch, `length`) input ids: all ones when None; one line when a shape is wrong."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected (batch, {length}), got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+    return attention_mask
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The Hugging Face module under a DeepSpeed engine and/or a PEFT model (LoRA layers stay in place)."""
     inner = getattr(model, "module", None)
@@ -230,14 +241,8 @@ class HybridEngine:
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                  generator: torch.Generator | None = None) -> GenerationOutput:
         """Generate after left-padded prompts. See GenerationOutput for what comes back."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected (batch, prompt_len), got shape {tuple(input_ids.shape)}")
+        attention_mask = _checked_mask(input_ids, attention_mask, "prompt_len")
         B, P = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids "
-                             f"{tuple(input_ids.shape)}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: expected at least 1")
         if P + max_new_tokens > self.config.max_seq_len:
@@ -305,14 +310,8 @@ class HybridEngine:
         call eval() again. input_ids, attention_mask: (B, T), left padded or not padded, T <= max_seq_len and
         B <= max_batch_size (the prefill writes the KV cache, which is then simply overwritten next time).
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        attention_mask = _checked_mask(input_ids, attention_mask, "seq_len")
         B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids "
-                             f"{tuple(input_ids.shape)}")
         if not 1 <= prompt_len < T:
             raise ValueError(f"prompt_len={prompt_len}: expected 1 <= prompt_len < seq_len {T}")
         if temperature <= 0.0:
