@@ -211,26 +211,27 @@ def test_resume_cuts_metrics_back_to_the_checkpoint(tmp_path):
     assert metrics.read_text() == '{"step": 1}\n'
 
 
-def torchrun(out: Path, uninterrupted: Path, *extra: str) -> list[str]:
+def torchrun(out: Path, uninterrupted: Path, stage: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-            "rlhf.train", "--output-dir", str(out), *RUN, *step3_from(uninterrupted), "--actor-zero-stage", "2",
-            "--max-steps", "4", *extra]
+            "rlhf.train", "--output-dir", str(out), *RUN, *step3_from(uninterrupted), "--actor-zero-stage",
+            str(stage), "--max-steps", "4", *extra]
 
 
-def test_two_processes_zero2_grpo_resume_exactly(uninterrupted, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_grpo_resume_exactly(uninterrupted, tmp_path, stage):
     reference = tmp_path / "reference"
-    proc = subprocess.run(torchrun(reference, uninterrupted), cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(torchrun(reference, uninterrupted, stage), cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "run"
-    launcher = subprocess.Popen(torchrun(out, uninterrupted), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+    launcher = subprocess.Popen(torchrun(out, uninterrupted, stage), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for(launcher, out / "checkpoints" / "grpo" / "step-000002" / "meta.json")
     os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and both ranks, as a preempted node
     launcher.wait()
     assert sorted(p.name for p in (out / "checkpoints" / "grpo" / "step-000002").glob("rank*.pt")) == \
         ["rank0.pt", "rank1.pt"]
-    proc = subprocess.run(torchrun(out, uninterrupted, "--resume"), cwd=ROOT, env=ENV, capture_output=True,
+    proc = subprocess.run(torchrun(out, uninterrupted, stage, "--resume"), cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours, theirs = weights(out / "ppo" / "actor"), weights(reference / "ppo" / "actor")
