@@ -193,9 +193,6 @@ class PPOConfig:
         check_bounds(self)
         if self.inference_tp_size > 1 and self.actor_zero_stage != 3:
             raise ValueError("--inference-tp-size > 1 requires --actor-zero-stage 3 (as DeepSpeed-Chat)")
-        if self.logprob_audit_interval < 0:
-            raise ValueError(f"--logprob-audit-interval {self.logprob_audit_interval}: expected 0 (never) or a "
-                             "positive number of rollouts")
         algo = self.algo()
         if ESTIMATORS[algo.estimator].grouped and algo.n_samples_per_prompt < 2:
             raise ValueError(f"--algorithm {algo.name} compares the answers to one prompt: "

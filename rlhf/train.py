@@ -21,7 +21,17 @@ from pathlib import Path
 
 import torch
 
-from rlhf.common import BOUNDS, ArgumentParser, add_config_args, add_launcher_args, bounded, require_output_dir, run_cli
+from rlhf.common import (
+    AT_LEAST_1,
+    BOUNDS,
+    NON_NEGATIVE,
+    ArgumentParser,
+    add_config_args,
+    add_launcher_args,
+    bounded,
+    require_output_dir,
+    run_cli,
+)
 from rlhf.data import Example, build_prompt_dataset, load_step_examples, make_dataloader
 from rlhf.data.synthetic import gold_scores, write_synthetic_data
 from rlhf.deepspeed_utils import init_distributed
@@ -165,12 +175,12 @@ def build_parser(preset: Preset | None, algorithm: str = "ppo") -> argparse.Argu
     parser.add_argument("--overwrite", action="store_true",
                         help="start this run's steps over in an --output-dir that already holds them (their "
                         "checkpoints and metrics records are removed)")
-    parser.add_argument("--save-interval", type=int, default=0, metavar="N",
+    parser.add_argument("--save-interval", type=bounded(int, NON_NEGATIVE), default=0, metavar="N",
                         help="write a checkpoint of the whole training state every N optimizer steps (steps 1-2, "
                         "DPO) or rounds (step 3); 0: only at the end of each step. SIGTERM/SIGINT always write one")
-    parser.add_argument("--keep-checkpoints", type=int, default=2, metavar="K",
+    parser.add_argument("--keep-checkpoints", type=bounded(int, AT_LEAST_1), default=2, metavar="K",
                         help="checkpoints kept per step, the newest (default: 2)")
-    parser.add_argument("--max-nonfinite-steps", type=int, default=5, metavar="K",
+    parser.add_argument("--max-nonfinite-steps", type=bounded(int, AT_LEAST_1), default=5, metavar="K",
                         help="updates in a row skipped for a non-finite loss, reward or advantage before the run "
                         "stops with an error (default: 5)")
     parser.add_argument("--report-to", default="none", metavar="NAMES",

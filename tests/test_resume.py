@@ -237,3 +237,15 @@ def test_two_processes_grpo_resume_exactly(uninterrupted, tmp_path, stage):
     ours, theirs = weights(out / "ppo" / "actor"), weights(reference / "ppo" / "actor")
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert records(out) == records(reference)
+
+
+@pytest.mark.parametrize("flag,value,expected", [("--keep-checkpoints", "0", "expected at least 1, got 0"),
+                                                 ("--save-interval", "-1", "expected at least 0, got -1"),
+                                                 ("--max-nonfinite-steps", "0", "expected at least 1, got 0")])
+def test_checkpoint_flags_out_of_range_end_in_one_line(tmp_path, capsys, flag, value, expected):
+    from rlhf.cli import main
+
+    assert main(["train", "--output-dir", str(tmp_path / "run"), flag, value]) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"rlhf train: error: argument {flag}: {expected} (rlhf train --help lists the options)"
+    assert not (tmp_path / "run").exists()
