@@ -11,6 +11,7 @@ state to the CPU (it is ~5x faster there than torch's, and DeepSpeed expects it 
 from __future__ import annotations
 
 import os
+import socket
 import warnings
 from dataclasses import dataclass
 
@@ -34,17 +35,26 @@ def _cpu_only() -> bool:
     return not torch.cuda.is_available()
 
 
+def _free_port() -> int:
+    """A TCP port the system reports free now. A port derived from the pid (as before) could still be held in
+    TIME_WAIT by a process that just exited (a killed run resumed at once): EADDRINUSE."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_distributed(backend: str | None = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed once; idempotent.
 
-    Without a launcher it runs as rank 0 of 1 (MASTER_ADDR 127.0.0.1, a free-ish MASTER_PORT). On CPU the
+    Without a launcher it runs as rank 0 of 1 (MASTER_ADDR 127.0.0.1, a free MASTER_PORT). On CPU the
     backend is gloo, on CUDA NCCL.
     """
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))  # concurrent test runs do not clash
+    if "MASTER_PORT" not in os.environ:  # one process of its own: any port the system has free
+        os.environ["MASTER_PORT"] = str(_free_port())
     import deepspeed
 
     if _cpu_only():
