@@ -15,8 +15,8 @@ import warnings
 import torch
 
 
-def _agree(flag: bool, op: str) -> bool:
-    """``flag`` combined over ranks: "any" or "all"."""
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -24,7 +24,7 @@ def _agree(flag: bool, op: str) -> bool:
     t = torch.tensor([int(flag)], dtype=torch.int32)
     if dist.get_backend() == "nccl":
         t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "any" else dist.ReduceOp.MIN)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
@@ -63,7 +63,7 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def requested(self) -> bool:
-        return _agree(self.received is not None, "any")
+        return _any_rank(self.received is not None)
 
     def stop(self, where: str, checkpoint, resume_hint: str) -> Stopped:
         """The exception that ends the run, after ``checkpoint`` was written."""
@@ -97,7 +97,7 @@ class NonFiniteGuard:
     def ok(self, step: int, **quantities) -> bool:
         """True when every quantity is finite on every rank; else the update is to be skipped (counted)."""
         bad = [name for name, value in quantities.items() if value is not None and not _finite(value)]
-        if not _agree(bool(bad), "any"):
+        if not _any_rank(bool(bad)):
             self.in_a_row = 0
             return True
         self.skipped += 1

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from rlhf.checkpoint import atomic_write_bytes
+from rlhf.common import barrier
 
 CHECKPOINT_DIR = "checkpoints"
 RUN_STATE_FILE = "run_state.json"
@@ -41,13 +42,6 @@ def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict:
@@ -110,13 +104,16 @@ class Checkpointer:
         found = self.checkpoints()
         return found[-1] if found else None
 
+    def path(self, counter: int) -> Path:
+        return self.root / f"step-{counter:06d}"
+
     def due(self, counter: int) -> bool:
         return self.interval > 0 and counter % self.interval == 0 and counter != self.last_saved
 
     def save(self, counter: int, engines: dict, state: dict) -> Path:
         """Every rank calls it. ``engines``: name -> DeepSpeed engine; ``state``: this rank's picklable state."""
         rank, world = _rank_world()
-        final = self.root / f"step-{counter:06d}"
+        final = self.path(counter)
         tmp = self.root / f".tmp-step-{counter:06d}"
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -234,15 +231,16 @@ class RunControl:
         raise ``Stopped``). ``state`` is a callable giving this rank's state, built only when saving."""
         stopping = self.stop is not None and self.stop.requested()
         ckpt = self.checkpointer
-        if ckpt is None or not (stopping or ckpt.due(counter) or (last and ckpt.last_saved != counter)):
+        if ckpt is None:
             if stopping:
                 raise self.stop.stop(f"update {counter}", "none (no checkpointer)", self.resume_hint)
             return
-        path = ckpt.save(counter, engines, state()) if ckpt.last_saved != counter else ckpt.latest()
-        if guard is not None:
-            guard.last_checkpoint = str(path)
-        if stopping:
-            raise self.stop.stop(f"{ckpt.name} update {counter}", path, self.resume_hint)
+        if stopping or last or ckpt.due(counter):
+            path = ckpt.save(counter, engines, state()) if ckpt.last_saved != counter else ckpt.path(counter)
+            if guard is not None:
+                guard.last_checkpoint = str(path)
+            if stopping:
+                raise self.stop.stop(f"{ckpt.name} update {counter}", path, self.resume_hint)
 
 
 def open_run(run_dir: str | Path, names: list[str], outputs: dict[str, str], resume: bool, overwrite: bool,
@@ -265,9 +263,8 @@ def open_run(run_dir: str | Path, names: list[str], outputs: dict[str, str], res
         raise ValueError(f"--output-dir {run_dir} already holds this run's {', '.join(found)} (begun or saved "
                          "earlier): add --resume to continue it, or --overwrite to start over")
     if overwrite and found:
-        gone = state.forget(found) if is_main else []
-        for name in {*found, *gone}:
-            if is_main:
+        if is_main:
+            for name in {*found, *state.forget(found)}:
                 shutil.rmtree(run_dir / CHECKPOINT_DIR / name, ignore_errors=True)
         barrier()
         state = RunState(run_dir, metrics_path, write=is_main)

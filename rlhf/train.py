@@ -28,6 +28,7 @@ from rlhf.common import (
     ArgumentParser,
     add_config_args,
     add_launcher_args,
+    barrier,
     bounded,
     require_output_dir,
     run_cli,
@@ -223,13 +224,6 @@ def sample_gold_score(model, tokenizer, prompts: list[str], max_new_tokens: int 
         answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         scores += gold_scores(dataset.prompts[start:start + len(answers)], answers)
     return sum(scores) / max(len(scores), 1)
-
-
-def barrier() -> None:
-    import torch.distributed
-
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
 
 
 def format_summary(summary: dict) -> str:
