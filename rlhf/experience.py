@@ -110,19 +110,22 @@ class RolloutStats:
     logprob_gap: float | None = None
 
 
-@torch.no_grad()
-def generate_experience(hybrid, actor, ref, critic, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                        max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
-                        top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                        reuse_rollout_logprobs: bool = False, audit: bool = False,
-                        timer: PhaseTimer | None = None) -> tuple[Experience, RolloutStats]:
-    """One generation batch: sample answers with the hybrid engine, then score them with the training forward
-    of the actor, the frozen reference and the critic (None: no values). The models are plain modules (a
-    DeepSpeed engine's `.module`); `ref` may be a HybridEngine instead, scored with its prefill-only forward. The
-    rewards are the caller's (a reward model or a function).
+@dataclass
+class Sample:
+    """What the hybrid engine returns for a batch of prompts, before any training forward."""
+    sequences: torch.Tensor       # (B, P+N)
+    attention_mask: torch.Tensor  # (B, P+N) the prompt's mask, then 1 on answer tokens up to and including EOS
+    action_mask: torch.Tensor     # (B, N) bool
+    prompt_len: int
+    logprobs: torch.Tensor        # (B, N) the engine's, 0 off the action mask
+    stats: RolloutStats
 
-    `reuse_rollout_logprobs`: PPO's old logprobs are the engine's rollout logprobs (same weights, same tokens,
-    within the measured gap), saving the actor's forward; `audit` runs that forward anyway to report the gap."""
+
+@torch.no_grad()
+def sample(hybrid, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
+           pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None, timer: PhaseTimer | None = None) -> Sample:
+    """Sample answers with the hybrid engine: switch to inference, generate, switch back to training."""
     timer = timer or PhaseTimer()
     start = time.perf_counter()
     with timer.phase("switch"):
@@ -137,17 +140,34 @@ def generate_experience(hybrid, actor, ref, critic, prompt_ids: torch.Tensor, pr
         hybrid.train()
     stats = RolloutStats(gen_s, int(out.action_mask.sum()), switch.seconds, switch.relaid_bytes, switch.gathered_bytes,
                          switch.tp_bytes, hybrid.last_train_switch.seconds)
+    attention_mask = torch.cat([prompt_mask, out.action_mask.to(prompt_mask.dtype)], dim=1)
+    return Sample(out.sequences, attention_mask, out.action_mask, prompt_ids.shape[1], out.logprobs, stats)
+
+
+@torch.no_grad()
+def generate_experience(hybrid, actor, ref, critic, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                        max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
+                        top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                        reuse_rollout_logprobs: bool = False, audit: bool = False,
+                        timer: PhaseTimer | None = None) -> tuple[Experience, RolloutStats]:
+    """One generation batch: sample answers with the hybrid engine, then score them with the training forward
+    of the actor, the frozen reference and the critic (None: no values). The models are plain modules (a
+    DeepSpeed engine's `.module`); `ref` may be a HybridEngine instead, scored with its prefill-only forward. The
+    rewards are the caller's (a reward model or a function).
+
+    `reuse_rollout_logprobs`: PPO's old logprobs are the engine's rollout logprobs (same weights, same tokens,
+    within the measured gap), saving the actor's forward; `audit` runs that forward anyway to report the gap."""
+    timer = timer or PhaseTimer()
+    s = sample(hybrid, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k,
+               top_p, generator, timer)
+    seq, attention_mask, action_mask, P, stats = s.sequences, s.attention_mask, s.action_mask, s.prompt_len, s.stats
     actor.eval()  # no dropout: the "old" logprobs must be those of the policy that generated
-    P = prompt_ids.shape[1]
-    action_mask = out.action_mask
     mask = action_mask.float()
-    attention_mask = torch.cat([prompt_mask, action_mask.to(prompt_mask.dtype)], dim=1)
-    seq = out.sequences
-    logprobs = out.logprobs
+    logprobs = s.logprobs
     if not reuse_rollout_logprobs or audit:
         with timer.phase("old_logprobs"):
             forward = action_logprobs(actor, seq, attention_mask, P, temperature) * mask
-        stats.logprob_gap = max_logprob_gap(out.logprobs, forward, action_mask)
+        stats.logprob_gap = max_logprob_gap(s.logprobs, forward, action_mask)
         logprobs = logprobs if reuse_rollout_logprobs else forward
     with timer.phase("ref_logprobs"):
         if isinstance(ref, HybridEngine):
@@ -159,7 +179,7 @@ def generate_experience(hybrid, actor, ref, critic, prompt_ids: torch.Tensor, pr
         with timer.phase("values"):
             values = action_values(critic, seq, attention_mask, P) * mask
     actor.train()
-    return Experience(seq, attention_mask, action_mask, P, logprobs, ref_logprobs * mask, out.logprobs,
+    return Experience(seq, attention_mask, action_mask, P, logprobs, ref_logprobs * mask, s.logprobs,
                       values), stats
 
 

@@ -19,7 +19,16 @@ import hybrid_engine
 from rlhf.advantages import ESTIMATORS, EstimatorInput
 from rlhf.common import all_reduce_sum, to_device
 from rlhf.deepspeed_utils import ds_config, init_inference, initialize
-from rlhf.experience import Experience, PhaseTimer, action_logprobs, action_values, generate_experience, lm_loss
+from rlhf.experience import (
+    Experience,
+    PhaseTimer,
+    Sample,
+    action_logprobs,
+    action_values,
+    generate_experience,
+    lm_loss,
+    sample,
+)
 from rlhf.guards import NonFiniteGuard, guarded_update
 from rlhf.losses import aggregate, kl_divergence, kl_penalized_rewards, masked_mean, policy_loss, value_loss
 from rlhf.models import VALUE_HEAD_FILE, ModelOptions, RewardModel, create_actor, create_critic, create_reward_model
@@ -118,10 +127,10 @@ class RLTrainer:
                                          pin_parameters=False if cfg.unpin_actor_parameters else None,
                                          gather_partition_size=cfg.tp_gather_partition_size)
 
-    def answers(self, exp: Experience) -> list[str]:
+    def answers(self, exp: Experience | Sample) -> list[str]:
         return self.tokenizer.batch_decode(exp.sequences[:, exp.prompt_len:], skip_special_tokens=True)
 
-    def score(self, exp: Experience, prompts: list[str], fields: list[dict]) -> torch.Tensor:
+    def score(self, exp: Experience | Sample, prompts: list[str], fields: list[dict]) -> torch.Tensor:
         """(B,) the reward of each row: the reward function on the decoded text, else the reward model."""
         with self.timer.phase("reward"):
             if self.reward_fn is not None:
@@ -212,13 +221,16 @@ class RLTrainer:
     @torch.no_grad()
     def evaluate(self, loader, dataset, gold_fn: GoldFn | None = None) -> dict:
         """Mean reward (and `gold_fn` rule score) of one sampled answer per held-out prompt, fixed seed; the
-        means are over every rank's rows."""
-        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 7)
+        means are over every rank's rows. Only the engine and the reward run: no training forward."""
+        cfg = self.cfg
+        generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 7)
         totals = [0.0, 0.0, 0.0]  # reward sum, gold sum, rows
         for batch in loader:
             batch = to_device(batch, self.device)
             prompts, fields = records(dataset, batch)
-            exp, _ = self.generate(batch, generator)
+            exp = sample(self.hybrid, batch["input_ids"], batch["attention_mask"], cfg.max_answer_seq_len,
+                         self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, cfg.temperature, cfg.top_k,
+                         cfg.top_p, generator)
             totals[0] += self.score(exp, prompts, fields).sum().item()
             if gold_fn is not None:
                 totals[1] += sum(gold_fn(prompts, self.answers(exp)))
