@@ -1,6 +1,8 @@
 """Backend choice: auto picks the fastest that loads and warns once when it falls back; an explicit backend
 that cannot load raises naming the ops and why; backends() reports the truth; the builder names what is missing."""
+import shutil
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -209,3 +211,37 @@ def test_explicit_cuda_serves_the_ops_it_lacks_from_their_own_tables(fresh, monk
     if triton_loads:  # every function is a stand-in named after its backend (torch's are the references)
         assert {name: getattr(chosen_ops, name).backend for name in ops_lib.OP_NAMES} == expected
     assert "requested cuda has no rms_norm kernel; using " + helper in chosen_ops.choices["rms_norm"][1]
+
+
+def test_build_dir_is_named_by_the_sources_not_their_path(monkeypatch, tmp_path):
+    """Two checkouts of the same csrc/ share one build; a changed source (a planted fault, an edit) gets its own."""
+    monkeypatch.setenv("HYBRID_ENGINE_CACHE", str(tmp_path / "cache"))
+    first, second = tmp_path / "a" / "csrc", tmp_path / "b" / "csrc"
+    for copy in (first, second):
+        shutil.copytree(builder.CSRC, copy)
+    dirs = {}
+    for copy in (first, second, builder.CSRC):
+        monkeypatch.setattr(builder, "CSRC", copy)
+        dirs[copy] = builder.CpuOpsBuilder().build_dir()
+    assert len(set(dirs.values())) == 1
+    norm = second / "cpu" / "norm.cpp"
+    norm.write_text(norm.read_text() + "\n// edited\n")
+    monkeypatch.setattr(builder, "CSRC", second)
+    edited = builder.CpuOpsBuilder().build_dir()
+    assert edited != dirs[first] and edited.parent == dirs[first].parent
+    staged = builder.stage_sources(edited)  # compiled from its own copy, at a path that names its content
+    assert (staged / "cpu" / "norm.cpp").read_text() == norm.read_text()
+    assert builder.stage_sources(edited) == staged
+
+
+def test_a_build_compiles_the_staged_copy(fresh_builds, monkeypatch):
+    from torch.utils import cpp_extension
+
+    seen = {}
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen.update(kwargs) or object())
+    b = builder.CpuOpsBuilder()
+    b.load()
+    staged = b.build_dir() / "csrc"
+    assert seen["build_directory"] == str(b.build_dir())
+    assert seen["sources"] == [str(staged / p.relative_to(builder.CSRC)) for p in b.sources()]
+    assert all(Path(s).is_file() for s in seen["sources"]) and seen["extra_include_paths"] == [str(staged)]

@@ -2,13 +2,15 @@
 
 Each builder declares its `sources()`, `include_paths()`, `cxx_flags()`, `nvcc_flags()` and `is_compatible()`;
 `load()` checks the toolchain, compiles once through `torch.utils.cpp_extension.load` into
-`$HYBRID_ENGINE_CACHE` (default `~/.cache/hybrid_engine/`) and caches the module for the process; a failure is
+`$HYBRID_ENGINE_CACHE` (default `~/.cache/hybrid_engine/`), in a folder named by the sources' content (every
+checkout of the same sources shares it), and caches the module for the process; a failure is
 cached too, so the next `load()` raises the same BuildError at once instead of compiling again. Two
 builders exist, named here and nowhere else: `CpuOpsBuilder` (every C++ CPU twin in one extension, so CI pays
 for one build) and `CudaOpsBuilder` (the CUDA kernels plus their thin torch binding, GPU machines only).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -102,6 +104,15 @@ class OpBuilder:
         _LOADED[self.name] = module
         return module
 
+    def build_dir(self) -> Path:
+        """The cache folder of this extension's build, named by a hash of the csrc/ tree and the flags: every
+        checkout with the same sources shares one build (compiled from a copy of the sources staged inside it,
+        so ninja sees the same paths), and a changed source or flag gets a folder of its own."""
+        digest = hashlib.sha256(repr((self.cxx_flags(), self.nvcc_flags(), self.ldflags())).encode())
+        for path in _tree(CSRC):
+            digest.update(str(path.relative_to(CSRC)).encode() + b"\0" + path.read_bytes() + b"\0")
+        return cache_dir() / f"{self.name}-{digest.hexdigest()[:16]}"
+
     def _build(self, verbose: bool):
         ok, reason = self.is_compatible()
         if not ok:
@@ -109,17 +120,39 @@ class OpBuilder:
         self._check_toolchain()
         from torch.utils import cpp_extension
 
-        build_dir = cache_dir() / self.name
-        build_dir.mkdir(parents=True, exist_ok=True)
+        build_dir = self.build_dir()
+        staged = stage_sources(build_dir)
         try:
             return cpp_extension.load(
-                name=self.name, sources=[str(p) for p in self.sources()],
-                extra_include_paths=[str(p) for p in self.include_paths()], extra_cflags=self.cxx_flags(),
+                name=self.name, sources=[str(staged / p.relative_to(CSRC)) for p in self.sources()],
+                extra_include_paths=[str(staged / p.relative_to(CSRC)) for p in self.include_paths()],
+                extra_cflags=self.cxx_flags(),
                 extra_cuda_cflags=self.nvcc_flags(), extra_ldflags=self.ldflags(),
                 build_directory=str(build_dir), verbose=verbose)
         except (RuntimeError, OSError, ImportError) as err:
             # ImportError: the .so built but does not load (an undefined symbol, a torch ABI mismatch)
             raise BuildError(f"{self.name}: build failed in {build_dir}: {err}") from err
+
+
+def _tree(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def stage_sources(build_dir: Path) -> Path:
+    """build_dir/csrc: a copy of the csrc/ tree (made once, by whichever process gets there first; the folder's
+    name already says its content)."""
+    staged = build_dir / "csrc"
+    if staged.is_dir():
+        return staged
+    build_dir.mkdir(parents=True, exist_ok=True)
+    tmp = build_dir / f".csrc-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(CSRC, tmp)
+    try:
+        tmp.rename(staged)
+    except OSError:  # another process staged it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return staged
 
 
 class CpuOpsBuilder(OpBuilder):
