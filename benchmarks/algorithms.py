@@ -1,9 +1,14 @@
 """Every step-3 algorithm on the tiny preset's built-in task: seconds per round, the held-out sampled gold score
-before and after, and the largest rollout/training logprob gap, per seed (tests/test_algorithms.py asserts
-the same runs).
+before and after, and the largest rollout/training logprob gap of any round (each round audited), per seed
+(tests/test_algorithms.py asserts the same runs).
 
     python benchmarks/algorithms.py                       # ppo grpo rloo reinforce++ reinforce++-baseline, seeds 1 2
     python benchmarks/algorithms.py --algorithms grpo --seeds 1 --rounds 30 --json algos.json
+    python benchmarks/algorithms.py --algorithms rloo --seeds 1 --explain-gaps 1e-5
+
+--explain-gaps G: for every round whose gap exceeds G, the token with the largest gap is scored by the actor
+in float64 too, and both fp32 logprobs (the engine's rollout, Hugging Face's training forward) are printed with
+their distance from that value: which side's rounding the gap is.
 
 Step 1 (SFT) runs once into --work-dir; each algorithm then runs `rlhf train --algorithm A --reward-fn synthetic
 --step 3` from that SFT model.
@@ -11,12 +16,17 @@ Step 1 (SFT) runs once into --work-dir; each algorithm then runs `rlhf train --a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import tempfile
 import time
 from pathlib import Path
 from unittest import mock
 
+import torch
+
+show = print  # builtins.print is muted during the runs
 ALGORITHMS = ["ppo", "grpo", "rloo", "reinforce++", "reinforce++-baseline"]
 
 
@@ -27,6 +37,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=60, help="step-3 rounds per run (default: 60)")
     parser.add_argument("--work-dir", default=None, help="where step 1 and the runs go (default: a temp dir)")
     parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("--explain-gaps", type=float, default=None, metavar="G",
+                        help="compare rounds with a gap above G against a float64 forward of the actor")
     args = parser.parse_args()
 
     from rlhf.train import main as train_main
@@ -42,9 +54,11 @@ def main() -> None:
             argv = ["--preset", "tiny", "--algorithm", algorithm, "--reward-fn", "synthetic", "--step", "3",
                     "--actor-model", str(sft / "actor"), "--data", str(sft / "data" / "pairs.jsonl"),
                     "--data-split", "0,1,1", "--gold-task", "synthetic", "--max-steps", str(args.rounds),
-                    "--seed", str(seed), "--output-dir", str(out), "--disable-tqdm"]
+                    "--seed", str(seed), "--logprob-audit-interval", "1", "--output-dir", str(out), "--overwrite",
+                    "--disable-tqdm"]
             start = time.perf_counter()
-            with mock.patch("rlhf.train.plot", lambda out: None), mock.patch("builtins.print"):
+            explain = explain_gaps(args.explain_gaps) if args.explain_gaps else contextlib.nullcontext()
+            with mock.patch("rlhf.train.plot", lambda out: None), mock.patch("builtins.print"), explain:
                 summary = next(v for k, v in train_main(argv).items() if k.startswith("step 3"))
             seconds = time.perf_counter() - start
             rows.append({"algorithm": algorithm, "seed": seed, "rounds": summary["steps"],
@@ -57,6 +71,37 @@ def main() -> None:
                   f"  max gap {r['max_logprob_gap']:.1e}  run {seconds:5.1f} s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def explain_gaps(threshold: float):
+    """Patch RLTrainer.rollout: after a rollout whose audited gap exceeds `threshold`, score its worst token with
+    a float64 copy of the actor and print the engine's and Hugging Face's distance from it."""
+    from rlhf.experience import action_logprobs
+    from rlhf.rl_trainer import RLTrainer
+
+    rollout = RLTrainer.rollout
+
+    def explained(self, *a, **k):
+        exp, stats = rollout(self, *a, **k)
+        if stats.logprob_gap is not None and stats.logprob_gap > threshold:
+            seq, mask, P = exp.sequences, exp.attention_mask, exp.prompt_len
+            actor = self.actor.module
+            with torch.no_grad():
+                fp32 = action_logprobs(actor.eval(), seq, mask, P, self.cfg.temperature)
+                fp64 = action_logprobs(copy.deepcopy(actor).double(), seq, mask, P, self.cfg.temperature)
+            actor.train()
+            gap = (exp.rollout_logprobs - fp32).abs().masked_fill(~exp.action_mask, 0.0)
+            i, t = divmod(int(gap.argmax()), gap.shape[1])
+            engine, hf, exact = (float(x[i, t]) for x in (exp.rollout_logprobs, fp32, fp64))
+            on = exp.action_mask
+            worst = [float(((x - fp64).abs() * on).max()) for x in (exp.rollout_logprobs, fp32)]
+            show(f"  round {self.rollouts}: gap {stats.logprob_gap:.2e} at row {i} token {t}: float64 {exact:.9f}, "
+                 f"engine {engine:.9f} ({abs(engine - exact):.1e} off), HF forward {hf:.9f} ({abs(hf - exact):.1e} "
+                 f"off); largest error against float64 over the rollout: engine {worst[0]:.1e}, HF forward "
+                 f"{worst[1]:.1e}", flush=True)
+        return exp, stats
+
+    return mock.patch.object(RLTrainer, "rollout", explained)
 
 
 if __name__ == "__main__":
