@@ -5,7 +5,8 @@
 Both the policy and the reference start from the SFT checkpoint; the pairs are step 2's slice of ``--data``.
 A sequence's logprob is the sum over its answer tokens (the labels of rlhf/data/tokenize.py's pair batches),
 the loss is rlhf/losses.py's ``dpo_loss``. Evaluation on held-out pairs, before and after training: the
-implicit-reward accuracy (share of pairs with ``r_chosen > r_rejected``, ``r = beta (logp - logp_ref)``), the
+implicit-reward accuracy (share of pairs with ``r_chosen > r_rejected``, ``r = beta (logp - logp_ref)``, ties
+counted half: 0.5 before training, where the policy is its own reference), the
 mean margin ``r_chosen - r_rejected`` and the loss. The checkpoint loads with
 ``AutoModelForCausalLM.from_pretrained(output_dir)``.
 """
@@ -32,7 +33,7 @@ from rlhf.common import (
 )
 from rlhf.data import IGNORE_INDEX, build_pair_dataset
 from rlhf.deepspeed_utils import init_inference
-from rlhf.losses import DPO_LOSSES, dpo_loss
+from rlhf.losses import DPO_LOSSES, dpo_loss, pair_accuracy
 from rlhf.metrics import MetricsLogger
 from rlhf.models import create_actor
 from rlhf.presets import Preset, apply_budget
@@ -102,7 +103,7 @@ def evaluate_dpo(policy, reference, loader, device: torch.device, cfg: DPOConfig
     for batch in loader:
         loss, chosen, rejected = dpo_batch(policy, reference, to_device(batch, device), cfg)
         loss_sum += loss.item() * chosen.numel()
-        correct += (chosen > rejected).sum().item()
+        correct += pair_accuracy(chosen, rejected).sum().item()
         count += chosen.numel()
         chosen_sum += chosen.sum().item()
         rejected_sum += rejected.sum().item()
@@ -135,7 +136,7 @@ def run_dpo(cfg: DPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
 
     def loss_fn(engine, batch):
         loss, chosen, rejected = dpo_batch(engine, reference, batch, cfg)
-        return loss, {"train_accuracy": (chosen > rejected).float().mean().item(),
+        return loss, {"train_accuracy": pair_accuracy(chosen, rejected).mean().item(),
                       "margin": (chosen - rejected).mean().item()}
 
     step, last_loss = train_loop(s, cfg, "DPO", loss_fn, evaluate if len(s.eval_set) else None, cfg.eval_interval,

@@ -30,6 +30,12 @@ def pairwise_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) ->
     return F.softplus(rejected_scores - chosen_scores).mean()
 
 
+def pair_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """(B,) 1 where the chosen answer scores higher, 0.5 on a tie, 0 where the rejected one does. A tie is a coin
+    flip: a DPO policy that is still its own reference ties every pair and reads 0.5 (chance), not 0."""
+    return (chosen_scores > rejected_scores).float() + 0.5 * (chosen_scores == rejected_scores).float()
+
+
 def last_action_index(action_mask: torch.Tensor) -> torch.Tensor:
     """(B,) index of the last 1 in each row of ``action_mask`` (B, N); -1 for a row with no action."""
     positions = torch.arange(action_mask.shape[1], device=action_mask.device)  # (N,)

@@ -3,7 +3,7 @@
     python -m rlhf.reward --model-name-or-path PATH --data pairs.jsonl --output-dir out/reward
 
 The checkpoint loads with ``RewardModel.from_pretrained(output_dir)``. Evaluation on held-out pairs:
-accuracy (share with s_chosen > s_rejected) and the mean chosen and rejected scores.
+accuracy (share with s_chosen > s_rejected, ties counted half) and the mean chosen and rejected scores.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from rlhf.common import (
     to_device,
 )
 from rlhf.data import build_pair_dataset
-from rlhf.losses import pairwise_loss
+from rlhf.losses import pair_accuracy, pairwise_loss
 from rlhf.metrics import MetricsLogger
 from rlhf.models import create_reward_model, gather_scores
 from rlhf.resume import RunControl
@@ -58,7 +58,7 @@ def evaluate_reward(engine, loader, device: torch.device) -> dict[str, float]:
     correct, count, chosen_sum, rejected_sum = 0.0, 0.0, 0.0, 0.0
     for batch in loader:
         chosen, rejected = pair_scores(engine, to_device(batch, device))
-        correct += (chosen > rejected).sum().item()
+        correct += pair_accuracy(chosen, rejected).sum().item()
         count += chosen.numel()
         chosen_sum += chosen.sum().item()
         rejected_sum += rejected.sum().item()
@@ -82,7 +82,7 @@ def run_reward(cfg: RewardConfig, model_config=None, tokenizer=None, metrics: Me
 
     def ranking_loss(engine, batch):
         chosen, rejected = pair_scores(engine, batch)
-        return pairwise_loss(chosen, rejected), {"train_accuracy": (chosen > rejected).float().mean().item()}
+        return pairwise_loss(chosen, rejected), {"train_accuracy": pair_accuracy(chosen, rejected).mean().item()}
 
     def evaluate(engine):
         return evaluate_reward(engine, s.eval_loader, s.dist.device)

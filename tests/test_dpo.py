@@ -124,7 +124,7 @@ def test_dpo_on_tiny_preset_beats_sft(tiny_run):
     start = time.time()
     summary = run_dpo(cfg, tokenizer=tokenizer)
     print(f"DPO on the tiny preset: {summary}, {time.time() - start:.1f} s")
-    assert summary["initial_accuracy"] == 0.0  # the policy is the reference: every implicit reward is 0
+    assert summary["initial_accuracy"] == 0.5  # the policy is the reference: every pair a tie, counted half
     assert summary["accuracy"] > 0.8 and summary["margin"] > 0
     before = sft_gold_baseline(str(tiny_run / "actor"), tokenizer, data, preset.data_split, preset.seed)
     after = sft_gold_baseline(cfg.output_dir, tokenizer, data, preset.data_split, preset.seed)

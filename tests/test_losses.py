@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from rlhf.losses import gae, kl_penalized_rewards, masked_mean, pairwise_loss, policy_loss, value_loss
+from rlhf.losses import (
+    gae,
+    kl_penalized_rewards,
+    masked_mean,
+    pair_accuracy,
+    pairwise_loss,
+    policy_loss,
+    value_loss,
+)
 
 
 def t(x):
@@ -24,6 +32,10 @@ def test_pairwise_loss_hand_computed():
     loss = pairwise_loss(t([1.0, 0.0]), t([0.0, 2.0]))
     assert loss.item() == pytest.approx((math.log(1 + math.exp(-1)) + math.log(1 + math.exp(2))) / 2, rel=1e-6)
     assert loss.item() == pytest.approx(1.2200949, rel=1e-6)
+
+
+def test_pair_accuracy_counts_a_tie_as_half():
+    assert pair_accuracy(t([2.0, 0.0, 1.0, -3.0]), t([1.0, 0.0, 4.0, -3.0])).tolist() == [1.0, 0.5, 0.0, 0.5]
 
 
 def test_pairwise_loss_is_finite_for_large_margins():
