@@ -159,7 +159,9 @@ def build_parser(preset: Preset | None, algorithm: str = "ppo") -> argparse.Argu
     parser.add_argument("--reward-model", default=None,
                         help="HF id or path of the step-2 backbone (default: --actor-model, or the preset); with "
                         "--step 3 but not 2: the trained reward model (default: OUTPUT_DIR/reward)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer id or path (default: the actor's)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer id or path (default: the actor's; with the preset's new model, the preset's "
+                        "word tokenizer, and a given one sets that model's vocabulary)")
     parser.add_argument("--data", nargs="+", default=[], metavar="PATH[:WEIGHT]",
                         help="data sources; none: the built-in synthetic task")
     parser.add_argument("--data-split", default=None,
@@ -296,7 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     use_preset_model = args.actor_model is None and preset is not None
     if use_preset_model:
-        tokenizer = preset.tokenizer()
+        # the preset's word tokenizer, or the one given, whose vocabulary the new model then takes
+        tokenizer = load_tokenizer(args.tokenizer, "--tokenizer") if args.tokenizer else preset.tokenizer()
         model_config = preset.model_config(tokenizer)
     else:
         tokenizer = load_tokenizer(args.tokenizer or args.actor_model or paths["actor"])

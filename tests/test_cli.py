@@ -53,3 +53,19 @@ def test_step3_alone_checks_its_model_paths_first(tmp_path, capsys):
         assert main(["train", "--step", "3", "--output-dir", out, *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("rlhf train: error: ") and message in err[0], err
+
+
+def test_tokenizer_given_with_the_preset_sets_the_new_models_vocabulary(tmp_path):
+    """`rlhf train --tokenizer T` on the preset's model: SFT trains a model with T's vocabulary (it was ignored)."""
+    from transformers import AutoTokenizer
+
+    from rlhf.presets import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer()
+    tokenizer.add_tokens(["zebra", "quokka", "axolotl"])
+    tokenizer.save_pretrained(tmp_path / "tok")
+    assert main(["train", "--step", "1", "--sft-max-steps", "2", "--tokenizer", str(tmp_path / "tok"),
+                 "--output-dir", str(tmp_path / "out"), "--disable-tqdm"]) == 0
+    actor = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "actor")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out" / "actor")
+    assert actor.config.vocab_size == len(tokenizer) == len(saved) == len(build_word_tokenizer()) + 3
