@@ -4,7 +4,9 @@ curves that matter.
 Records are ``{"step_name": "sft", "step": 12, "loss": 1.9, ...}``. Each line is written with one
 ``write`` call on a file opened for appending, then flushed, so a crash loses at most the line being
 written and never corrupts earlier ones. ``report_to`` sends every record's numbers to TensorBoard and/or W&B
-too, each metric under ``<step_name>/<key>`` (``ppo/reward``, ``sft/loss``).
+too, each metric under ``<step_name>/<key>`` (``ppo/reward``, ``sft/loss``). metrics.jsonl is the record of truth:
+when a resumed run cuts it back to a checkpoint (rlhf/resume.py), the reporters are rebuilt from it, so
+TensorBoard shows each record once and a new W&B run holds the whole history.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,11 @@ class TensorBoardReporter:
             raise ValueError("--report-to tensorboard: the tensorboard package is not installed (pip install "
                              "tensorboard)") from err
         self.writer = SummaryWriter(log_dir=str(output_dir / TENSORBOARD_DIR))
+
+    @staticmethod
+    def clear(output_dir: Path) -> None:
+        """Forget what was reported: the event files go (they are rewritten from metrics.jsonl)."""
+        shutil.rmtree(output_dir / TENSORBOARD_DIR, ignore_errors=True)
 
     def log(self, step_name: str, step: int, values: dict[str, float]) -> None:
         for key, value in values.items():
@@ -55,6 +63,10 @@ class WandbReporter:
             raise ValueError("--report-to wandb: the wandb package is not installed (pip install wandb)") from err
         self.run = wandb.init(dir=str(output_dir), name=output_dir.resolve().name)
         self.axes: set[str] = set()
+
+    @staticmethod
+    def clear(output_dir: Path) -> None:
+        """A W&B run cannot take records back: the next run is a new one, rewritten from metrics.jsonl."""
 
     def log(self, step_name: str, step: int, values: dict[str, float]) -> None:
         axis = f"{step_name}/step"
@@ -89,29 +101,52 @@ class MetricsLogger:
     def __init__(self, output_dir: str | Path, enabled: bool = True, report_to: str | Sequence[str] | None = None):
         self.path = Path(output_dir) / METRICS_FILE
         self.enabled = enabled
-        names = parse_report_to(report_to)  # on every rank: a bad name fails the whole run, not only rank 0
+        self.names = parse_report_to(report_to)  # on every rank: a bad name fails the whole run, not only rank 0
         self.reporters = []
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.reporters = [REPORTERS[name](self.path.parent) for name in names]
+            self.reporters = [REPORTERS[name](self.path.parent) for name in self.names]
+        self.length = self._length()  # of metrics.jsonl as this logger last saw it
+
+    def _length(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def _resync(self) -> None:
+        """When metrics.jsonl was cut back since this logger last wrote (a resume to a checkpoint), the
+        reporters start over from what the file holds now: no record reaches them twice."""
+        if not self.reporters or self._length() >= self.length:
+            return
+        for reporter in self.reporters:
+            reporter.close()
+            reporter.clear(self.path.parent)
+        self.reporters = [REPORTERS[name](self.path.parent) for name in self.names]
+        for record in read_metrics(self.path.parent):
+            self._report(record)
+        self.length = self._length()
+
+    def _report(self, record: dict) -> None:
+        numbers = {k: v for k, v in record.items() if k not in ("step_name", "step") and _is_number(v)}
+        for reporter in self.reporters:
+            reporter.log(record["step_name"], record["step"], numbers)
 
     def log(self, step_name: str, step: int, **values: float) -> dict:
         record = {"step_name": step_name, "step": step}
         for key, value in values.items():
             record[key] = value.item() if hasattr(value, "item") else value
         if self.enabled:
+            self._resync()
             line = json.dumps(record) + "\n"
             with open(self.path, "a") as f:  # reopened per line: nothing buffered survives a crash
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
-            numbers = {k: v for k, v in record.items() if k not in ("step_name", "step") and _is_number(v)}
-            for reporter in self.reporters:
-                reporter.log(step_name, step, numbers)
+            self.length = self._length()
+            self._report(record)
         return record
 
     def close(self) -> None:
         """Finish the TensorBoard and W&B runs (the process's exit does it too)."""
+        self._resync()
         for reporter in self.reporters:
             reporter.close()
         self.reporters = []

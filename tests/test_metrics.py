@@ -44,6 +44,29 @@ def test_tensorboard_gets_every_record_under_its_step_name(tmp_path):
     assert len(read_metrics(tmp_path)) == len(RECORDS)  # metrics.jsonl as before
 
 
+def test_tensorboard_shows_each_record_once_after_a_resume_cuts_metrics_back(tmp_path):
+    """A resumed run cuts metrics.jsonl back to its checkpoint and logs those rounds again: TensorBoard is rebuilt
+    from the file, so it holds each step once, with the resumed run's values (it held both before)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rlhf.resume import truncate_metrics
+
+    killed = MetricsLogger(tmp_path, report_to="tensorboard")
+    for step in (1, 2, 3):
+        killed.log("ppo", step, reward=float(step))
+    checkpoint_length = len("".join(line + "\n" for line in (tmp_path / "metrics.jsonl").read_text().splitlines()[:2]))
+    # (the killed process never closes its writer) a new process resumes from the checkpoint after round 2
+    resumed = MetricsLogger(tmp_path, report_to="tensorboard")
+    truncate_metrics(tmp_path / "metrics.jsonl", checkpoint_length)
+    for step in (3, 4):
+        resumed.log("ppo", step, reward=10.0 * step)
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("ppo/reward")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    assert [r["reward"] for r in read_metrics(tmp_path)] == [1.0, 2.0, 30.0, 40.0]
+
+
 def wandb_records(run_file) -> list:
     """The protobuf Records of an offline W&B run file: a ":W&B" header (7 bytes), then LevelDB-log chunks in 32 KiB
     blocks (each a 7-byte header: crc32, length, type 1 full / 2 first / 3 middle / 4 last)."""
