@@ -245,12 +245,13 @@ def run_cli(main: Callable, prog: str, argv: list[str] | None = None) -> int:
 
 
 def close_distributed() -> None:
-    """Tear the process group down before exit. Left to the interpreter's shutdown, gloo's worker threads are
-    destroyed while still joinable on some runs, and the process aborts ("terminate called without an active
-    exception", SIGABRT) after its work is done."""
+    """Tear a multi-process group down before exit. Left to the interpreter's shutdown, gloo's worker threads are
+    destroyed while still joinable on some runs, and a rank aborts ("terminate called without an active
+    exception", SIGABRT) after its work is done. A single process keeps its group: DeepSpeed caches groups made
+    from it, and a caller that runs again in the same process (a test, a notebook) needs them alive."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
         dist.destroy_process_group()
 
