@@ -316,10 +316,11 @@ class HybridEngine:
             raise ValueError(f"prompt_len={prompt_len}: expected 1 <= prompt_len < seq_len {T}")
         if temperature <= 0.0:
             raise ValueError(f"temperature={temperature}: expected a positive value")
+        keep = T - prompt_len + 1  # columns P-1 .. T-1: the LM head runs only where its logits are read
         if not self.supported:
             positions = prompt_masks(attention_mask, T)[1]                                # (B, T)
             logits = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                   use_cache=False).logits                            # (B, T, V)
+                                   use_cache=False).logits[:, -keep:]                 # (B, T - P + 1, V)
         else:
             if self.tp is not None:
                 raise NotImplementedError("score() with tp_size > 1: every rank of the group would have to score "
@@ -332,8 +333,8 @@ class HybridEngine:
                 self.eval()
             cache = self._cache_for()
             key_mask, positions = prompt_masks(attention_mask, cache.max_seq_len)         # (B, S_max), (B, T)
-            logits = self.inference.forward(input_ids, positions, cache, 0, key_mask, last_only=False)  # (B, T, V)
-        logits = logits[:, prompt_len - 1:-1].float()                                   # (B, T - P, V)
+            logits = self.inference.forward(input_ids, positions, cache, 0, key_mask, keep=keep)  # (B, T - P + 1, V)
+        logits = logits[:, :-1].float()                                                 # (B, T - P, V)
         if temperature != 1.0:
             logits = logits / temperature
         return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)

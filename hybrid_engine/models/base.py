@@ -209,14 +209,16 @@ class InferenceModel:
         cos, sin = self._rotary(positions, h.dtype, max_positions)
         return h, cos, sin
 
-    def _layers_and_head(self, h: torch.Tensor, attend: Attend, last_only: bool) -> torch.Tensor:
+    def _layers_and_head(self, h: torch.Tensor, attend: Attend, keep: int) -> torch.Tensor:
         residual = None
         for i, layer in enumerate(self.w.layers):
             h, residual = self.block(layer, i, h, residual, attend)
         if residual is not None:
             h = h + residual
-        if last_only:
+        if keep == 1:
             h = h[:, -1]
+        elif keep:
+            h = h[:, -keep:]  # the LM head (and its (B, T, V) logits) only where they are read
         w = self.w
         if w.final_norm is not None:
             h = self.norm(w.final_norm, h)
@@ -227,8 +229,9 @@ class InferenceModel:
     # -- the forwards ----------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
-                key_mask: torch.Tensor, last_only: bool = True) -> torch.Tensor:
-        """Logits (B, V) at the last position (or (B, T, V)) for tokens written at cache slots [start, start+T).
+                key_mask: torch.Tensor, keep: int = 1) -> torch.Tensor:
+        """Logits for tokens written at cache slots [start, start+T): at the last position (B, V) with keep=1, at
+        the last `keep` positions (B, keep, V), or at all of them (B, T, V) with keep=0.
 
         input_ids, positions: (B, T); key_mask: (B, S_max) bool, True on slots holding real tokens.
         A block of T > 1 tokens (or one at slot 0) is a prefill; one token at a later slot an eager decode step.
@@ -255,7 +258,7 @@ class InferenceModel:
             out = ops.decode_attention(q.view(B, -1, q.shape[-1]), k_cache, v_cache, mask, length, scale)
             return layer.o(out.view(B, 1, -1))                             # (B, 1, H*D)
 
-        return self._layers_and_head(h, attend, last_only)
+        return self._layers_and_head(h, attend, keep)
 
     def decode_static(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot: torch.Tensor,
                       key_mask: torch.Tensor) -> torch.Tensor:
@@ -296,4 +299,4 @@ class InferenceModel:
                                        masks[self.windows[i]], S, scale)  # (B, H, D)
             return layer.o(out.view(B, 1, -1))                             # (B, 1, H*D)
 
-        return self._layers_and_head(h, attend, last_only=True)
+        return self._layers_and_head(h, attend, keep=1)
