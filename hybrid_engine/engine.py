@@ -3,6 +3,7 @@ training parameters for the project's own inference forward (re-laying only the 
 generate() runs it over a preallocated KV cache."""
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from dataclasses import dataclass
@@ -319,8 +320,11 @@ class HybridEngine:
         keep = T - prompt_len + 1  # columns P-1 .. T-1: the LM head runs only where its logits are read
         if not self.supported:
             positions = prompt_masks(attention_mask, T)[1]                                # (B, T)
+            # most families take logits_to_keep; the others compute every column's logits, sliced below
+            takes_keep = "logits_to_keep" in inspect.signature(self.hf_model.forward).parameters
+            extra = {"logits_to_keep": keep} if takes_keep else {}
             logits = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                   use_cache=False).logits[:, -keep:]                 # (B, T - P + 1, V)
+                                   use_cache=False, **extra).logits[:, -keep:]        # (B, T - P + 1, V)
         else:
             if self.tp is not None:
                 raise NotImplementedError("score() with tp_size > 1: every rank of the group would have to score "
