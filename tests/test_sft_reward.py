@@ -3,6 +3,7 @@ above chance, both save loadable checkpoints and log metrics; the argparse build
 
 import argparse
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -93,3 +94,14 @@ def test_train_cli_parses_preset_defaults_and_step_prefixes(capsys):
     args, preset = parse_args(["--actor-model", "some/model", "--step", "1", "--sft-zero-stage", "3"])
     assert preset is None and args.sft_learning_rate == 1e-3 and args.sft_zero_stage == 3  # DeepSpeed-Chat's
     assert cli_main([]) == 2 and "rlhf train" in capsys.readouterr().out
+
+
+def test_a_rising_held_out_loss_warns_with_the_learning_rate():
+    from rlhf.sft import warn_if_eval_loss_rose
+
+    with pytest.warns(RuntimeWarning, match=r"held-out loss rose 3.071 -> 4.850 in 3 steps at learning rate 0.001"):
+        assert warn_if_eval_loss_rose(3.0713, 4.8503, 3, 1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not warn_if_eval_loss_rose(4.08, 2.68, 228, 1e-3)  # the tiny preset's SFT: lower, silent
+        assert not warn_if_eval_loss_rose(None, 2.68, 3, 1e-3)    # no initial evaluation
