@@ -117,6 +117,24 @@ def test_wandb_offline_run_gets_every_record_with_its_own_step_axis(tmp_path, mo
     assert [r["grpo/step"] for r in rows if "grpo/kl" in r] == [1, 2]  # W&B's own _step runs on; ours restart
 
 
+def test_wandb_after_a_resume_cut_gets_a_new_run_with_the_whole_history(tmp_path, monkeypatch):
+    """A W&B run cannot take records back: after metrics.jsonl is cut back, a new run holds every record once."""
+    from rlhf.resume import truncate_metrics
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = MetricsLogger(tmp_path, report_to=["wandb"])
+    for step in (1, 2, 3):
+        logger.log("ppo", step, reward=float(step))
+    truncate_metrics(tmp_path / "metrics.jsonl", len("".join(
+        line + "\n" for line in (tmp_path / "metrics.jsonl").read_text().splitlines()[:2])))
+    logger.log("ppo", 3, reward=30.0)
+    logger.close()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"), key=lambda f: f.stat().st_mtime)
+    assert len(runs) == 2
+    assert [(r["ppo/step"], r["ppo/reward"]) for r in wandb_history(runs[-1])] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
 def test_unknown_report_to_is_one_line_naming_the_choices(tmp_path):
     with pytest.raises(ValueError, match=r"^--report-to: unknown 'mlflow' \(expected a comma-separated list of "
                        r"tensorboard, wandb, or none\)$"):
