@@ -18,10 +18,11 @@ the actor has no dropout); every `--logprob-audit-interval` rollouts (and every 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -212,22 +213,19 @@ def require_step3_models(cfg: PPOConfig, algo: Algorithm) -> None:
         require_model_source(cfg.critic_model_name_or_path, "--critic-model-name-or-path")
 
 
-def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None,
-            gold_fn: GoldFn | None = None, control: RunControl | None = None) -> dict:
-    """Train the actor with `cfg.algorithm`; save actor/ (and critic/ for PPO, actor_ema/) under cfg.output_dir.
-    `gold_fn` (prompts, answers) -> scores is a rule to report before and after (cfg.gold_task names the
-    built-in one)."""
-    cfg.validate()
-    algo = cfg.algo()
-    require_step3_models(cfg, algo)
-    start = time.time()
-    dist = init_distributed()
-    torch.manual_seed(cfg.seed)
-    tokenizer = tokenizer or load_tokenizer(cfg.actor_model_name_or_path)
-    metrics = metrics or MetricsLogger(cfg.output_dir, enabled=dist.is_main)
-    reward_fn = RewardFunction(cfg.reward_fn) if cfg.reward_fn else None
-    if gold_fn is None and cfg.gold_task == "synthetic":
-        gold_fn = gold_scores
+@dataclass
+class PromptData:
+    """Step 3's prompts: the training and held-out sets with their loaders, and the PTX batches (None without
+    --unsupervised-data)."""
+    train_set: object
+    eval_set: object
+    loader: object
+    eval_loader: object
+    ptx_batches: object | None
+
+
+def prompt_data(cfg: PPOConfig, tokenizer) -> PromptData:
+    """Step 3's slice of cfg.data as prompts, a held-out share of at most cfg.eval_prompts, and the PTX data."""
     if not cfg.data:
         raise ValueError("step 3 needs --data (pair records: the prompts of step 3's slice are used)")
     examples = load_step_examples(cfg.data, step=3, split=cfg.data_split, seed=cfg.seed)
@@ -246,61 +244,60 @@ def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
         ptx = build_sft_dataset(tokenizer, load_step_examples(cfg.unsupervised_data, step=1, split="1,0,0"),
                                 cfg.max_prompt_seq_len + cfg.max_answer_seq_len)
         ptx_batches = itertools.cycle(make_dataloader(ptx, cfg.per_device_training_batch_size, seed=cfg.seed))
+    return PromptData(train_set, eval_set, loader, eval_loader, ptx_batches)
 
-    rounds = len(loader) * cfg.num_train_epochs // cfg.generation_batches
-    rounds = min(rounds, cfg.max_steps) if cfg.max_steps else rounds
-    rows = cfg.per_device_generation_batch_size * algo.n_samples_per_prompt
-    minibatches = -(-rows // cfg.per_device_training_batch_size)
-    control = control or RunControl()
-    trainer = RLTrainer(cfg, tokenizer, rounds * cfg.ppo_epochs * cfg.generation_batches * minibatches, dist.device,
-                        reward_fn, control.max_nonfinite_steps)
-    name = algo.name
-    resumed = control.load(trainer.engines())
-    if resumed is None:
-        before = trainer.evaluate(eval_loader, eval_set, gold_fn) if len(eval_set) else {}
-        metrics.log(f"{name}_eval", 0, **before)
 
-    generator = torch.Generator(device=dist.device).manual_seed(cfg.seed + dist.rank)
-    step, buffer, history, gen_tokens, gen_seconds, used, ptx_used = 0, [], [], 0, 0.0, 0, 0
-    batches = (b for _ in range(cfg.num_train_epochs) for b in loader)
-    if resumed is not None:  # replay the data order to the checkpoint, then its RNG streams
-        r = resumed
-        step, history, gen_tokens, gen_seconds, before = r["step"], r["history"], r["gen_tokens"], r["gen_seconds"], \
-            r["before"]
-        used, ptx_used = r["batches"], r["ptx"]
-        for _ in range(used):
-            next(batches)
-        for _ in range(ptx_used):
-            next(ptx_batches)
-        trainer.load_state(r["trainer"])
-        restore_rng(r["rng"], {"sampling": generator})
+@dataclass
+class LoopState:
+    """Where the loop is: what a checkpoint holds besides the engines, the trainer's state and the RNG streams."""
+    step: int = 0          # rounds done (optimizer updates of each minibatch count as one round)
+    batches: int = 0       # prompt batches drawn from the loader
+    ptx: int = 0           # PTX batches drawn
+    history: list = field(default_factory=list)  # each round's record
+    gen_tokens: int = 0
+    gen_seconds: float = 0.0
+    before: dict = field(default_factory=dict)   # the held-out evaluation before training
 
-    def loop_state() -> dict:  # what a checkpoint holds besides the engines: read when one is written
-        return {"step": step, "batches": used, "ptx": ptx_used, "history": history, "gen_tokens": gen_tokens,
-                "gen_seconds": gen_seconds, "before": before, "trainer": trainer.state(),
-                "rng": capture_rng({"sampling": generator})}
 
-    bar = tqdm(total=rounds, initial=step, desc=f"step 3 {name}", disable=cfg.disable_tqdm or not dist.is_main)
-    for batch in batches if step < rounds else ():
-        used += 1
-        trainer.round = step + 1
-        batch = to_device(batch, dist.device)
-        prompts, fields = records(train_set, batch)
+def round_record(exp, stats, prompts: list[str], trainer: RLTrainer, gold_fn: GoldFn | None) -> dict:
+    """The metrics of one rollout (the round's losses are added after its updates)."""
+    record = {"reward": exp.scores.mean().item(), "kl": sequence_kl(exp).mean().item(),
+              "answer_len": exp.action_mask.sum(-1).float().mean().item(),
+              "gen_tokens_per_s": stats.new_tokens / max(stats.seconds, 1e-9),
+              "eval_switch_s": stats.eval_switch_s, "relaid_bytes": stats.relaid_bytes,
+              "gathered_bytes": stats.gathered_bytes, "tp_bytes": stats.tp_bytes,
+              "train_switch_s": stats.train_switch_s}
+    if stats.logprob_gap is not None:  # not measured on a rollout whose logprobs were reused unaudited
+        record["logprob_gap"] = stats.logprob_gap
+    if gold_fn is not None:
+        n = trainer.algo.n_samples_per_prompt
+        golds = gold_fn([p for p in prompts for _ in range(n)], trainer.answers(exp))
+        record["gold"] = sum(golds) / len(golds)
+    return record
+
+
+def fit(trainer: RLTrainer, data: PromptData, cfg: PPOConfig, rounds: int, state: LoopState, batches,
+        generator: torch.Generator, metrics: MetricsLogger, control: RunControl, gold_fn: GoldFn | None,
+        device: torch.device, is_main: bool) -> None:
+    """The loop: rollout -> rewards -> advantages (RLTrainer.rollout) -> updates (RLTrainer.train_on), for
+    `rounds` rounds of `cfg.generation_batches` rollouts each, from `state` (advanced in place)."""
+    name = trainer.algo.name
+
+    def checkpoint_state() -> dict:  # read when a checkpoint is written
+        return {**dataclasses.asdict(state), "trainer": trainer.state(), "rng": capture_rng({"sampling": generator})}
+
+    buffer = []
+    bar = tqdm(total=rounds, initial=state.step, desc=f"step 3 {name}", disable=cfg.disable_tqdm or not is_main)
+    for batch in batches if state.step < rounds else ():
+        state.batches += 1
+        trainer.round = state.step + 1
+        batch = to_device(batch, device)
+        prompts, fields = records(data.train_set, batch)
         exp, stats = trainer.rollout(batch, prompts, fields, generator)
-        gen_tokens, gen_seconds = gen_tokens + stats.new_tokens, gen_seconds + stats.seconds
-        if not trainer.guard.ok(step + 1, reward=exp.scores, advantage=exp.advantages):
+        state.gen_tokens, state.gen_seconds = state.gen_tokens + stats.new_tokens, state.gen_seconds + stats.seconds
+        if not trainer.guard.ok(state.step + 1, reward=exp.scores, advantage=exp.advantages):
             continue  # this rollout is not trained on
-        record = {"reward": exp.scores.mean().item(), "kl": sequence_kl(exp).mean().item(),
-                  "answer_len": exp.action_mask.sum(-1).float().mean().item(),
-                  "gen_tokens_per_s": stats.new_tokens / max(stats.seconds, 1e-9),
-                  "eval_switch_s": stats.eval_switch_s, "relaid_bytes": stats.relaid_bytes,
-                  "gathered_bytes": stats.gathered_bytes, "tp_bytes": stats.tp_bytes,
-                  "train_switch_s": stats.train_switch_s}
-        if stats.logprob_gap is not None:  # not measured on a rollout whose logprobs were reused unaudited
-            record["logprob_gap"] = stats.logprob_gap
-        if gold_fn is not None:
-            golds = gold_fn([p for p in prompts for _ in range(algo.n_samples_per_prompt)], trainer.answers(exp))
-            record["gold"] = sum(golds) / len(golds)
+        record = round_record(exp, stats, prompts, trainer, gold_fn)
         buffer.append(exp)
         if len(buffer) < cfg.generation_batches:
             continue
@@ -308,43 +305,97 @@ def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
         for _ in range(cfg.ppo_epochs):
             for rollout in buffer:
                 for mb in rollout.minibatches(cfg.per_device_training_batch_size):
-                    ptx = next(ptx_batches) if ptx_batches else None
-                    ptx_used += ptx is not None
+                    ptx = next(data.ptx_batches) if data.ptx_batches else None
+                    state.ptx += ptx is not None
                     losses.append(trainer.train_on(mb, ptx))
         buffer = []
-        step += 1
+        state.step += 1
         record.update({k: sum(d[k] for d in losses) / len(losses) for k in losses[0]})
-        history.append(record)
+        state.history.append(record)
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}",
                         **({"gap": f"{record['logprob_gap']:.1e}"} if "logprob_gap" in record else {}))
-        if step % cfg.log_interval == 0:
-            metrics.log(name, step, **record)
-            if cfg.print_answers and dist.is_main:
-                print(f"[{name} {step}] {prompts[0]} -> {trainer.answers(exp)[0]}")
-        control.after_update(step, trainer.engines(), loop_state, trainer.guard)
-        if step >= rounds:
+        if state.step % cfg.log_interval == 0:
+            metrics.log(name, state.step, **record)
+            if cfg.print_answers and is_main:
+                print(f"[{name} {state.step}] {prompts[0]} -> {trainer.answers(exp)[0]}")
+        control.after_update(state.step, trainer.engines(), checkpoint_state, trainer.guard)
+        if state.step >= rounds:
             break
     bar.close()
-    control.after_update(step, trainer.engines(), loop_state, trainer.guard, last=True)
-    after = trainer.evaluate(eval_loader, eval_set, gold_fn) if len(eval_set) else {}
-    metrics.log(f"{name}_eval", step, **after)
+    control.after_update(state.step, trainer.engines(), checkpoint_state, trainer.guard, last=True)
+
+
+def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None,
+            gold_fn: GoldFn | None = None, control: RunControl | None = None) -> dict:
+    """Train the actor with `cfg.algorithm`; save actor/ (and critic/ for PPO, actor_ema/) under cfg.output_dir.
+    `gold_fn` (prompts, answers) -> scores is a rule to report before and after (cfg.gold_task names the
+    built-in one)."""
+    cfg.validate()
+    algo = cfg.algo()
+    require_step3_models(cfg, algo)
+    start = time.time()
+    dist = init_distributed()
+    torch.manual_seed(cfg.seed)
+    tokenizer = tokenizer or load_tokenizer(cfg.actor_model_name_or_path)
+    metrics = metrics or MetricsLogger(cfg.output_dir, enabled=dist.is_main)
+    reward_fn = RewardFunction(cfg.reward_fn) if cfg.reward_fn else None
+    if gold_fn is None and cfg.gold_task == "synthetic":
+        gold_fn = gold_scores
+    data = prompt_data(cfg, tokenizer)
+
+    rounds = len(data.loader) * cfg.num_train_epochs // cfg.generation_batches
+    rounds = min(rounds, cfg.max_steps) if cfg.max_steps else rounds
+    minibatches = -(-cfg.per_device_generation_batch_size * algo.n_samples_per_prompt
+                    // cfg.per_device_training_batch_size)
+    control = control or RunControl()
+    trainer = RLTrainer(cfg, tokenizer, rounds * cfg.ppo_epochs * cfg.generation_batches * minibatches, dist.device,
+                        reward_fn, control.max_nonfinite_steps)
+    state = LoopState()
+    resumed = control.load(trainer.engines())
+    if resumed is None:
+        state.before = trainer.evaluate(data.eval_loader, data.eval_set, gold_fn) if len(data.eval_set) else {}
+        metrics.log(f"{algo.name}_eval", 0, **state.before)
+    generator = torch.Generator(device=dist.device).manual_seed(cfg.seed + dist.rank)
+    batches = (b for _ in range(cfg.num_train_epochs) for b in data.loader)
+    if resumed is not None:  # replay the data order to the checkpoint, then its RNG streams
+        state = LoopState(**{f.name: resumed[f.name] for f in dataclasses.fields(LoopState)})
+        for _ in range(state.batches):
+            next(batches)
+        for _ in range(state.ptx):
+            next(data.ptx_batches)
+        trainer.load_state(resumed["trainer"])
+        restore_rng(resumed["rng"], {"sampling": generator})
+
+    fit(trainer, data, cfg, rounds, state, batches, generator, metrics, control, gold_fn, dist.device, dist.is_main)
+
+    after = trainer.evaluate(data.eval_loader, data.eval_set, gold_fn) if len(data.eval_set) else {}
+    metrics.log(f"{algo.name}_eval", state.step, **after)
     save_actor_checkpoint(trainer.actor.module, tokenizer, f"{cfg.output_dir}/actor")
     if trainer.critic is not None:
         save_reward_checkpoint(trainer.critic.module, tokenizer, f"{cfg.output_dir}/critic")
     if trainer.ema is not None:
         save_actor_checkpoint(trainer.ema, tokenizer, f"{cfg.output_dir}/actor_ema")
-    last = history[-min(5, len(history)):] if history else [{}]
+    return summary(trainer, data, state, after, cfg.output_dir, time.time() - start)
+
+
+def summary(trainer: RLTrainer, data: PromptData, state: LoopState, after: dict, output_dir: str,
+            seconds: float) -> dict:
+    """The run's summary: held-out reward (and gold) before and after, the last rounds' means, the largest
+    logprob gap, skipped updates."""
+    last = state.history[-min(5, len(state.history)):] if state.history else [{}]
     mean = lambda key: sum(r.get(key, float("nan")) for r in last) / len(last)  # noqa: E731
     return {
-        "algorithm": name, "output_dir": cfg.output_dir, "steps": step, "prompts": len(train_set),
-        "dropped_prompts": train_set.num_dropped, "reward_before": before.get("reward"),
-        "reward_after": after.get("reward"), "gold_before": before.get("gold"), "gold_after": after.get("gold"),
+        "algorithm": trainer.algo.name, "output_dir": output_dir, "steps": state.step,
+        "prompts": len(data.train_set), "dropped_prompts": data.train_set.num_dropped,
+        "reward_before": state.before.get("reward"), "reward_after": after.get("reward"),
+        "gold_before": state.before.get("gold"), "gold_after": after.get("gold"),
         "final_reward": mean("reward"), "final_kl": mean("kl"),
-        "max_logprob_gap": max((r["logprob_gap"] for r in history if "logprob_gap" in r), default=0.0),
-        "gen_tokens_per_s": gen_tokens / max(gen_seconds, 1e-9), "nonfinite_skipped": trainer.guard.skipped,
+        "max_logprob_gap": max((r["logprob_gap"] for r in state.history if "logprob_gap" in r), default=0.0),
+        "gen_tokens_per_s": state.gen_tokens / max(state.gen_seconds, 1e-9),
+        "nonfinite_skipped": trainer.guard.skipped,
         "deepspeed_skipped_steps": sum(e.skipped_steps for e in trainer.engines().values()),
-        "seconds": time.time() - start,
+        "seconds": seconds,
     }
 
 
