@@ -404,7 +404,8 @@ def ppo_config_from_args(args: argparse.Namespace, prefix: str = "", **overrides
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return step_main(PPOConfig, run_ppo, "Step 3: PPO of the actor against the reward model", argv)
+    return step_main(PPOConfig, run_ppo, "Step 3: RL of the actor (PPO, GRPO, RLOO, REINFORCE++) against the reward "
+                     "model or a reward function", argv)
 
 
 if __name__ == "__main__":
