@@ -107,6 +107,11 @@ class Checkpointer:
     def path(self, counter: int) -> Path:
         return self.root / f"step-{counter:06d}"
 
+    def remove(self) -> None:
+        """Every checkpoint of this step: once the step has finished (its model saved, run_state.json saying so),
+        --resume skips it and they are never read again (1.6 GB each for a 135M-parameter model)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
     def due(self, counter: int) -> bool:
         return self.interval > 0 and counter % self.interval == 0 and counter != self.last_saved
 
@@ -289,11 +294,14 @@ class StepRunner:
         if done is not None:
             if self.is_main:
                 print(f"rlhf train: {title} finished earlier: skipped (--resume)", flush=True)
+                Checkpointer(self.run_dir, name).remove()  # left by a kill between finishing and removing them
         else:
             ckpt = Checkpointer(self.run_dir, name, args.save_interval, args.keep_checkpoints, self.metrics_path,
                                 resume=args.resume)
             self.run.begin(name, from_checkpoint=ckpt.resume and ckpt.latest() is not None)
             done = train(RunControl(ckpt, self.stop, args.max_nonfinite_steps, self.resume_hint))
             self.run.finish(name, done)
+            if self.is_main:
+                ckpt.remove()
         self.summary[title] = done
         return done

@@ -70,9 +70,10 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-def test_uninterrupted_run_writes_and_prunes_checkpoints(uninterrupted):
-    ppo = sorted(p.name for p in (uninterrupted / "checkpoints" / "ppo").iterdir())
-    assert ppo == ["step-000004", "step-000006"]  # --keep-checkpoints 2: the newest two of 2, 4, 6
+def test_a_finished_run_keeps_no_checkpoints(uninterrupted):
+    # each step removed its own once its model was saved and run_state.json said so: --resume never reads them
+    # again (pruning to --keep-checkpoints while a step runs: test_a_checkpoint_that_fails_to_write_...)
+    assert not any((uninterrupted / "checkpoints").iterdir())
     state = json.loads((uninterrupted / "run_state.json").read_text())
     assert list(state["steps"]) == ["sft", "reward", "ppo"] and all("summary" in s for s in state["steps"].values())
 
@@ -122,7 +123,9 @@ def test_overwrite_starts_the_steps_over(uninterrupted, tmp_path):
 
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
-    (out / "checkpoints" / "ppo" / "step-000006" / "meta.json").unlink()  # a stale, incomplete checkpoint
+    stale = out / "checkpoints" / "ppo" / "step-000006"  # a stale, incomplete checkpoint (no meta.json)
+    stale.mkdir(parents=True)
+    (stale / "rank0.pt").write_bytes(b"")
     train(out, "--step", "3", "--overwrite")
     assert_same_run(out, uninterrupted)
 
