@@ -4,9 +4,9 @@
     rlhf train --step 1 2 --actor-model facebook/opt-125m --data pairs.jsonl:2 hh.jsonl:1 --data-split 2,4,4
     deepspeed --num_gpus 8 --module rlhf.train --actor-model ... --sft-zero-stage 3
 
-Layout of ``--output-dir``: ``actor/`` (step 1), ``reward/`` (step 2), ``ppo/`` (step 3), ``dpo/`` (``--algorithm
-dpo``: DPO in place of steps 2 and 3), ``data/`` (the synthetic task's files when no ``--data`` is given),
-``metrics.jsonl`` and ``training_curves.png``.
+Layout of ``--output-dir``: ``actor/`` (step 1), ``reward/`` (step 2), ``ppo/`` (step 3; ``grpo/``, ``rloo/``, ...
+for the other algorithms), ``dpo/`` (``--algorithm dpo``: DPO in place of steps 2 and 3), ``data/`` (the
+synthetic task's files when no ``--data`` is given), ``metrics.jsonl`` and ``training_curves.png``.
 Step options carry a prefix: ``--sft-learning-rate``, ``--rm-zero-stage``, ``--dpo-beta``, and step 3's options.
 """
 
@@ -104,7 +104,7 @@ def step3_config(args: argparse.Namespace, paths: dict[str, str]) -> PPOConfig:
     if no_reward_model:
         reward = actor  # PPO's critic starts from the actor's backbone with a new value head
     cfg = ppo_config_from_args(args, "", actor_model_name_or_path=actor, critic_model_name_or_path=reward,
-                               data=args.data, data_split=args.data_split, output_dir=paths["ppo"], seed=args.seed,
+                               data=args.data, data_split=args.data_split, output_dir=paths["rl"], seed=args.seed,
                                disable_tqdm=args.disable_tqdm)
     cfg.validate()
     require_sft_model(args, actor)
@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     require_paths(args)
     out = Path(args.output_dir)
-    paths = {"actor": str(out / "actor"), "reward": str(out / "reward"), "ppo": str(out / "ppo"),
+    # step 3's output is named after its algorithm (ppo/, grpo/, ...), as its metrics and checkpoints are
+    paths = {"actor": str(out / "actor"), "reward": str(out / "reward"), "rl": str(out / args.algorithm),
              "dpo": str(out / "dpo")}
     synthetic = not args.data
     with_dpo = args.algorithm == "dpo" and bool({2, 3} & set(args.step))
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("--data is required without a preset (the synthetic task needs the preset's tokenizer)")
     # each step's name in metrics.jsonl, run_state.json and checkpoints/, and its final output
     names = {1: "sft", 2: "reward", 3: args.algorithm, "dpo": "dpo"}
-    outputs = {"sft": paths["actor"], "reward": paths["reward"], args.algorithm: paths["ppo"], "dpo": paths["dpo"]}
+    outputs = {"sft": paths["actor"], "reward": paths["reward"], args.algorithm: paths["rl"], "dpo": paths["dpo"]}
     out.mkdir(parents=True, exist_ok=True)
     dist = init_distributed()
     metrics = MetricsLogger(out, enabled=dist.is_main, report_to=args.report_to)

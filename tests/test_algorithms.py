@@ -35,4 +35,5 @@ def test_algorithm_raises_the_gold_score(tiny_run, tmp_path, monkeypatch, algori
     records = [r for r in read_metrics(tmp_path) if r["step_name"] == algorithm]
     gaps = [r["logprob_gap"] for r in records if "logprob_gap" in r]  # every round is audited
     assert len(records) == ROUNDS and len(gaps) == ROUNDS and 0 < max(gaps) < GAP, max(gaps)
-    assert (tmp_path / "ppo" / "critic").exists() == (algorithm == "ppo")
+    assert (tmp_path / algorithm / "actor" / "config.json").exists()  # step 3's output is named after it
+    assert (tmp_path / algorithm / "critic").exists() == (algorithm == "ppo")

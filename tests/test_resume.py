@@ -237,7 +237,7 @@ def test_two_processes_grpo_resume_exactly(uninterrupted, tmp_path, stage):
     proc = subprocess.run(torchrun(out, uninterrupted, stage, "--resume"), cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ours, theirs = weights(out / "ppo" / "actor"), weights(reference / "ppo" / "actor")
+    ours, theirs = weights(out / "grpo" / "actor"), weights(reference / "grpo" / "actor")
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert records(out) == records(reference)
 

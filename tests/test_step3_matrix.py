@@ -23,13 +23,14 @@ BF16_GAP = 0.1  # bf16 rounding of the two forwards (other kernels, other order)
 def check_row(out: Path, tiny_run: Path, summary: dict, gap: float) -> None:
     assert summary["steps"] == ROUNDS, summary
     assert 0 <= summary["max_logprob_gap"] < gap, summary
-    actor = AutoModelForCausalLM.from_pretrained(out / "ppo" / "actor")
+    rl = out / summary["algorithm"]  # ppo/ or grpo/
+    actor = AutoModelForCausalLM.from_pretrained(rl / "actor")
     sft = AutoModelForCausalLM.from_pretrained(tiny_run / "actor")
     assert any(not torch.equal(a, b) for a, b in zip(actor.parameters(), sft.parameters())), "actor did not change"
     if summary["algorithm"] != "ppo":  # critic-free: nothing of a critic is made or saved
-        assert not (out / "ppo" / "critic").exists()
+        assert not (rl / "critic").exists()
         return
-    critic = RewardModel.from_pretrained(out / "ppo" / "critic")
+    critic = RewardModel.from_pretrained(rl / "critic")
     reward = RewardModel.from_pretrained(tiny_run / "reward")
     assert any(not torch.equal(a, b) for a, b in zip(critic.parameters(), reward.parameters())), \
         "critic did not change"
