@@ -204,6 +204,28 @@ FAULTS = [
           "bool(state.finished.any())",
           ("tests/test_engine_compile.py::test_eos_checked_every_k_steps_gives_the_eager_output",),
           "the compiled loop ends when one row stops instead of all"),
+    # -- stop 15's fixes
+    Fault("tie-counts-as-wrong", "rlhf/losses.py",
+          "+ 0.5 * (chosen_scores == rejected_scores).float()",
+          "+ 0.0 * (chosen_scores == rejected_scores).float()",
+          ("tests/test_losses.py",), "an untrained DPO policy reads accuracy 0, below chance"),
+    Fault("reporters-not-rebuilt-after-resume", "rlhf/metrics.py",
+          "if not self.reporters or self._length() >= self.length:",
+          "if True:",
+          ("tests/test_metrics.py",), "TensorBoard shows the rounds after a checkpoint twice after --resume"),
+    Fault("finished-step-keeps-its-checkpoints", "rlhf/resume.py",
+          "            self.run.finish(name, done)\n            if self.is_main:\n                ckpt.remove()\n",
+          "            self.run.finish(name, done)\n",
+          ("tests/test_resume.py::test_a_finished_run_keeps_no_checkpoints",),
+          "GBs of optimizer state left behind for steps --resume never reads again"),
+    Fault("sft-rising-loss-silent", "rlhf/sft.py",
+          "if initial is None or not final > initial:",
+          "if True:",
+          ("tests/test_sft_reward.py",), "SFT wrecks a pretrained model (lr 1e-3) without a word"),
+    Fault("build-dir-ignores-source-content", "hybrid_engine/ops/builder.py",
+          'digest.update(str(path.relative_to(CSRC)).encode() + b"\\0" + path.read_bytes() + b"\\0")',
+          "pass",
+          ("tests/test_ops_dispatch.py",), "an edited C++ source loads the stale build of the old one"),
 ]
 
 
