@@ -182,7 +182,8 @@ def build_parser(preset: Preset | None, algorithm: str = "ppo") -> argparse.Argu
                         help="write a checkpoint of the whole training state every N optimizer steps (steps 1-2, "
                         "DPO) or rounds (step 3); 0: only at the end of each step. SIGTERM/SIGINT always write one")
     parser.add_argument("--keep-checkpoints", type=bounded(int, AT_LEAST_1), default=2, metavar="K",
-                        help="checkpoints kept per step, the newest (default: 2)")
+                        help="checkpoints kept while a step runs, the newest (default: 2); a finished step removes its "
+                        "own (its model is saved, and --resume skips it)")
     parser.add_argument("--max-nonfinite-steps", type=bounded(int, AT_LEAST_1), default=5, metavar="K",
                         help="updates in a row skipped for a non-finite loss, reward or advantage before the run "
                         "stops with an error (default: 5)")
