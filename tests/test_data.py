@@ -76,6 +76,76 @@ def test_hh_rlhf_dialogue(tmp_path):
     assert (example.chosen, example.rejected) == ("fine, thanks", "go away")
 
 
+def msg(role, content):
+    return {"role": role, "content": content}
+
+
+def test_conversational_records(tmp_path):
+    """TRL's conversational layouts: the answer is the last (assistant) message, the prompt the turns before it
+    (or the prompt field), kept as turns for a chat template and written hh-rlhf style for other tokenizers."""
+    path = write_jsonl(tmp_path / "c.jsonl", [
+        # UltraFeedback-binarized style: prompt string, whole conversations as chosen/rejected
+        {"prompt": "hi", "chosen": [msg("user", "hi"), msg("assistant", "hello")],
+         "rejected": [msg("user", "hi"), msg("assistant", "go away")], "score_chosen": 8.0},
+        # explicit prompt as messages, answers alone
+        {"prompt": [msg("system", "Be brief."), msg("user", "2+2?")], "chosen": [msg("assistant", "4")],
+         "rejected": [msg("assistant", "5")]},
+        # implicit prompt, several turns
+        {"chosen": [msg("user", "a"), msg("assistant", "b"), msg("user", "c"), msg("assistant", "d")],
+         "rejected": [msg("user", "a"), msg("assistant", "b"), msg("user", "c"), msg("assistant", "e")]},
+        # SFT
+        {"messages": [msg("user", "name a fruit"), msg("assistant", "apple")]},
+    ])
+    first, second, third, sft = load_examples(path)
+    assert (first.prompt, first.chosen, first.rejected) == ("\n\nHuman: hi\n\nAssistant:", "hello", "go away")
+    assert first.messages == (("user", "hi"),) and first.fields == {"score_chosen": 8.0}
+    assert second.messages == (("system", "Be brief."), ("user", "2+2?"))
+    assert (second.chosen, second.rejected) == ("4", "5")
+    assert second.prompt == "Be brief.\n\nHuman: 2+2?\n\nAssistant:"
+    assert third.messages == (("user", "a"), ("assistant", "b"), ("user", "c"))
+    assert third.prompt == "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
+    assert (sft.prompt, sft.chosen, sft.rejected, sft.messages) == (
+        "\n\nHuman: name a fruit\n\nAssistant:", "apple", None, (("user", "name a fruit"),))
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"messages": [msg("user", "q"), msg("bot", "a")]},
+     "field 'messages'[1]: role 'bot', expected one of system, user, assistant"),
+    ({"messages": [msg("user", "q"), msg("assistant", "a"), msg("user", "thanks")]},
+     "field 'messages' must end with the assistant's answer, ends with a 'user' message"),
+    ({"messages": [msg("assistant", "a")]}, "the conversation has no user message before the answer"),
+    ({"chosen": [msg("user", "q"), msg("assistant", "a")], "rejected": [msg("user", "other"), msg("assistant", "b")]},
+     "fields 'chosen' and 'rejected' differ before their last message"),
+    ({"chosen": [msg("assistant", "a")], "rejected": [msg("assistant", "b")]},
+     "field 'prompt' missing (the 'chosen' conversation holds only the answer)"),
+    ({"messages": []}, "field 'messages' must be a non-empty list of messages"),
+    ({"messages": [{"role": "user", "content": 3}, msg("assistant", "a")]}, "field 'messages'[0]: expected a message"),
+    ({"prompt": "q", "chosen": [msg("assistant", " ")], "rejected": [msg("assistant", "b")]},
+     "field 'chosen': the assistant's answer is empty"),
+])
+def test_conversational_errors_name_file_line_and_field(tmp_path, record, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [PAIRS[0], record])
+    with pytest.raises(DataError) as err:
+        load_examples(path)
+    assert str(err.value).startswith(f"{path}:2: ") and message in str(err.value), str(err.value)
+
+
+def test_conversational_prompts_go_through_the_chat_template(tokenizer, tmp_path):
+    templated = build_word_tokenizer()
+    templated.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    turns = [msg("user", "review: pizza"), msg("assistant", "great"), msg("user", "review: book")]
+    (ex,) = load_examples(write_jsonl(tmp_path / "c.jsonl", [
+        {"chosen": [*turns, msg("assistant", "great fun")], "rejected": [*turns, msg("assistant", "bad dull")]}]))
+    text = "user: review: pizza assistant: great user: review: book assistant:"
+    assert format_prompt(templated, ex.prompt, ex.messages) == text
+    assert format_prompt(tokenizer, ex.prompt, ex.messages) == ex.prompt  # no template: hh-rlhf style
+    pairs = build_pair_dataset(templated, [ex], max_seq_len=64)
+    chosen, rejected, prompt_len = pairs.rows[0]
+    assert prompt_len == len(encode_prompt(templated, ex.prompt, ex.messages))
+    assert chosen[:prompt_len] == templated(text, add_special_tokens=False)["input_ids"]  # no BOS added twice
+
+
 def test_committed_hh_rlhf_sample_gives_step_3_its_64_prompts():
     """tests/data's sample of Anthropic's hh-rlhf (its README gives source and licence) reads as 64 pairs."""
     path = Path(__file__).parent / "data" / "hh_rlhf_harmless_test_64.jsonl"

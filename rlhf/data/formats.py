@@ -7,6 +7,11 @@ for SFT-only records. The format is detected per record from its fields:
 - ``prompt, response`` / ``prompt, chosen`` SFT demonstration
 - ``chosen, rejected`` (no prompt)        Anthropic hh-rlhf dialogue: the prompt is everything up to and
                                           including the last ``"\\n\\nAssistant:"`` of ``chosen``.
+- conversational (TRL's layout, e.g. UltraFeedback): fields that are lists of ``{"role", "content"}`` messages.
+  ``messages`` (SFT), or ``chosen``/``rejected`` conversations ending in the assistant's answer, with the
+  prompt either given (``prompt``: a string or messages) or the turns before the answer. The prompt's turns
+  are kept (``Example.messages``) for the tokenizer's chat template, and written hh-rlhf style as
+  ``Example.prompt`` for tokenizers without one (and for reward functions).
 
 A bad record raises ``DataError`` whose one-line message names the file, the line and the field.
 """
@@ -20,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HH_ASSISTANT = "\n\nAssistant:"
-EXPECTED = "expected prompt+chosen+rejected, prompt+response, or hh-rlhf chosen/rejected"
+EXPECTED = ("expected prompt+chosen+rejected, prompt+response, hh-rlhf chosen/rejected, or conversational "
+            "messages / chosen+rejected message lists")
+ROLES = ("system", "user", "assistant")
 
 
 class DataError(ValueError):
@@ -34,6 +41,9 @@ class Example:
     rejected: str | None = None  # None for SFT-only records
     # The record's other fields (a reference answer, a task id, ...), handed to a step-3 reward function.
     fields: dict = field(default_factory=dict, compare=False)
+    # A conversational record's prompt as turns ((role, content), ...), for the tokenizer's chat template;
+    # ``prompt`` then holds the same turns written hh-rlhf style.
+    messages: tuple = field(default=(), compare=False)
 
     @property
     def is_pair(self) -> bool:
@@ -59,13 +69,79 @@ def _field(record: dict, name: str, where: str) -> str:
 
 
 def _other_fields(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected", "response")}
+    return {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected", "response", "messages")}
+
+
+def _messages(record: dict, name: str, where: str) -> tuple[tuple[str, str], ...]:
+    value = record[name]
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field '{name}' must be a non-empty list of messages")
+    turns = []
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: field '{name}'[{i}]: expected a message {{\"role\": ..., \"content\": ...}} "
+                            "with string values")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: field '{name}'[{i}]: role '{m['role']}', expected one of {', '.join(ROLES)}")
+        turns.append((m["role"], m["content"]))
+    return tuple(turns)
+
+
+def _answer(turns: tuple, name: str, where: str) -> str:
+    role, content = turns[-1]
+    if role != "assistant":
+        raise DataError(f"{where}: field '{name}' must end with the assistant's answer, ends with a '{role}' message")
+    if not content.strip():
+        raise DataError(f"{where}: field '{name}': the assistant's answer is empty")
+    return content
+
+
+def render_dialogue(turns: tuple) -> str:
+    """A conversation awaiting the assistant, hh-rlhf style: "\\n\\nHuman: ...\\n\\nAssistant: ...\\n\\nAssistant:"
+    (a system message leads as it is)."""
+    text = "".join(content if role == "system" else f"\n\n{'Human' if role == 'user' else 'Assistant'}: {content}"
+                   for role, content in turns)
+    return text + HH_ASSISTANT
+
+
+def _conversational(record: dict, where: str) -> Example:
+    """TRL's conversational records: ``messages``, or ``chosen`` (+ ``rejected``) conversations that end in the
+    assistant's answer, with ``prompt`` given or the turns before the answer."""
+    if "messages" in record:
+        turns = _messages(record, "messages", where)
+        answer, prompt_turns = _answer(turns, "messages", where), turns[:-1]
+        rejected = None
+    else:
+        for name in ("chosen", "response"):
+            if name in record:
+                break
+        else:
+            raise DataError(f"{where}: field 'chosen' missing ({EXPECTED})")
+        turns = _messages(record, name, where)
+        answer, prompt_turns = _answer(turns, name, where), turns[:-1]
+        rejected = None
+        if "rejected" in record:
+            other = _messages(record, "rejected", where)
+            rejected = _answer(other, "rejected", where)
+            if other[:-1] != prompt_turns:
+                raise DataError(f"{where}: fields 'chosen' and 'rejected' differ before their last message (expected "
+                                "the same conversation with two answers)")
+        if not prompt_turns:  # the answers alone: the prompt is its own field
+            if "prompt" not in record:
+                raise DataError(f"{where}: field 'prompt' missing (the '{name}' conversation holds only the answer)")
+            prompt_turns = (_messages(record, "prompt", where) if isinstance(record["prompt"], list)
+                            else (("user", _field(record, "prompt", where)),))
+    if not any(role == "user" for role, _ in prompt_turns):
+        raise DataError(f"{where}: the conversation has no user message before the answer")
+    return Example(render_dialogue(prompt_turns), answer, rejected, _other_fields(record), prompt_turns)
 
 
 def parse_record(record: object, where: str) -> Example:
     """Normalise one record; ``where`` ("file:line") prefixes every error message."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: record must be a JSON object, got {type(record).__name__}")
+    if any(isinstance(record.get(k), list) for k in ("messages", "prompt", "chosen", "rejected", "response")):
+        return _conversational(record, where)
     if "prompt" in record:
         prompt = _field(record, "prompt", where)
         if "rejected" in record:

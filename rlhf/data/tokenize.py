@@ -35,8 +35,15 @@ def _has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def format_prompt(tokenizer, prompt: str) -> str:
-    """The text the model sees before its answer."""
+def _chat(turns) -> list[dict]:
+    return [{"role": role, "content": content} for role, content in turns]
+
+
+def format_prompt(tokenizer, prompt: str, messages: tuple = ()) -> str:
+    """The text the model sees before its answer; ``messages``: a conversational record's turns, which the
+    tokenizer's chat template writes when it has one (``prompt`` holds them hh-rlhf style otherwise)."""
+    if messages and _has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(_chat(messages), tokenize=False, add_generation_prompt=True)
     if prompt.rstrip().endswith("Assistant:"):  # an hh-rlhf dialogue carries its own turns
         return prompt
     if _has_chat_template(tokenizer):
@@ -52,11 +59,11 @@ def pad_token_id(tokenizer) -> int:
     return pad
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
+def encode_prompt(tokenizer, prompt: str, messages: tuple = ()) -> list[int]:
     """Token ids of the formatted prompt (with BOS when the tokenizer adds one and no chat template did)."""
-    text = format_prompt(tokenizer, prompt)
+    text = format_prompt(tokenizer, prompt, messages)
     # A chat template writes its own BOS; adding special tokens again would double it.
-    templated = _has_chat_template(tokenizer) and not prompt.rstrip().endswith("Assistant:")
+    templated = _has_chat_template(tokenizer) and (bool(messages) or not prompt.rstrip().endswith("Assistant:"))
     return tokenizer(text, add_special_tokens=not templated)["input_ids"]
 
 
@@ -174,7 +181,7 @@ def build_sft_dataset(tokenizer, examples: Sequence[Example], max_seq_len: int =
     """Prompt + chosen answer, truncated to ``max_seq_len``; an example whose prompt fills it is dropped."""
     rows, dropped = [], 0
     for ex in examples:
-        prompt_ids, answer_ids = encode_prompt(tokenizer, ex.prompt), encode_answer(tokenizer, ex.chosen)
+        prompt_ids, answer_ids = encode_prompt(tokenizer, ex.prompt, ex.messages), encode_answer(tokenizer, ex.chosen)
         if len(prompt_ids) >= max_seq_len:  # nothing of the answer would be left to learn from
             dropped += 1
             continue
@@ -204,7 +211,7 @@ def build_pair_dataset(tokenizer, examples: Sequence[Example], max_seq_len: int 
         if ex.chosen == ex.rejected:
             same[reasons[0]] += 1
             continue
-        prompt_ids = encode_prompt(tokenizer, ex.prompt)
+        prompt_ids = encode_prompt(tokenizer, ex.prompt, ex.messages)
         chosen, rejected = encode_answer(tokenizer, ex.chosen), encode_answer(tokenizer, ex.rejected)
         tokenized += [prompt_ids + chosen, prompt_ids + rejected]
         if chosen == rejected:  # e.g. a word-level tokenizer that maps both answers' words to <unk>
@@ -232,7 +239,7 @@ def build_prompt_dataset(tokenizer, examples: Sequence[Example], max_prompt_len:
     """Step-3 prompts; those longer than ``max_prompt_len`` tokens are dropped, counted and logged."""
     rows, prompts, fields, dropped = [], [], [], 0
     for ex in examples:
-        ids = encode_prompt(tokenizer, ex.prompt)
+        ids = encode_prompt(tokenizer, ex.prompt, ex.messages)
         if len(ids) > max_prompt_len:
             dropped += 1
             continue
