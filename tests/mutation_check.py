@@ -226,6 +226,10 @@ FAULTS = [
           'digest.update(str(path.relative_to(CSRC)).encode() + b"\\0" + path.read_bytes() + b"\\0")',
           "pass",
           ("tests/test_ops_dispatch.py",), "an edited C++ source loads the stale build of the old one"),
+    Fault("chat-template-sees-last-turn-only", "rlhf/data/tokenize.py",
+          "return tokenizer.apply_chat_template(_chat(messages), tokenize=False, add_generation_prompt=True)",
+          "return tokenizer.apply_chat_template(_chat(messages[-1:]), tokenize=False, add_generation_prompt=True)",
+          ("tests/test_data.py",), "a multi-turn conversation reaches the model as its last question alone"),
 ]
 
 
