@@ -146,6 +146,22 @@ def test_conversational_prompts_go_through_the_chat_template(tokenizer, tmp_path
     assert chosen[:prompt_len] == templated(text, add_special_tokens=False)["input_ids"]  # no BOS added twice
 
 
+def test_conversational_sft_learns_the_last_answer_only(tmp_path):
+    templated = build_word_tokenizer()
+    templated.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    turns = [msg("user", "review: pizza"), msg("assistant", "bad"), msg("user", "review: book"),
+             msg("assistant", "great fun")]
+    (ex,) = load_examples(write_jsonl(tmp_path / "m.jsonl", [{"messages": turns}]))
+    ds = build_sft_dataset(templated, [ex], max_seq_len=64)
+    ids, labels = ds.rows[0]
+    prompt = templated("user: review: pizza assistant: bad user: review: book assistant:",
+                       add_special_tokens=False)["input_ids"]
+    assert ids[:len(prompt)] == prompt and labels[:len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    answer = templated("great fun", add_special_tokens=False)["input_ids"] + [templated.eos_token_id]
+    assert ids[len(prompt):] == labels[len(prompt):] == answer  # only the last turn is learned
+
+
 def test_committed_hh_rlhf_sample_gives_step_3_its_64_prompts():
     """tests/data's sample of Anthropic's hh-rlhf (its README gives source and licence) reads as 64 pairs."""
     path = Path(__file__).parent / "data" / "hh_rlhf_harmless_test_64.jsonl"
