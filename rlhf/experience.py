@@ -145,21 +145,16 @@ def sample(hybrid, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_
 
 
 @torch.no_grad()
-def generate_experience(hybrid, actor, ref, critic, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                        max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
-                        top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                        reuse_rollout_logprobs: bool = False, audit: bool = False,
-                        timer: PhaseTimer | None = None) -> tuple[Experience, RolloutStats]:
-    """One generation batch: sample answers with the hybrid engine, then score them with the training forward
-    of the actor, the frozen reference and the critic (None: no values). The models are plain modules (a
-    DeepSpeed engine's `.module`); `ref` may be a HybridEngine instead, scored with its prefill-only forward. The
-    rewards are the caller's (a reward model or a function).
+def generate_experience(s: Sample, actor, ref, critic, temperature: float = 1.0, reuse_rollout_logprobs: bool = False,
+                        audit: bool = False, timer: PhaseTimer | None = None) -> tuple[Experience, RolloutStats]:
+    """One generation batch, once sampled (`sample`): score it with the training forward of the actor, the
+    frozen reference and the critic (None: no values). The models are plain modules (a DeepSpeed engine's
+    `.module`); `ref` may be a HybridEngine instead, scored with its prefill-only forward. The rewards are the
+    caller's (a reward model or a function).
 
     `reuse_rollout_logprobs`: PPO's old logprobs are the engine's rollout logprobs (same weights, same tokens,
     within the measured gap), saving the actor's forward; `audit` runs that forward anyway to report the gap."""
     timer = timer or PhaseTimer()
-    s = sample(hybrid, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k,
-               top_p, generator, timer)
     seq, attention_mask, action_mask, P, stats = s.sequences, s.attention_mask, s.action_mask, s.prompt_len, s.stats
     actor.eval()  # no dropout: the "old" logprobs must be those of the policy that generated
     mask = action_mask.float()

@@ -105,8 +105,11 @@ class MetricsLogger:
         self.reporters = []
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.reporters = [REPORTERS[name](self.path.parent) for name in self.names]
+            self._open_reporters()
         self.length = self._length()  # of metrics.jsonl as this logger last saw it
+
+    def _open_reporters(self) -> None:
+        self.reporters = [REPORTERS[name](self.path.parent) for name in self.names]
 
     def _length(self) -> int:
         return self.path.stat().st_size if self.path.exists() else 0
@@ -119,7 +122,7 @@ class MetricsLogger:
         for reporter in self.reporters:
             reporter.close()
             reporter.clear(self.path.parent)
-        self.reporters = [REPORTERS[name](self.path.parent) for name in self.names]
+        self._open_reporters()
         for record in read_metrics(self.path.parent):
             self._report(record)
         self.length = self._length()

@@ -137,18 +137,21 @@ class RLTrainer:
                 return self.reward_fn(prompts, self.answers(exp), fields).to(self.device)
             return self.reward_model.module.score(exp.sequences, exp.attention_mask).float()
 
+    def sample(self, ids: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> Sample:
+        """One answer per row of the (left-padded) prompts, with the run's sampling settings."""
+        cfg = self.cfg
+        return sample(self.hybrid, ids, mask, cfg.max_answer_seq_len, self.tokenizer.eos_token_id,
+                      self.tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, generator, self.timer)
+
     def generate(self, batch: dict, generator: torch.Generator, n_samples: int = 1, audit: bool = False):
         """Sample `n_samples` answers per prompt (consecutive rows) and score them with the training forwards
         (the actor's skipped when its rollout logprobs are reused, unless `audit`)."""
-        cfg = self.cfg
         ids = batch["input_ids"].repeat_interleave(n_samples, dim=0)          # (B * n, P)
         mask = batch["attention_mask"].repeat_interleave(n_samples, dim=0)
         critic = self.critic.module if self.critic is not None else None
         ref = self.ref_engine or self.ref.module
-        return generate_experience(self.hybrid, self.actor.module, ref, critic, ids, mask,
-                                   cfg.max_answer_seq_len, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
-                                   cfg.temperature, cfg.top_k, cfg.top_p, generator, self.reuse_logprobs, audit,
-                                   self.timer)
+        return generate_experience(self.sample(ids, mask, generator), self.actor.module, ref, critic,
+                                   self.cfg.temperature, self.reuse_logprobs, audit, self.timer)
 
     def rollout(self, batch: dict, prompts: list[str], fields: list[dict], generator: torch.Generator):
         """One rollout with its scores, per-token rewards, advantages and returns filled (once, for every
@@ -222,15 +225,12 @@ class RLTrainer:
     def evaluate(self, loader, dataset, gold_fn: GoldFn | None = None) -> dict:
         """Mean reward (and `gold_fn` rule score) of one sampled answer per held-out prompt, fixed seed; the
         means are over every rank's rows. Only the engine and the reward run: no training forward."""
-        cfg = self.cfg
-        generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 7)
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 7)
         totals = [0.0, 0.0, 0.0]  # reward sum, gold sum, rows
         for batch in loader:
             batch = to_device(batch, self.device)
             prompts, fields = records(dataset, batch)
-            exp = sample(self.hybrid, batch["input_ids"], batch["attention_mask"], cfg.max_answer_seq_len,
-                         self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, cfg.temperature, cfg.top_k,
-                         cfg.top_p, generator)
+            exp = self.sample(batch["input_ids"], batch["attention_mask"], generator)
             totals[0] += self.score(exp, prompts, fields).sum().item()
             if gold_fn is not None:
                 totals[1] += sum(gold_fn(prompts, self.answers(exp)))

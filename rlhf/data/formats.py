@@ -107,19 +107,12 @@ def render_dialogue(turns: tuple) -> str:
 def _conversational(record: dict, where: str) -> Example:
     """TRL's conversational records: ``messages``, or ``chosen`` (+ ``rejected``) conversations that end in the
     assistant's answer, with ``prompt`` given or the turns before the answer."""
-    if "messages" in record:
-        turns = _messages(record, "messages", where)
-        answer, prompt_turns = _answer(turns, "messages", where), turns[:-1]
-        rejected = None
-    else:
-        for name in ("chosen", "response"):
-            if name in record:
-                break
-        else:
-            raise DataError(f"{where}: field 'chosen' missing ({EXPECTED})")
-        turns = _messages(record, name, where)
-        answer, prompt_turns = _answer(turns, name, where), turns[:-1]
-        rejected = None
+    name = next((n for n in ("messages", "chosen", "response") if n in record), None)
+    if name is None:
+        raise DataError(f"{where}: field 'chosen' missing ({EXPECTED})")
+    turns = _messages(record, name, where)
+    answer, prompt_turns, rejected = _answer(turns, name, where), turns[:-1], None
+    if name != "messages":  # a "messages" record is an SFT demonstration
         if "rejected" in record:
             other = _messages(record, "rejected", where)
             rejected = _answer(other, "rejected", where)
