@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import throughput  # noqa: E402
+from rlhf.common import end_process  # noqa: E402
 from rlhf.deepspeed_utils import init_distributed  # noqa: E402
 from rlhf.experience import PhaseTimer  # noqa: E402
 from rlhf.models import create_reward_model, save_reward_model  # noqa: E402
@@ -205,4 +206,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(end_process(main()))

@@ -148,11 +148,18 @@ class MetricsLogger:
         return record
 
     def close(self) -> None:
-        """Finish the TensorBoard and W&B runs (the process's exit does it too)."""
+        """Finish the TensorBoard and W&B runs. A multi-process run ends through os._exit (common.end_process),
+        where nothing is finished for them: whoever opens a logger with reporters closes it (`with logger:`)."""
         self._resync()
         for reporter in self.reporters:
             reporter.close()
         self.reporters = []
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _is_number(value) -> bool:

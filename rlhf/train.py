@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     resume_hint = shlex.join(["rlhf", "train", *(sys.argv[1:] if argv is None else argv)])
     resume_hint += "" if args.resume else " --resume"
-    with StopSignal() as stop:
+    with StopSignal() as stop, metrics:
         steps = StepRunner(run, out, args, stop, metrics.path if dist.is_main else None, dist.is_main, resume_hint)
         for number, title, train in ((1, "step 1: SFT", sft), (2, "step 2: reward model", reward),
                                      (3, f"step 3: {args.algorithm.upper()}", rl)):

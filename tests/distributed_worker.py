@@ -280,6 +280,9 @@ def worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
             results[name] = {"error": [False, traceback.format_exc()]}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+    from rlhf.common import end_process
+
+    end_process(0)
 
 
 def run(out_dir: str, names: list[str], port: int) -> None:

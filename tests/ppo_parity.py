@@ -57,3 +57,6 @@ if __name__ == "__main__":
     rank = init_distributed().rank
     history = run(out, tiny_run, zero_stage=3)
     (out / f"rank{rank}.json").write_text(json.dumps(history))
+    from rlhf.common import end_process
+
+    end_process(0)

@@ -78,4 +78,7 @@ def main(args: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from rlhf.common import end_process
+
     main(sys.argv[1:])
+    end_process(0)

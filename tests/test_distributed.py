@@ -212,3 +212,40 @@ def test_two_process_ppo_equals_one_process(tiny_run, tmp_path):
     assert max((one_w[k] - sft_w[k]).abs().max() for k in one_w) > 1e-3
     for k in one_w:
         torch.testing.assert_close(two_w[k], one_w[k], atol=1e-5, rtol=0, msg=k)
+
+
+END_SCRIPT = """
+import sys
+
+import torch
+import torch.distributed as dist
+
+from rlhf.common import end_process
+
+dist.init_process_group("gloo")
+handles = [dist.all_reduce(torch.ones(1 << 16), async_op=True) for _ in range(8)]
+for h in handles:
+    h.wait()
+print(f"rank {dist.get_rank()} done", end="")  # not flushed: end_process must flush it
+sys.exit(end_process(int(sys.argv[1])) + 100)  # only a single process gets here
+"""
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_end_process_ends_every_rank_with_its_code_and_output(tmp_path, code):
+    """A multi-process run ends in end_process (rlhf.common.run_cli does): every rank exits with the run's code
+    and its unflushed output, never reaching the interpreter shutdown that aborts gloo ranks now and then."""
+    import socket
+
+    script = tmp_path / "end.py"
+    script.write_text(END_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+    env.pop("PYTHONUNBUFFERED", None)  # stdout to a pipe is then buffered, as in a launcher's log
+    procs = [subprocess.Popen([sys.executable, str(script), str(code)], cwd=ROOT, env=dict(env, RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for rank, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=120)
+        assert (proc.returncode, out) == (code, f"rank {rank} done"), err[-2000:]
