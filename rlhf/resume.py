@@ -303,5 +303,6 @@ class StepRunner:
             self.run.finish(name, done)
             if self.is_main:
                 ckpt.remove()
+            barrier()  # rank 0 saved the step's output: no rank reads it in the next step before it is whole
         self.summary[title] = done
         return done

@@ -230,6 +230,13 @@ FAULTS = [
           "return tokenizer.apply_chat_template(_chat(messages), tokenize=False, add_generation_prompt=True)",
           "return tokenizer.apply_chat_template(_chat(messages[-1:]), tokenize=False, add_generation_prompt=True)",
           ("tests/test_data.py",), "a multi-turn conversation reaches the model as its last question alone"),
+    Fault("step-ends-without-barrier", "rlhf/resume.py",
+          "barrier()  # rank 0 saved the step's output", "pass  # rank 0 saved the step's output",
+          ("tests/test_distributed.py::test_two_process_pipeline_runs_every_step",),
+          "rank 1 reads step 2's reward model in step 3 before rank 0 has saved it"),
+    Fault("multi-process-exit-through-shutdown", "rlhf/common.py", "    os._exit(code)", "    return code",
+          ("tests/test_distributed.py::test_end_process_ends_every_rank_with_its_code_and_output",),
+          "a two-process run ends in the interpreter's shutdown, where gloo ranks abort now and then"),
 ]
 
 

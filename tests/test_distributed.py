@@ -214,6 +214,35 @@ def test_two_process_ppo_equals_one_process(tiny_run, tmp_path):
         torch.testing.assert_close(two_w[k], one_w[k], atol=1e-5, rtol=0, msg=k)
 
 
+
+def test_two_process_pipeline_runs_every_step(tmp_path):
+    """`torchrun --nproc-per-node 2 -m rlhf.train` on the tiny preset: SFT, reward model, then PPO. Rank 0 saves
+    each step's model; the other rank read step 2's reward model in step 3 before it was written (exit 2, "not a
+    saved reward model") until each step ends in a barrier. TensorBoard holds every number of metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.metrics import read_metrics
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "rlhf.train",
+           "--output-dir", str(out), "--sft-max-steps", "4", "--rm-max-steps", "2", "--max-steps", "2",
+           "--eval-prompts", "8", "--disable-tqdm", "--report-to", "tensorboard"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "[step 3: PPO]" in proc.stdout
+    for step in ("actor", "ppo/actor"):
+        AutoModelForCausalLM.from_pretrained(out / step)
+    assert (out / "reward" / "config.json").exists()
+    records = read_metrics(out)
+    assert {r["step_name"] for r in records} >= {"sft", "reward", "ppo"}
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    numbers = sum(1 for r in records for k, v in r.items()
+                  if k not in ("step_name", "step") and isinstance(v, (int, float)) and not isinstance(v, bool))
+    assert sum(len(events.Scalars(tag)) for tag in events.Tags()["scalars"]) == numbers
+
+
 END_SCRIPT = """
 import sys
 
