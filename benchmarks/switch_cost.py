@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hybrid_engine  # noqa: E402
-from benchmarks.throughput import build_model, prompts  # noqa: E402
+from benchmarks.throughput import build_model, random_prompts  # noqa: E402
 
 BATCH, PROMPT, NEW = 4, 32, 32
 LORA_RANK = 8
@@ -47,7 +47,7 @@ def lora(model):
 
 def rollout(engine, vocab: int) -> float:
     """Tokens per second of one greedy rollout."""
-    ids, mask = prompts(BATCH, PROMPT, vocab, "cpu")
+    ids, mask = random_prompts(BATCH, PROMPT, vocab, "cpu")
     t = time.perf_counter()
     engine.generate(ids, mask, max_new_tokens=NEW, eos_token_id=[])
     return BATCH * NEW / (time.perf_counter() - t)
@@ -150,6 +150,9 @@ def worker(rank: int, port: int, out: str, repeats: int) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(rows, f)
+    from rlhf.common import end_process
+
+    end_process(0)
 
 
 def distributed_rows(repeats: int) -> list[dict]:
