@@ -63,12 +63,18 @@ def tp_group(tp_size: int, group=None):
     return mine
 
 
+def check_tp_heads(num_heads: int, tp_size: int, what: str = "the model") -> None:
+    """One-line ValueError unless ``tp_size`` ranks can share ``num_heads`` query heads equally."""
+    if tp_size > 1 and num_heads % tp_size:
+        fits = ", ".join(str(k) for k in range(1, num_heads + 1) if num_heads % k == 0)
+        raise ValueError(f"tensor parallelism over {tp_size} ranks: {what} has {num_heads} attention heads, which "
+                         f"do not split into {tp_size} equal parts (tp sizes that do: {fits})")
+
+
 def head_split(num_heads: int, num_kv_heads: int, rank: int, world: int) -> tuple[int, list[int]]:
     """(query heads per rank, the kv heads this rank keeps, in order). Query heads are split in contiguous
     blocks; kv heads too when `world` divides their count, else each rank keeps those its queries read."""
-    if num_heads % world:
-        raise NotImplementedError(f"tensor parallelism: {num_heads} attention heads do not split over tp_size "
-                                  f"{world}")
+    check_tp_heads(num_heads, world)
     local = num_heads // world
     if num_kv_heads % world == 0:
         per = num_kv_heads // world

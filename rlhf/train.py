@@ -110,7 +110,31 @@ def step3_config(args: argparse.Namespace, paths: dict[str, str]) -> PPOConfig:
     require_sft_model(args, actor)
     if not no_reward_model and 2 not in args.step and (cfg.reward_fn is None or cfg.algo().needs_critic):
         require_checkpoint(reward, "give --reward-model a step-2 checkpoint, or run --step 2 first", reward=True)
+    require_tp_split(args, cfg)
     return cfg
+
+
+def require_tp_split(args: argparse.Namespace, cfg: PPOConfig) -> None:
+    """One line, before any step runs, unless --inference-tp-size splits the actor's attention heads: those of
+    the checkpoint step 3 reads, or of the model step 1 starts from (--actor-model, else the preset's)."""
+    from transformers import AutoConfig
+
+    from hybrid_engine.parallel import check_tp_heads
+
+    if cfg.inference_tp_size <= 1:
+        return
+    source = args.actor_model if 1 in args.step else cfg.actor_model_name_or_path
+    if source is None:
+        name = args.preset or "tiny"
+        if name not in PRESETS:
+            return
+        heads, what = get_preset(name).model["num_attention_heads"], f"the {name} preset's model"
+    else:
+        try:
+            heads, what = AutoConfig.from_pretrained(source).num_attention_heads, source
+        except (OSError, ValueError):  # a hub id out of reach: the engine checks when step 3 wraps the actor
+            return
+    check_tp_heads(heads, cfg.inference_tp_size, what)
 
 
 def choose_reward_fn(args: argparse.Namespace, synthetic: bool) -> None:

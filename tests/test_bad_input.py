@@ -138,6 +138,32 @@ def test_step3_refuses_a_reward_model_without_an_intact_value_head(models, tmp_p
     assert not out.exists()
 
 
+@pytest.mark.parametrize("given", [True, False], ids=["checkpoints", "tiny_preset"])
+def test_an_inference_tp_size_that_does_not_split_the_heads_is_refused_before_any_step(models, tmp_path, given,
+                                                                                         capsys):
+    """SmolLM2-135M's 9 heads over --inference-tp-size 2 used to end in a traceback from the first eval(), after
+    steps 1 and 2 had trained."""
+    out = tmp_path / "run"
+    flags = ["--step", "3", "--actor-model", str(models["actor"]), "--reward-model", str(models["reward"])]
+    assert main(["train", *(flags if given else []), "--inference-tp-size", "3", "--actor-zero-stage", "3",
+                 "--output-dir", str(out)]) == 2
+    what = f"{models['actor']} has 2 attention heads" if given else "the tiny preset's model has 4 attention heads"
+    sizes = "1, 2" if given else "1, 2, 4"
+    assert one_error_line(capsys).endswith(f"tensor parallelism over 3 ranks: {what}, which do not split into 3 "
+                                           f"equal parts (tp sizes that do: {sizes})")
+    assert not out.exists()
+
+
+def test_the_engine_refuses_such_a_tp_size_when_it_wraps_the_model():
+    import hybrid_engine
+
+    config = LlamaConfig(vocab_size=32, hidden_size=18, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=3, num_key_value_heads=1)
+    with pytest.raises(ValueError, match=r"^tensor parallelism over 2 ranks: the llama model has 3 attention heads, "
+                                         r"which do not split into 2 equal parts \(tp sizes that do: 1, 3\)$"):
+        hybrid_engine.wrap(AutoModelForCausalLM.from_config(config), max_seq_len=8, max_batch_size=1, tp_size=2)
+
+
 def test_every_reward_model_loader_says_there_is_no_value_head(models, tmp_path, capsys):
     """`python -m rlhf.ppo` and `RewardModel.from_pretrained` (the critic's loader too), not only `rlhf train`."""
     with pytest.raises(ModelError, match="actor: not a saved reward model \\(no value_head.safetensors\\)"):
