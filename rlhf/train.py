@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -352,8 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
     def dpo(control: RunControl) -> dict:
         return dpo_step(dpo_config(args, paths, **shared), tokenizer, metrics, synthetic and dist.is_main, control)
 
-    resume_hint = shlex.join(["rlhf", "train", *(sys.argv[1:] if argv is None else argv)])
-    resume_hint += "" if args.resume else " --resume"
+    resume_hint = resume_command(sys.argv[1:] if argv is None else argv)
     with StopSignal() as stop, metrics:
         steps = StepRunner(run, out, args, stop, metrics.path if dist.is_main else None, dist.is_main, resume_hint)
         for number, title, train in ((1, "step 1: SFT", sft), (2, "step 2: reward model", reward),
@@ -369,6 +369,18 @@ def main(argv: list[str] | None = None) -> dict:
     summary["run"] = {"output_dir": str(out), "seconds": time.time() - start}
     print(format_summary(summary), flush=True)
     return summary
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this run: ``rlhf train ARGS --resume``, or under torchrun with this run's
+    process count (a checkpoint resumes only with the number of processes that saved it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launch = ["rlhf", "train"]
+    if world > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        nodes = ["--nnodes", str(world // local)] if world > local else []
+        launch = ["torchrun", *nodes, "--nproc-per-node", str(local), "-m", "rlhf.train"]
+    return shlex.join([*launch, *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 def sft_gold_baseline(actor_path: str, tokenizer, data: list[str], data_split: str, seed: int, n: int = 128) -> float:

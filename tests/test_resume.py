@@ -252,3 +252,25 @@ def test_checkpoint_flags_out_of_range_end_in_one_line(tmp_path, capsys, flag, v
     assert capsys.readouterr().err.strip() == \
         f"rlhf train: error: argument {flag}: {expected} (rlhf train --help lists the options)"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("env,argv,expected", [
+    ({}, ["--output-dir", "runs/a"], "rlhf train --output-dir runs/a --resume"),
+    ({}, ["--output-dir", "runs/a", "--resume"], "rlhf train --output-dir runs/a --resume"),
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, ["--output-dir", "my runs/a"],
+     "torchrun --nproc-per-node 2 -m rlhf.train --output-dir 'my runs/a' --resume"),
+    ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, ["--output-dir", "runs/a"],
+     "torchrun --nnodes 2 --nproc-per-node 8 -m rlhf.train --output-dir runs/a --resume"),
+    ({"WORLD_SIZE": "4"}, ["--output-dir", "runs/a"],  # a launcher that sets no LOCAL_WORLD_SIZE: one node
+     "torchrun --nproc-per-node 4 -m rlhf.train --output-dir runs/a --resume"),
+])
+def test_the_resume_command_keeps_the_process_count(monkeypatch, env, argv, expected):
+    """A checkpoint resumes only with the number of processes that saved it, so a stopped multi-process run names
+    its launch; a 2-process run used to print `rlhf train ... --resume`, which one process then refused."""
+    from rlhf.train import resume_command
+
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert resume_command(argv) == expected
