@@ -240,6 +240,10 @@ FAULTS = [
     Fault("tp-split-checked-only-at-first-eval", "rlhf/train.py", "    require_tp_split(args, cfg)\n", "",
           ("tests/test_bad_input.py::test_an_inference_tp_size_that_does_not_split_the_heads_is_refused_before_any_step",),
           "SmolLM2's 9 heads over --inference-tp-size 2: a traceback after steps 1 and 2 have trained"),
+    Fault("resume-hint-drops-the-launch", "rlhf/train.py", "    if world > 1:\n        local =",
+          "    if False:\n        local =",
+          ("tests/test_resume.py::test_the_resume_command_keeps_the_process_count",),
+          "a stopped 2-process run says `rlhf train ... --resume`, which one process refuses"),
 ]
 
 
