@@ -218,17 +218,20 @@ def test_two_process_ppo_equals_one_process(tiny_run, tmp_path):
 def test_two_process_pipeline_runs_every_step(tmp_path):
     """`torchrun --nproc-per-node 2 -m rlhf.train` on the tiny preset: SFT, reward model, then PPO. Rank 0 saves
     each step's model; the other rank read step 2's reward model in step 3 before it was written (exit 2, "not a
-    saved reward model") until each step ends in a barrier. TensorBoard holds every number of metrics.jsonl."""
+    saved reward model") until each step ends in a barrier. TensorBoard holds every number of metrics.jsonl, and
+    the offline W&B run every record and its exit: the ranks end through os._exit, which finishes nothing."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM
 
     from rlhf.metrics import read_metrics
+    from tests.test_metrics import wandb_records
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "rlhf.train",
            "--output-dir", str(out), "--sft-max-steps", "4", "--rm-max-steps", "2", "--max-steps", "2",
-           "--eval-prompts", "8", "--disable-tqdm", "--report-to", "tensorboard"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+           "--eval-prompts", "8", "--disable-tqdm", "--report-to", "tensorboard,wandb"]
+    env = dict(ENV, WANDB_MODE="offline", WANDB_SILENT="true")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "[step 3: PPO]" in proc.stdout
     for step in ("actor", "ppo/actor"):
@@ -241,6 +244,9 @@ def test_two_process_pipeline_runs_every_step(tmp_path):
     numbers = sum(1 for r in records for k, v in r.items()
                   if k not in ("step_name", "step") and isinstance(v, (int, float)) and not isinstance(v, bool))
     assert sum(len(events.Scalars(tag)) for tag in events.Tags()["scalars"]) == numbers
+    (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    kinds = [r.WhichOneof("record_type") for r in wandb_records(run_file)]
+    assert "exit" in kinds and kinds.count("history") == len(records)
 
 
 END_SCRIPT = """
