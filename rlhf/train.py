@@ -116,8 +116,9 @@ def step3_config(args: argparse.Namespace, paths: dict[str, str]) -> PPOConfig:
 
 
 def require_tp_split(args: argparse.Namespace, cfg: PPOConfig) -> None:
-    """One line, before any step runs, unless --inference-tp-size splits the actor's attention heads: those of
-    the checkpoint step 3 reads, or of the model step 1 starts from (--actor-model, else the preset's)."""
+    """One line, before any step runs, unless --inference-tp-size splits the actor's attention heads (those of
+    the checkpoint step 3 reads, or of the model step 1 starts from: --actor-model, else the preset's) and this
+    run's processes into TP groups."""
     from transformers import AutoConfig
 
     from hybrid_engine.parallel import check_tp_heads
@@ -125,17 +126,23 @@ def require_tp_split(args: argparse.Namespace, cfg: PPOConfig) -> None:
     if cfg.inference_tp_size <= 1:
         return
     source = args.actor_model if 1 in args.step else cfg.actor_model_name_or_path
+    heads, what = None, ""
     if source is None:
         name = args.preset or "tiny"
-        if name not in PRESETS:
-            return
-        heads, what = get_preset(name).model["num_attention_heads"], f"the {name} preset's model"
+        if name in PRESETS:
+            heads, what = get_preset(name).model["num_attention_heads"], f"the {name} preset's model"
     else:
         try:
             heads, what = AutoConfig.from_pretrained(source).num_attention_heads, source
         except (OSError, ValueError):  # a hub id out of reach: the engine checks when step 3 wraps the actor
-            return
-    check_tp_heads(heads, cfg.inference_tp_size, what)
+            pass
+    if heads is not None:
+        check_tp_heads(heads, cfg.inference_tp_size, what)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % cfg.inference_tp_size:
+        raise ValueError(f"--inference-tp-size {cfg.inference_tp_size}: this run has {world} process(es), which do "
+                         f"not form groups of {cfg.inference_tp_size} (launch a multiple of it: torchrun "
+                         f"--nproc-per-node {cfg.inference_tp_size} -m rlhf.train ...)")
 
 
 def choose_reward_fn(args: argparse.Namespace, synthetic: bool) -> None:

@@ -154,6 +154,17 @@ def test_an_inference_tp_size_that_does_not_split_the_heads_is_refused_before_an
     assert not out.exists()
 
 
+def test_an_inference_tp_size_that_does_not_divide_the_processes_is_refused_before_any_step(tmp_path, capsys,
+                                                                                             monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process
+    out = tmp_path / "run"
+    assert main(["train", "--inference-tp-size", "2", "--actor-zero-stage", "3", "--output-dir", str(out)]) == 2
+    assert one_error_line(capsys).endswith("--inference-tp-size 2: this run has 1 process(es), which do not form "
+                                           "groups of 2 (launch a multiple of it: torchrun --nproc-per-node 2 -m "
+                                           "rlhf.train ...)")
+    assert not out.exists()
+
+
 def test_the_engine_refuses_such_a_tp_size_when_it_wraps_the_model():
     import hybrid_engine
 
