@@ -4,7 +4,7 @@
 #   1. nvidia-smi -L and the torch, triton, transformers versions;
 #   2. the GPU-marked tests (pytest -m gpu: the cuda and compiled triton backends against the references),
 #      4 workers when pytest-xdist is installed;
-#   3. benchmarks/kernels.py at the 1B model's decode shapes, bf16;
+#   3. benchmarks/kernel_speed.py at the 1B model's decode shapes, bf16;
 #   4. benchmarks/throughput.py: ~1B Llama-style model, bf16, batch 1/16/64, prompt 256, answer 256;
 #   5. only when named in $STAGES, as a second device call (it does not fit in the first one's 600 s):
 #      benchmarks/rlhf_step.py, a PPO and a GRPO round of the ~1B model, hybrid engine against HF generate, phase
@@ -54,8 +54,8 @@ if want tests; then
 fi
 
 if want kernels; then
-    echo "== kernels.py (1B decode shapes, bf16)" | tee "$OUT/kernels.log"
-    timeout 90 python3 benchmarks/kernels.py --device cuda --dtype bf16 --batch 64 --heads 32 --kv-heads 8 \
+    echo "== kernel_speed.py (1B decode shapes, bf16)" | tee "$OUT/kernels.log"
+    timeout 90 python3 benchmarks/kernel_speed.py --device cuda --dtype bf16 --batch 64 --heads 32 --kv-heads 8 \
         --head-dim 64 --hidden 2048 --cache-len 512 --prompt-len 256 2>&1 | tee -a "$OUT/kernels.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi

@@ -80,7 +80,7 @@ def test_auto_on_cuda_takes_the_triton_decode(fresh, monkeypatch):
         chosen_ops = ops_lib.select("auto", "cuda")
     assert chosen(chosen_ops.choices) == AUTO_ON_CUDA
     assert {name: getattr(chosen_ops, name).backend for name in ops_lib.OP_NAMES} == AUTO_ON_CUDA
-    assert "until benchmarks/kernels.py shows the CUDA one faster" in chosen_ops.choices["decode_attention"][1]
+    assert "until benchmarks/kernel_speed.py shows the CUDA one faster" in chosen_ops.choices["decode_attention"][1]
 
 
 def test_auto_on_cuda_without_triton_falls_back_per_op(fresh, monkeypatch):

@@ -38,15 +38,15 @@ TABLES = (
     OpTable("rotary_kv_append", ("cuda", "triton", "cpu", "torch")),
     # causal attention over a left-padded prompt: kernels/attention.py, csrc/cpu/attention.cpp
     OpTable("prefill_attention", ("triton", "cpu", "torch"),
-            # benchmarks/kernels.py: torch's SDPA flash kernel beats the C++ prefill at T=64 (1632 vs 1990 us)
-            auto={"cpu": ("torch", "cpu")}, why={"cpu": "measured faster on cpu (benchmarks/kernels.py)"}),
+            # benchmarks/kernel_speed.py: torch's SDPA flash kernel beats the C++ prefill at T=64 (1632 vs 1990 us)
+            auto={"cpu": ("torch", "cpu")}, why={"cpu": "measured faster on cpu (benchmarks/kernel_speed.py)"}),
     # one query per row against the KV cache: csrc/attention, kernels/attention.py, csrc/cpu/attention.cpp
     OpTable("decode_attention", ("cuda", "triton", "cpu", "torch"),
             # Unmeasured: the CUDA kernel's inner loop handles one key per warp iteration, the Triton one a 64-key
-            # tile per tl.dot, and no run of benchmarks/kernels.py on a GPU shows the CUDA kernel faster. Until one
+            # tile per tl.dot, and no run of benchmarks/kernel_speed.py on a GPU shows the CUDA kernel faster. Until one
             # does, auto takes Triton's.
             auto={"cuda": ("triton", "cuda", "torch")},
-            why={"cuda": "Triton's tiled kernel until benchmarks/kernels.py shows the CUDA one faster"}),
+            why={"cuda": "Triton's tiled kernel until benchmarks/kernel_speed.py shows the CUDA one faster"}),
     # tensor-parallel shard copies: csrc/tensor_parallel, kernels/tensor_parallel.py, csrc/cpu/tensor_parallel.cpp
     OpTable("tp_pack", ("cuda", "triton", "cpu", "torch")),
     OpTable("tp_unpack", ("cuda", "triton", "cpu", "torch")),

@@ -1,8 +1,8 @@
 """Each op under each backend that loads here, against the torch reference timed in the same run.
 
-    python benchmarks/kernels.py                          # CPU, fp32, decode shapes of the default 15M model
-    python benchmarks/kernels.py --engine                 # ... and the engine's decode step per backend
-    python benchmarks/kernels.py --device cuda --dtype bf16 --batch 64 --heads 32 --kv-heads 8 --head-dim 64 \
+    python benchmarks/kernel_speed.py                          # CPU, fp32, decode shapes of the default 15M model
+    python benchmarks/kernel_speed.py --engine                 # ... and the engine's decode step per backend
+    python benchmarks/kernel_speed.py --device cuda --dtype bf16 --batch 64 --heads 32 --kv-heads 8 --head-dim 64 \
         --hidden 2048 --cache-len 512
 
 Shapes default to the throughput benchmark's model at batch 8 (hidden 384, 6 heads of 64, 2 kv heads; a
