@@ -41,7 +41,7 @@ def main() -> None:
                         help="compare rounds with a gap above G against a float64 forward of the actor")
     args = parser.parse_args()
 
-    from rlhf.train import main as train_main
+    from rlhf.cli.train import main as train_main
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="algorithms_"))
     sft = work / "sft"
@@ -58,7 +58,7 @@ def main() -> None:
                     "--disable-tqdm"]
             start = time.perf_counter()
             explain = explain_gaps(args.explain_gaps) if args.explain_gaps else contextlib.nullcontext()
-            with mock.patch("rlhf.train.plot", lambda out: None), mock.patch("builtins.print"), explain:
+            with mock.patch("rlhf.cli.train.plot", lambda out: None), mock.patch("builtins.print"), explain:
                 summary = next(v for k, v in train_main(argv).items() if k.startswith("step 3"))
             seconds = time.perf_counter() - start
             rows.append({"algorithm": algorithm, "seed": seed, "rounds": summary["steps"],
@@ -76,8 +76,8 @@ def main() -> None:
 def explain_gaps(threshold: float):
     """Patch RLTrainer.rollout: after a rollout whose audited gap exceeds `threshold`, score its worst token with
     a float64 copy of the actor and print the engine's and Hugging Face's distance from it."""
-    from rlhf.experience import action_logprobs
-    from rlhf.rl_trainer import RLTrainer
+    from rlhf.core.experience import action_logprobs
+    from rlhf.steps.rl_trainer import RLTrainer
 
     rollout = RLTrainer.rollout
 

@@ -5,7 +5,7 @@
     python benchmarks/checkpoint_cost.py --runs 0        # sizes and save times only
     python benchmarks/checkpoint_cost.py --json F        # rows as JSON too
 
-A checkpoint is what rlhf/resume.py writes: DeepSpeed's save_checkpoint of the trained engine (weights, AdamW
+A checkpoint is what rlhf/runtime/resume.py writes: DeepSpeed's save_checkpoint of the trained engine (weights, AdamW
 state, scheduler) plus the rank's state file. The model rows save an engine after one optimizer step.
 """
 
@@ -29,9 +29,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from throughput import SIZES  # noqa: E402
 
-from rlhf.deepspeed_utils import ds_config, init_distributed, initialize  # noqa: E402
-from rlhf.presets import get_preset  # noqa: E402
-from rlhf.resume import Checkpointer, capture_rng  # noqa: E402
+from rlhf.cli.presets import get_preset  # noqa: E402
+from rlhf.runtime.distributed import init_distributed  # noqa: E402
+from rlhf.runtime.engines import ds_config, initialize  # noqa: E402
+from rlhf.runtime.resume import Checkpointer, capture_rng  # noqa: E402
 
 
 def models() -> dict[str, object]:

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hybrid_engine  # noqa: E402
 import hybrid_engine.ops as ops_lib  # noqa: E402
-from rlhf.experience import action_logprobs  # noqa: E402  the training forward PPO compares against
+from rlhf.core.experience import action_logprobs  # noqa: E402  the training forward PPO compares against
 from tests.hf_models import CONFIGS, left_padded_prompts, tiny_model  # noqa: E402
 from tests.real_model import QUESTIONS, chat_batch, real_model_dir  # noqa: E402
 

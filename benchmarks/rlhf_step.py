@@ -6,7 +6,7 @@
     python benchmarks/rlhf_step.py --device cuda --dtype bf16 --model-size 1b --json step.json
     python benchmarks/rlhf_step.py --model PATH                     # your checkpoint (actor, reference, critic, RM)
 
-Both sides are the real step-3 trainer (rlhf/rl_trainer.py: RLTrainer.rollout, then train_on per minibatch), with
+Both sides are the real step-3 trainer (rlhf/steps/rl_trainer.py: RLTrainer.rollout, then train_on per minibatch), with
 its phase timer on:
   hf      --no-enable-hybrid-engine --no-reuse-rollout-logprobs --no-score-reference-with-engine: Hugging Face
           generate, then a training forward for each of the actor's old logprobs and the reference's logprobs
@@ -37,12 +37,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import throughput  # noqa: E402
-from rlhf.common import end_process  # noqa: E402
-from rlhf.deepspeed_utils import init_distributed  # noqa: E402
-from rlhf.experience import PhaseTimer  # noqa: E402
+from rlhf.core.experience import PhaseTimer  # noqa: E402
 from rlhf.models import create_reward_model, save_reward_model  # noqa: E402
-from rlhf.ppo import PPOConfig  # noqa: E402
-from rlhf.rl_trainer import RLTrainer  # noqa: E402
+from rlhf.runtime.distributed import init_distributed  # noqa: E402
+from rlhf.runtime.process import end_process  # noqa: E402
+from rlhf.steps.rl import PPOConfig  # noqa: E402
+from rlhf.steps.rl_trainer import RLTrainer  # noqa: E402
 
 SIDES = {  # PPOConfig fields of each side
     "hf": dict(enable_hybrid_engine=False, reuse_rollout_logprobs=False, score_reference_with_engine=False),
@@ -52,7 +52,7 @@ SIDES = {  # PPOConfig fields of each side
 PHASES = {"generate": "generate", "switch": "switch", "old_logprobs": "old logp", "ref_logprobs": "ref logp",
           "reward": "reward", "values": "values", "actor_update": "actor upd", "critic_update": "critic upd",
           "other": "other"}
-SAMPLES = {"ppo": 1, "grpo": 4}  # rows per prompt (ALGORITHMS' defaults in rlhf/ppo.py)
+SAMPLES = {"ppo": 1, "grpo": 4}  # rows per prompt (ALGORITHMS' defaults in rlhf/steps/rl.py)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 

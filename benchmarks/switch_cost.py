@@ -133,7 +133,8 @@ def worker(rank: int, port: int, out: str, repeats: int) -> None:
     torch.set_num_threads(1)
     import deepspeed
 
-    from rlhf.deepspeed_utils import ds_config, init_distributed
+    from rlhf.runtime.distributed import init_distributed
+    from rlhf.runtime.engines import ds_config
 
     init_distributed("gloo")
     rows = []
@@ -150,7 +151,7 @@ def worker(rank: int, port: int, out: str, repeats: int) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(rows, f)
-    from rlhf.common import end_process
+    from rlhf.runtime.process import end_process
 
     end_process(0)
 

@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """Steps 1 and 2 of the tiny preset, through the CLI, once per session (test_ppo, test_step3_matrix)."""
-    from rlhf.train import main as train_main
+    from rlhf.cli.train import main as train_main
 
     out = tmp_path_factory.mktemp("rlhf")
     prebuilt = os.environ.get("RLHF_TESTS_TINY_RUN")  # tests/mutation_check.py trains it once for every fault

@@ -24,7 +24,7 @@ NEW_TOKENS = 6
 def _setup(rank: int, port: int) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    from rlhf.deepspeed_utils import init_distributed
+    from rlhf.runtime.distributed import init_distributed
 
     init_distributed("gloo")
 
@@ -64,7 +64,7 @@ def _model(name: str, lora: bool = False):
 def _ds(model, stage: int, lr: float = 0.05):
     import deepspeed
 
-    from rlhf.deepspeed_utils import ds_config
+    from rlhf.runtime.engines import ds_config
 
     cfg = ds_config(2, 1, stage)
     cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the tiny norms
@@ -280,7 +280,7 @@ def worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
             results[name] = {"error": [False, traceback.format_exc()]}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
-    from rlhf.common import end_process
+    from rlhf.runtime.process import end_process
 
     end_process(0)
 

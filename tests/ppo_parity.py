@@ -22,12 +22,12 @@ ROWS, ROUNDS = 8, 2
 def run(out: Path, tiny_run: Path, zero_stage: int) -> list[dict]:
     """ROUNDS rounds of rollout + update on the same ROWS prompts; saves the actor to out/actor and returns
     each round's losses and mean reward."""
-    from rlhf.checkpoint import save_actor_checkpoint
+    from rlhf.cli.presets import get_preset
     from rlhf.data import build_prompt_dataset, load_step_examples
-    from rlhf.deepspeed_utils import init_distributed
-    from rlhf.ppo import PPOConfig
-    from rlhf.presets import get_preset
-    from rlhf.rl_trainer import RLTrainer, records
+    from rlhf.runtime.checkpoint import save_actor_checkpoint
+    from rlhf.runtime.distributed import init_distributed
+    from rlhf.steps.rl import PPOConfig
+    from rlhf.steps.rl_trainer import RLTrainer, records
 
     cfg = PPOConfig(actor_model_name_or_path=str(tiny_run / "actor"),
                     critic_model_name_or_path=str(tiny_run / "reward"), data=[str(tiny_run / "data" / "pairs.jsonl")],
@@ -52,11 +52,11 @@ def run(out: Path, tiny_run: Path, zero_stage: int) -> list[dict]:
 
 if __name__ == "__main__":
     out, tiny_run = map(Path, sys.argv[1:])
-    from rlhf.deepspeed_utils import init_distributed
+    from rlhf.runtime.distributed import init_distributed
 
     rank = init_distributed().rank
     history = run(out, tiny_run, zero_stage=3)
     (out / f"rank{rank}.json").write_text(json.dumps(history))
-    from rlhf.common import end_process
+    from rlhf.runtime.process import end_process
 
     end_process(0)

@@ -60,7 +60,7 @@ def argv(out: Path, actor: Path, reward: Path, data: Path, flags: list[str]) -> 
 
 def run_row(out: Path, actor: Path, reward: Path, data: Path, flags: list[str], rank: int = 0) -> dict:
     """One `rlhf train --step 3` run; returns (and writes) its PPO summary."""
-    from rlhf.train import main
+    from rlhf.cli.train import main
 
     summary = next(v for k, v in main(argv(out, actor, reward, data, flags)).items() if k.startswith("step 3"))
     (out / f"rank{rank}.json").write_text(json.dumps(summary))
@@ -69,7 +69,7 @@ def run_row(out: Path, actor: Path, reward: Path, data: Path, flags: list[str], 
 
 def main(args: list[str]) -> None:
     """Every two-process row in this (torchrun-launched) process, one after another."""
-    from rlhf.deepspeed_utils import init_distributed
+    from rlhf.runtime.distributed import init_distributed
 
     out, actor, reward, data = map(Path, args)
     rank = init_distributed().rank
@@ -78,7 +78,7 @@ def main(args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from rlhf.common import end_process
+    from rlhf.runtime.process import end_process
 
     main(sys.argv[1:])
     end_process(0)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from rlhf.advantages import ESTIMATORS, EstimatorInput
-from rlhf.losses import aggregate, kl_divergence, policy_loss
+from rlhf.core.advantages import ESTIMATORS, EstimatorInput
+from rlhf.core.losses import aggregate, kl_divergence, policy_loss
 
 T = torch.tensor
 

@@ -5,8 +5,8 @@ by at least 0.10 in 60 rounds, with the rollout logprobs within GAP of the train
 (benchmarks/RESULTS.md)."""
 import pytest
 
-from rlhf.metrics import read_metrics
-from rlhf.train import main as train_main
+from rlhf.cli.train import main as train_main
+from rlhf.runtime.metrics import read_metrics
 
 ROUNDS = 60
 # The largest per-round gap, every round audited, over these ten runs (benchmarks/algorithms.py): 1.9e-6 to 5.0e-6
@@ -28,7 +28,7 @@ def learn(tiny_run, out, algorithm: str, seed: int) -> dict:
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo", "reinforce++", "reinforce++-baseline"])
 def test_algorithm_raises_the_gold_score(tiny_run, tmp_path, monkeypatch, algorithm, seed):
-    monkeypatch.setattr("rlhf.train.plot", lambda out: None)  # drawn and tested with the full run
+    monkeypatch.setattr("rlhf.cli.train.plot", lambda out: None)  # drawn and tested with the full run
     summary = learn(tiny_run, tmp_path, algorithm, seed)
     assert summary["steps"] == ROUNDS
     assert summary["gold_after"] >= summary["gold_before"] + 0.10, summary

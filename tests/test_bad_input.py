@@ -12,14 +12,14 @@ import pytest
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from rlhf.cli import main
-from rlhf.common import require_output_dir
+from rlhf.cli.presets import build_word_tokenizer
 from rlhf.data import DataError, Example, build_pair_dataset, build_sft_dataset
-from rlhf.dpo import DPOConfig
 from rlhf.models import ModelError, RewardModel, create_reward_model, load_tokenizer, save_reward_model
-from rlhf.ppo import PPOConfig
-from rlhf.ppo import main as ppo_main
-from rlhf.presets import build_word_tokenizer
-from rlhf.sft import SFTConfig
+from rlhf.runtime.config import require_output_dir
+from rlhf.steps.dpo import DPOConfig
+from rlhf.steps.rl import PPOConfig
+from rlhf.steps.rl import main as ppo_main
+from rlhf.steps.sft import SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,19 +176,20 @@ def test_the_engine_refuses_such_a_tp_size_when_it_wraps_the_model():
 
 
 def test_every_reward_model_loader_says_there_is_no_value_head(models, tmp_path, capsys):
-    """`python -m rlhf.ppo` and `RewardModel.from_pretrained` (the critic's loader too), not only `rlhf train`."""
+    """`python -m rlhf.steps.rl` and `RewardModel.from_pretrained` (the critic's loader too), not only `rlhf train`."""
     with pytest.raises(ModelError, match="actor: not a saved reward model \\(no value_head.safetensors\\)"):
         RewardModel.from_pretrained(models["actor"])
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"review: pizza {w}", "chosen": "great", "rejected": "bad"}) + "\n"
                              for w in ("movie", "park", "book", "game") * 4))
-    from rlhf.common import run_cli
+    from rlhf.runtime.process import run_cli
 
     argv = ["--actor-model-name-or-path", str(models["actor"]), "--critic-model-name-or-path", str(models["actor"]),
             "--data", str(pairs), "--data-split", "0,0,1", "--output-dir", str(tmp_path / "ppo"), "--max-steps", "1",
             "--disable-tqdm"]
-    assert run_cli(ppo_main, "python -m rlhf.ppo", argv) == 2
-    assert "actor: not a saved reward model (no value_head.safetensors)" in one_error_line(capsys, "python -m rlhf.ppo")
+    assert run_cli(ppo_main, "python -m rlhf.steps.rl", argv) == 2
+    line = one_error_line(capsys, "python -m rlhf.steps.rl")
+    assert "actor: not a saved reward model (no value_head.safetensors)" in line
     assert not (tmp_path / "ppo").exists()
 
 

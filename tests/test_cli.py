@@ -60,7 +60,7 @@ def test_tokenizer_given_with_the_preset_sets_the_new_models_vocabulary(tmp_path
     """`rlhf train --tokenizer T` on the preset's model: SFT trains a model with T's vocabulary (it was ignored)."""
     from transformers import AutoTokenizer
 
-    from rlhf.presets import build_word_tokenizer
+    from rlhf.cli.presets import build_word_tokenizer
 
     tokenizer = build_word_tokenizer()
     tokenizer.add_tokens(["zebra", "quokka", "axolotl"])

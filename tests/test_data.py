@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf.cli.presets import build_word_tokenizer
 from rlhf.data import (
     IGNORE_INDEX,
     DataError,
@@ -25,7 +26,6 @@ from rlhf.data import (
     step_slice,
 )
 from rlhf.data.synthetic import gold_score, gold_scores, make_preference_examples, make_sft_examples
-from rlhf.presets import build_word_tokenizer
 
 
 def write_jsonl(path, records):

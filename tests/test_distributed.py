@@ -98,9 +98,9 @@ def ppo_inputs(tmp_path_factory):
     synthetic task's pairs."""
     import torch
 
+    from rlhf.cli.presets import get_preset
     from rlhf.data.synthetic import write_synthetic_data
     from rlhf.models import create_actor, create_reward_model, save_actor, save_reward_model
-    from rlhf.presets import get_preset
 
     root = tmp_path_factory.mktemp("ppo")
     preset = get_preset("tiny")
@@ -120,11 +120,12 @@ def ppo_inputs(tmp_path_factory):
 def test_two_process_ppo_with_zero3_actor(ppo_inputs, extra):
     import ast
 
-    from rlhf.metrics import read_metrics
+    from rlhf.runtime.metrics import read_metrics
 
     root, pairs = ppo_inputs
     out = root / ("out_" + extra[0].strip("-"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "rlhf.ppo",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "rlhf.steps.rl",
            "--actor-model-name-or-path", str(root / "actor"), "--critic-model-name-or-path", str(root / "reward"),
            "--data", str(pairs), "--data-split", "0,1,1", "--output-dir", str(out), "--max-steps", "2",
            "--per-device-generation-batch-size", "4", "--per-device-training-batch-size", "4",
@@ -150,7 +151,8 @@ def test_single_process_zero3_gathers_generates_and_releases(tmp_path):
     import torch
 
     import hybrid_engine
-    from rlhf.deepspeed_utils import ds_config, init_distributed
+    from rlhf.runtime.distributed import init_distributed
+    from rlhf.runtime.engines import ds_config
     from tests.hf_models import left_padded_prompts, tiny_model
 
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
@@ -176,7 +178,7 @@ def test_more_ranks_than_gpus_is_a_one_line_error(monkeypatch):
     """A rank whose LOCAL_RANK has no GPU is told so (and how to run on CPU) instead of failing in set_device."""
     import torch
 
-    from rlhf.deepspeed_utils import init_distributed
+    from rlhf.runtime.distributed import init_distributed
 
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -223,7 +225,7 @@ def test_two_process_pipeline_runs_every_step(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM
 
-    from rlhf.metrics import read_metrics
+    from rlhf.runtime.metrics import read_metrics
     from tests.test_metrics import wandb_records
 
     out = tmp_path / "run"
@@ -255,7 +257,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from rlhf.common import end_process
+from rlhf.runtime.process import end_process
 
 dist.init_process_group("gloo")
 handles = [dist.all_reduce(torch.ones(1 << 16), async_op=True) for _ in range(8)]
@@ -268,7 +270,7 @@ sys.exit(end_process(int(sys.argv[1])) + 100)  # only a single process gets here
 
 @pytest.mark.parametrize("code", [0, 3])
 def test_end_process_ends_every_rank_with_its_code_and_output(tmp_path, code):
-    """A multi-process run ends in end_process (rlhf.common.run_cli does): every rank exits with the run's code
+    """A multi-process run ends in end_process (rlhf.runtime.process.run_cli does): every rank exits with the run's code
     and its unflushed output, never reaching the interpreter shutdown that aborts gloo ranks now and then."""
     import socket
 

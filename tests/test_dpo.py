@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from rlhf.cli import main as cli_main
+from rlhf.cli.presets import build_word_tokenizer, get_preset
+from rlhf.cli.train import main as train_main
+from rlhf.cli.train import parse_args, preset_defaults, sft_gold_baseline
+from rlhf.core.losses import dpo_loss
 from rlhf.data import IGNORE_INDEX, Example, build_pair_dataset, encode_prompt
-from rlhf.dpo import DPOConfig, answer_logprob_sums, dpo_defaults, run_dpo
-from rlhf.losses import dpo_loss
-from rlhf.metrics import read_metrics
-from rlhf.ppo import PPOConfig
-from rlhf.presets import build_word_tokenizer, get_preset
-from rlhf.train import main as train_main
-from rlhf.train import parse_args, sft_gold_baseline
+from rlhf.runtime.metrics import read_metrics
+from rlhf.steps.dpo import DPOConfig, answer_logprob_sums, run_dpo
+from rlhf.steps.rl import PPOConfig
 
 
 def log_sigmoid(x: float) -> float:
@@ -118,7 +118,7 @@ def test_dpo_on_tiny_preset_beats_sft(tiny_run):
     preset = get_preset("tiny")
     tokenizer = preset.tokenizer()
     data = [str(tiny_run / "data" / "sft.jsonl"), str(tiny_run / "data" / "pairs.jsonl")]
-    cfg = dpo_defaults(preset)
+    cfg = preset_defaults(preset)[2]
     cfg.model_name_or_path, cfg.output_dir, cfg.metrics_dir = str(tiny_run / "actor"), str(tiny_run / "dpo"), None
     cfg.data, cfg.data_split, cfg.max_seq_len, cfg.disable_tqdm = data, preset.data_split, preset.max_seq_len, True
     start = time.time()

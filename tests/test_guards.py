@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from rlhf.deepspeed_utils import ds_config, init_distributed, initialize
-from rlhf.guards import NonFiniteError, NonFiniteGuard, guarded_update
+from rlhf.runtime.distributed import init_distributed
+from rlhf.runtime.engines import ds_config, initialize
+from rlhf.runtime.guards import NonFiniteError, NonFiniteGuard, guarded_update
 
 
 @pytest.fixture

@@ -4,12 +4,12 @@ audited against the training forward every --logprob-audit-interval rollouts, th
 import pytest
 import torch
 
+from rlhf.cli.presets import get_preset
+from rlhf.core.experience import action_logprobs
 from rlhf.data import build_prompt_dataset, load_step_examples, make_dataloader
-from rlhf.deepspeed_utils import init_distributed
-from rlhf.experience import action_logprobs
-from rlhf.ppo import PPOConfig, main
-from rlhf.presets import get_preset
-from rlhf.rl_trainer import RLTrainer, records
+from rlhf.runtime.distributed import init_distributed
+from rlhf.steps.rl import PPOConfig, main
+from rlhf.steps.rl_trainer import RLTrainer, records
 
 ROWS = 4
 
@@ -81,8 +81,8 @@ def test_cli_refuses_reuse_with_dropout_in_one_line(tiny_run, capsys):
     argv = ["--actor-model-name-or-path", str(tiny_run / "actor"), "--critic-model-name-or-path",
             str(tiny_run / "reward"), "--data", str(tiny_run / "data" / "pairs.jsonl"), "--output-dir",
             str(tiny_run / "reuse_refused"), "--actor-dropout", "0.1", "--reuse-rollout-logprobs", "--disable-tqdm"]
-    from rlhf.common import run_cli
+    from rlhf.runtime.process import run_cli
 
-    assert run_cli(main, "python -m rlhf.ppo", argv) == 2
+    assert run_cli(main, "python -m rlhf.steps.rl", argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("python -m rlhf.ppo: error: --reuse-rollout-logprobs needs an actor without dropout")
+    assert err[-1].startswith("python -m rlhf.steps.rl: error: --reuse-rollout-logprobs needs an actor without dropout")

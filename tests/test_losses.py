@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf.losses import (
+from rlhf.core.losses import (
     gae,
     kl_penalized_rewards,
     masked_mean,

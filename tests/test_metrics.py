@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from rlhf.metrics import MetricsLogger, collect_series, panels_to_draw, plot, read_metrics
+from rlhf.runtime.metrics import MetricsLogger, collect_series, panels_to_draw, plot, read_metrics
 
 # What a short run logs: steps 1 and 2, then two RL algorithms under their own step names with the same keys.
 RECORDS = [
@@ -49,7 +49,7 @@ def test_tensorboard_shows_each_record_once_after_a_resume_cuts_metrics_back(tmp
     from the file, so it holds each step once, with the resumed run's values (it held both before)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from rlhf.resume import truncate_metrics
+    from rlhf.runtime.resume import truncate_metrics
 
     killed = MetricsLogger(tmp_path, report_to="tensorboard")
     for step in (1, 2, 3):
@@ -119,7 +119,7 @@ def test_wandb_offline_run_gets_every_record_with_its_own_step_axis(tmp_path, mo
 
 def test_wandb_after_a_resume_cut_gets_a_new_run_with_the_whole_history(tmp_path, monkeypatch):
     """A W&B run cannot take records back: after metrics.jsonl is cut back, a new run holds every record once."""
-    from rlhf.resume import truncate_metrics
+    from rlhf.runtime.resume import truncate_metrics
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -7,8 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf.checkpoint import atomic_directory, atomic_save, save_actor_checkpoint, save_reward_checkpoint
-from rlhf.metrics import MetricsLogger, plot, read_metrics
+from rlhf.cli.presets import build_word_tokenizer, get_preset
 from rlhf.models import (
     ModelOptions,
     RewardModel,
@@ -17,7 +16,8 @@ from rlhf.models import (
     create_reward_model,
     last_token_index,
 )
-from rlhf.presets import build_word_tokenizer, get_preset
+from rlhf.runtime.checkpoint import atomic_directory, atomic_save, save_actor_checkpoint, save_reward_checkpoint
+from rlhf.runtime.metrics import MetricsLogger, plot, read_metrics
 
 
 @pytest.fixture(scope="module")

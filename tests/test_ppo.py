@@ -8,11 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhf import chat as chat_cli
-from rlhf.metrics import read_metrics
+from rlhf.cli.presets import get_preset
+from rlhf.cli.train import main as train_main
 from rlhf.models import RewardModel
-from rlhf.ppo import PPOConfig, run_ppo
-from rlhf.presets import get_preset
-from rlhf.train import main as train_main
+from rlhf.runtime.metrics import read_metrics
+from rlhf.steps.rl import PPOConfig, run_ppo
 
 
 def ppo_config(out, seed: int, **overrides) -> PPOConfig:

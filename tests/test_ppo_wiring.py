@@ -1,15 +1,15 @@
 """PPO's wiring, checked on real rounds of the trainer against quantities the test computes itself, without
-rlhf.losses or the trainer's indexing: the critic's values are those of each answer prefix, the per-token
+rlhf.core.losses or the trainer's indexing: the critic's values are those of each answer prefix, the per-token
 rewards carry the KL penalty and the clipped score, GAE is a plain backward loop, the critic steps on the
 value loss, and the policy loss clips the ratio once it has moved (a second PPO epoch)."""
 import pytest
 import torch
 
+from rlhf.cli.presets import get_preset
 from rlhf.data import build_prompt_dataset, load_step_examples, make_dataloader
-from rlhf.deepspeed_utils import init_distributed
-from rlhf.ppo import PPOConfig
-from rlhf.presets import get_preset
-from rlhf.rl_trainer import RLTrainer, records
+from rlhf.runtime.distributed import init_distributed
+from rlhf.steps.rl import PPOConfig
+from rlhf.steps.rl_trainer import RLTrainer, records
 
 ROWS, MINIBATCH, NEW_TOKENS = 8, 4, 8
 
@@ -140,7 +140,7 @@ def test_grpo_builds_no_critic_and_groups_its_samples(tiny_run):
     no reward model; each prompt's answers sit in consecutive rows and their advantages are centred per group."""
     from deepspeed import DeepSpeedEngine
 
-    from rlhf.rewards import RewardFunction
+    from rlhf.core.rewards import RewardFunction
 
     cfg = PPOConfig(actor_model_name_or_path=str(tiny_run / "actor"), algorithm="grpo", reward_fn="synthetic",
                     data=[str(tiny_run / "data" / "pairs.jsonl")], data_split="0,1,1", n_samples_per_prompt=3,

@@ -56,11 +56,11 @@ def test_the_readme_has_the_commands_this_test_checks():
 @pytest.mark.parametrize("name,argv", COMMANDS, ids=[" ".join([n, *a])[:60] for n, a in COMMANDS])
 def test_readme_command_parses(name, argv, monkeypatch, capsys):
     if name == "train":
-        from rlhf.train import parse_args
+        from rlhf.cli.train import parse_args
 
         parse = parse_args
     elif name == "chat":
-        from rlhf.chat import build_parser
+        from rlhf.cli.chat import build_parser
 
         parse = build_parser().parse_args
     else:  # a benchmark's main() parses sys.argv first thing: stop it right after

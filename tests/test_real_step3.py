@@ -1,5 +1,6 @@
 """Step 3 on a real pretrained model: two PPO rounds and two GRPO rounds of SmolLM2-135M-Instruct
-(tests/real_model.py) on the committed Anthropic hh-rlhf sample (tests/data/README.md), through `python -m rlhf.ppo`.
+(tests/real_model.py) on the committed Anthropic hh-rlhf sample (tests/data/README.md), through
+`python -m rlhf.steps.rl`.
 
 Small on purpose (CI runs them on 2 CPU cores): 2 prompts per round (GRPO: 2 samples of each), prompts of at
 most 48 tokens, 8 new tokens, no held-out evaluation, a reward function instead of a trained reward model (PPO's
@@ -13,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf.metrics import read_metrics
-from rlhf.ppo import main as ppo_main
+from rlhf.runtime.metrics import read_metrics
+from rlhf.steps.rl import main as ppo_main
 from tests.real_model import real_model_dir
 from tests.test_real_model import FP32_LOGPROB_ATOL
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf.resume import Checkpointer, RunState
+from rlhf.runtime.resume import Checkpointer, RunState
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
@@ -267,7 +267,7 @@ def test_checkpoint_flags_out_of_range_end_in_one_line(tmp_path, capsys, flag, v
 def test_the_resume_command_keeps_the_process_count(monkeypatch, env, argv, expected):
     """A checkpoint resumes only with the number of processes that saved it, so a stopped multi-process run names
     its launch; a 2-process run used to print `rlhf train ... --resume`, which one process then refused."""
-    from rlhf.train import resume_command
+    from rlhf.cli.train import resume_command
 
     for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlhf.cli import main as cli_main
-from rlhf.rewards import RewardFunction
+from rlhf.core.rewards import RewardFunction
 
 GOOD = '''
 def exact(prompts, responses, answer=None, **fields):
@@ -43,7 +43,7 @@ def test_a_file_function_gets_the_records_fields_as_columns(module):
 def test_a_module_function_and_the_built_in_rule():
     from rlhf.data.synthetic import gold_scores
 
-    fn = RewardFunction("rlhf.rewards:synthetic_reward")
+    fn = RewardFunction("rlhf.core.rewards:synthetic_reward")
     prompts, answers = ["review: pizza hotel"] * 2, ["the pizza was great", "awful hotel"]
     assert fn(prompts, answers, [{}, {}]).tolist() == pytest.approx(gold_scores(prompts, answers))
     rule = RewardFunction("synthetic")(prompts, answers, [{}, {}])

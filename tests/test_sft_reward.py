@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from rlhf.cli.presets import get_preset
 from rlhf.data.synthetic import write_synthetic_data
-from rlhf.metrics import read_metrics
 from rlhf.models import RewardModel
-from rlhf.presets import get_preset
-from rlhf.reward import RewardConfig, add_reward_args, reward_config_from_args, run_reward
-from rlhf.sft import SFTConfig, add_sft_args, run_sft, sft_config_from_args
+from rlhf.runtime.metrics import read_metrics
+from rlhf.steps.reward import RewardConfig, add_reward_args, reward_config_from_args, run_reward
+from rlhf.steps.sft import SFTConfig, add_sft_args, run_sft, sft_config_from_args
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_arg_builders_cover_every_field_with_help():
 
 def test_train_cli_parses_preset_defaults_and_step_prefixes(capsys):
     from rlhf.cli import main as cli_main
-    from rlhf.train import parse_args
+    from rlhf.cli.train import parse_args
 
     args, preset = parse_args([])
     assert preset.name == "tiny" and args.step == [1, 2, 3]
@@ -97,7 +97,7 @@ def test_train_cli_parses_preset_defaults_and_step_prefixes(capsys):
 
 
 def test_a_rising_held_out_loss_warns_with_the_learning_rate():
-    from rlhf.sft import warn_if_eval_loss_rose
+    from rlhf.steps.sft import warn_if_eval_loss_rose
 
     with pytest.warns(RuntimeWarning, match=r"held-out loss rose 3.071 -> 4.850 in 3 steps at learning rate 0.001"):
         assert warn_if_eval_loss_rose(3.0713, 4.8503, 3, 1e-3)

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 from rlhf.data.formats import DataError, Example
+from rlhf.runtime.distributed import is_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -265,11 +266,7 @@ def make_dataloader(
     drop_last: bool = False,
 ) -> DataLoader:
     """A DataLoader with the dataset's collator; each rank gets its own shard when torch.distributed runs."""
-    if (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    ):
+    if is_distributed():
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     elif shuffle:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))

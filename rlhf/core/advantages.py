@@ -6,7 +6,7 @@ action mask. Rows come in groups of ``group_size`` consecutive rows sampled from
 formula and paper in the docstring, and a test against the formula written out on small tensors.
 
 Notation over answer positions t of row i: ``m`` the action mask, ``r_t`` the per-token reward
-(``rlhf.losses.kl_penalized_rewards``: the KL penalty where the algorithm puts KL in the reward, plus the clipped
+(``rlhf.core.losses.kl_penalized_rewards``: the KL penalty where the algorithm puts KL in the reward, plus the clipped
 score at the last token), ``s_i = sum_t r_t m_t`` the row's outcome (verl's and TRL's RLOO reading).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.losses import gae, masked_mean
+from rlhf.core.losses import gae, masked_mean
 
 EPS = 1e-6  # added to standard deviations, as verl and OpenRLHF do
 

@@ -16,10 +16,8 @@ from pathlib import Path
 import torch
 
 import hybrid_engine
-from rlhf.advantages import ESTIMATORS, EstimatorInput
-from rlhf.common import all_reduce_sum, to_device
-from rlhf.deepspeed_utils import ds_config, init_inference, initialize
-from rlhf.experience import (
+from rlhf.core.advantages import ESTIMATORS, EstimatorInput
+from rlhf.core.experience import (
     Experience,
     PhaseTimer,
     Sample,
@@ -29,10 +27,12 @@ from rlhf.experience import (
     lm_loss,
     sample,
 )
-from rlhf.guards import NonFiniteGuard, guarded_update
-from rlhf.losses import aggregate, kl_divergence, kl_penalized_rewards, masked_mean, policy_loss, value_loss
+from rlhf.core.losses import aggregate, kl_divergence, kl_penalized_rewards, masked_mean, policy_loss, value_loss
+from rlhf.core.rewards import RewardFunction
 from rlhf.models import VALUE_HEAD_FILE, ModelOptions, RewardModel, create_actor, create_critic, create_reward_model
-from rlhf.rewards import RewardFunction
+from rlhf.runtime.distributed import all_reduce_sum, to_device
+from rlhf.runtime.engines import ds_config, init_inference, initialize
+from rlhf.runtime.guards import NonFiniteGuard, guarded_update
 
 GoldFn = Callable[[list[str], list[str]], list[float]]  # (prompts, answers) -> a rule's score per row
 

@@ -14,12 +14,14 @@ import warnings
 
 import torch
 
+from rlhf.runtime.distributed import is_distributed
+
 
 def _any_rank(flag: bool) -> bool:
     """Whether ``flag`` is set on any rank."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_distributed():
         return flag
     t = torch.tensor([int(flag)], dtype=torch.int32)
     if dist.get_backend() == "nccl":

@@ -53,7 +53,7 @@ class StepBudget:
 
 @dataclass
 class PPOBudget:
-    """Step-3 knobs the preset fixes; each is a field of rlhf.ppo.PPOConfig (DeepSpeed-Chat's flag names)."""
+    """Step-3 knobs the preset fixes; each is a field of rlhf.steps.rl.PPOConfig (DeepSpeed-Chat's flag names)."""
 
     per_device_generation_batch_size: int = 16
     per_device_training_batch_size: int = 16

@@ -5,7 +5,7 @@ Records are ``{"step_name": "sft", "step": 12, "loss": 1.9, ...}``. Each line is
 ``write`` call on a file opened for appending, then flushed, so a crash loses at most the line being
 written and never corrupts earlier ones. ``report_to`` sends every record's numbers to TensorBoard and/or W&B
 too, each metric under ``<step_name>/<key>`` (``ppo/reward``, ``sft/loss``). metrics.jsonl is the record of truth:
-when a resumed run cuts it back to a checkpoint (rlhf/resume.py), the reporters are rebuilt from it, so
+when a resumed run cuts it back to a checkpoint (rlhf/runtime/resume.py), the reporters are rebuilt from it, so
 TensorBoard shows each record once and a new W&B run holds the whole history.
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from rlhf.common import run_cli
+from rlhf.runtime.process import run_cli
 
 USAGE = """usage: rlhf {train,chat} ...
 
@@ -20,11 +20,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
-        from rlhf.train import main as train_main
+        from rlhf.cli.train import main as train_main
 
         return run_cli(train_main, "rlhf train", rest)
     if command == "chat":
-        from rlhf.chat import main as chat_main
+        from rlhf.cli.chat import main as chat_main
 
         return run_cli(chat_main, "rlhf chat", rest)
     print(f"rlhf: unknown command '{command}'\n{USAGE}", end="", file=sys.stderr)

@@ -1,16 +1,12 @@
-"""What steps 1 and 2 share: the config fields (DeepSpeed-Chat's flags and defaults), argparse generated from
-the dataclass (every field carries its ``--help`` text), and small loop helpers.
-
-Flags are DeepSpeed-Chat's names in dash form (``--zero-stage``, ``--lora-dim``, ``--gradient-checkpointing``).
-A ``prefix`` lets one parser hold several steps (``--sft-learning-rate``, ``--rm-learning-rate``).
-"""
+"""Step configs as typed dataclasses and the argparse generated from them: every field carries its --help
+text and its bounds; flags are DeepSpeed-Chat's names in dash form (``--zero-stage``, ``--lora-dim``). A ``prefix`` lets
+one parser hold several steps (``--sft-learning-rate``, ``--rm-learning-rate``)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
-import os
 import sys
 import tempfile
 import types
@@ -18,8 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
-
-import torch
 
 from rlhf.models import ModelOptions, require_model_source, require_tokenizer_source
 
@@ -45,7 +39,11 @@ class Bounds:
 
 
 AT_LEAST_1, NON_NEGATIVE, POSITIVE = Bounds(1), Bounds(0), Bounds(0, low_open=True)
+
+
 PROBABILITY = Bounds(0, 1, high_open=True)  # dropout, a held-out share: 1 would leave nothing
+
+
 # The values every step's numeric options accept, by field name (SFT, reward model, DPO, step 3 share the names):
 # checked as a flag is parsed (the error names the flag) and as a config is built in code. None (a per-algorithm
 # default, "keep the model's") is always accepted.
@@ -205,65 +203,21 @@ def config_from_args(config_cls: type, args: argparse.Namespace, prefix: str = "
 
 def step_main(config_cls: type, run: Callable, description: str, argv: list[str] | None = None) -> dict:
     """`python -m rlhf.<step>`: every field of `config_cls` as a flag, then `run(config)`; prints the summary."""
-    module = sys.modules[config_cls.__module__]  # under `python -m rlhf.sft` it is __main__; its spec keeps the name
+    # under `python -m rlhf.steps.sft` the module is __main__; its spec keeps the name
+    module = sys.modules[config_cls.__module__]
     prog = f"python -m {getattr(module.__spec__, 'name', None) or config_cls.__module__}"
     parser = ArgumentParser(prog=prog, description=description)
     add_launcher_args(parser)
     add_config_args(parser, config_cls)
     cfg = config_from_args(config_cls, parser.parse_args(argv))
     require_output_dir(cfg.output_dir)
-    if getattr(cfg, "model_name_or_path", None):  # step 3's models: rlhf.ppo.require_step3_models
+    if getattr(cfg, "model_name_or_path", None):  # step 3's models: rlhf.steps.rl.require_step3_models
         require_model_source(cfg.model_name_or_path, "--model-name-or-path")
     if getattr(cfg, "tokenizer_name_or_path", None):
         require_tokenizer_source(cfg.tokenizer_name_or_path, "--tokenizer-name-or-path")
     summary = run(cfg)
     print(summary)
     return summary
-
-
-def run_cli(main: Callable, prog: str, argv: list[str] | None = None) -> int:
-    """Run an entry point's `main(argv)`. Bad input (a ValueError, such as the data loader's DataError naming
-    file, line and field) ends the run with that one line on stderr and exit status 2, not a traceback;
-    RLHF_TRACEBACK=1 shows the traceback instead. A run stopped by SIGTERM/SIGINT after its checkpoint prints how
-    to resume and exits 143/130. In a multi-process run the process ends here, through `end_process`."""
-    from rlhf.guards import Stopped
-
-    try:
-        result = main(argv)
-    except ValueError as err:
-        if os.environ.get("RLHF_TRACEBACK"):
-            raise
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return end_process(2, all_ranks=False)  # bad input may be seen by one rank only: no barrier
-    except Stopped as stop:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{prog}: {stop}", file=sys.stderr, flush=True)
-        return end_process(stop.code)
-    return end_process(result if isinstance(result, int) else 0)
-
-
-def end_process(code: int, all_ranks: bool = True) -> int:
-    """Return ``code`` in a single process. In a multi-process run, end the process here with it: a barrier (when
-    ``all_ranks`` got here), the groups destroyed, output flushed, then ``os._exit``, skipping the interpreter's
-    shutdown. During that shutdown gloo's worker threads can still be dropping their last finished collectives,
-    whose tensors need the GIL the shutdown has taken; the thread is killed inside a destructor and the rank aborts
-    ("terminate called without an active exception", SIGABRT) after its work is done and saved. Seen in 2 of 20
-    plain two-process gloo runs that exit normally, and in CI once even after barrier + destroy_process_group.
-    A single process keeps its group: DeepSpeed caches groups made from it, and a caller that runs again in the
-    same process (a test, a notebook) needs them alive."""
-    import logging
-
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return code
-    if all_ranks:
-        dist.barrier()
-        dist.destroy_process_group()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def require_output_dir(path: str | Path, flag: str = "--output-dir") -> None:
@@ -289,28 +243,6 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> None:
     """The flag the ``deepspeed`` launcher passes to every process (torchrun sets LOCAL_RANK instead)."""
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
                         help="set by the deepspeed launcher; init_distributed reads LOCAL_RANK either way")
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def barrier() -> None:
-    """Wait for every rank (nothing to wait for in a single process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum floats over ranks (identity in a single process)."""
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor.tolist()
 
 
 def num_update_steps(num_batches: int, cfg: StepConfig) -> int:

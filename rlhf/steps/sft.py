@@ -1,6 +1,6 @@
 """Step 1: supervised fine-tuning of the actor on demonstrations (prompt + answer), loss on the answer only.
 
-    python -m rlhf.sft --model-name-or-path PATH --data demos.jsonl --output-dir out/actor
+    python -m rlhf.steps.sft --model-name-or-path PATH --data demos.jsonl --output-dir out/actor
 
 The checkpoint loads with ``AutoModelForCausalLM.from_pretrained(output_dir)``. Evaluation: token-mean
 cross-entropy and perplexity on a held-out share of the data, before and after training.
@@ -17,22 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.checkpoint import save_actor_checkpoint
-from rlhf.common import (
-    StepConfig,
-    add_config_args,
-    all_reduce_sum,
-    config_from_args,
-    opt,
-    run_cli,
-    step_main,
-    to_device,
-)
 from rlhf.data import build_sft_dataset
-from rlhf.metrics import MetricsLogger
 from rlhf.models import create_actor
-from rlhf.resume import RunControl
-from rlhf.step_loop import initial_eval, prepare_step, skipped_updates, train_loop
+from rlhf.runtime.checkpoint import save_actor_checkpoint
+from rlhf.runtime.config import StepConfig, add_config_args, config_from_args, opt, step_main
+from rlhf.runtime.distributed import all_reduce_sum, to_device
+from rlhf.runtime.loop import initial_eval, prepare_step, skipped_updates, train_loop
+from rlhf.runtime.metrics import MetricsLogger
+from rlhf.runtime.process import run_cli
+from rlhf.runtime.resume import RunControl
 
 
 @dataclass
@@ -104,7 +97,7 @@ def warn_if_eval_loss_rose(initial: float | None, final: float, steps: int, lear
         return False
     warnings.warn(f"step 1 SFT: the held-out loss rose {initial:.3f} -> {final:.3f} in {steps} steps at learning rate "
                   f"{learning_rate:g}; for a pretrained model try a smaller one, e.g. 1e-5 (--sft-learning-rate in "
-                  "rlhf train, --learning-rate in python -m rlhf.sft)", RuntimeWarning, stacklevel=2)
+                  "rlhf train, --learning-rate in python -m rlhf.steps.sft)", RuntimeWarning, stacklevel=2)
     return True
 
 
@@ -123,4 +116,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, "python -m rlhf.sft"))
+    sys.exit(run_cli(main, "python -m rlhf.steps.sft"))

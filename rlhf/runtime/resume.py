@@ -28,20 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlhf.checkpoint import atomic_write_bytes
-from rlhf.common import barrier
+from rlhf.runtime.checkpoint import atomic_write_bytes
+from rlhf.runtime.distributed import barrier, rank_world
 
 CHECKPOINT_DIR = "checkpoints"
 RUN_STATE_FILE = "run_state.json"
 _STEP_DIR = re.compile(r"step-(\d+)$")
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict:
@@ -117,7 +109,7 @@ class Checkpointer:
 
     def save(self, counter: int, engines: dict, state: dict) -> Path:
         """Every rank calls it. ``engines``: name -> DeepSpeed engine; ``state``: this rank's picklable state."""
-        rank, world = _rank_world()
+        rank, world = rank_world()
         final = self.path(counter)
         tmp = self.root / f".tmp-step-{counter:06d}"
         if rank == 0:
@@ -152,7 +144,7 @@ class Checkpointer:
         path = self.latest() if self.resume else None
         if path is None:
             return None
-        rank, world = _rank_world()
+        rank, world = rank_world()
         meta = json.loads((path / "meta.json").read_text())
         if meta["world_size"] != world:
             raise ValueError(f"{path}: saved by {meta['world_size']} process(es), resumed with {world}; resume "

@@ -9,7 +9,7 @@
 
 A function that cannot be imported, raises, or returns the wrong number of values or a non-number ends the run
 with one line naming the function and the row. A NaN or infinite reward is passed on: the trainer skips that
-rollout's update and counts it (rlhf/guards.py), and stops after ``--max-nonfinite-steps`` in a row.
+rollout's update and counts it (rlhf/runtime/guards.py), and stops after ``--max-nonfinite-steps`` in a row.
 """
 from __future__ import annotations
 

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.common import StepConfig, num_update_steps, to_device
 from rlhf.data import load_step_examples, make_dataloader, train_eval_split
-from rlhf.deepspeed_utils import DistInfo, ds_config, init_distributed, initialize
-from rlhf.guards import NonFiniteGuard, guarded_update
-from rlhf.metrics import MetricsLogger
 from rlhf.models import load_tokenizer
-from rlhf.resume import RunControl, capture_rng, restore_rng
+from rlhf.runtime.config import StepConfig, num_update_steps
+from rlhf.runtime.distributed import DistInfo, init_distributed, to_device
+from rlhf.runtime.engines import ds_config, initialize
+from rlhf.runtime.guards import NonFiniteGuard, guarded_update
+from rlhf.runtime.metrics import MetricsLogger
+from rlhf.runtime.resume import RunControl, capture_rng, restore_rng
 
 
 @dataclass

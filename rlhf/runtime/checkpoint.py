@@ -18,6 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from rlhf.models import save_actor, save_reward_model
+from rlhf.runtime.distributed import is_main_process
 
 
 def _remove(path: Path) -> None:
@@ -95,19 +96,13 @@ def gathered_parameters(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def _is_main_process() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def save_actor_checkpoint(model: nn.Module, tokenizer, target: str | Path) -> Path:
     """Atomically write an actor checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads.
 
     Every rank must call it (ZeRO-3 gathers collectively); rank 0 writes.
     """
     with gathered_parameters(model):
-        if _is_main_process():
+        if is_main_process():
             atomic_save(target, lambda tmp: save_actor(model, tokenizer, tmp))
     return Path(target)
 
@@ -118,6 +113,6 @@ def save_reward_checkpoint(model: nn.Module, tokenizer, target: str | Path) -> P
     Every rank must call it (ZeRO-3 gathers collectively); rank 0 writes.
     """
     with gathered_parameters(model):
-        if _is_main_process():
+        if is_main_process():
             atomic_save(target, lambda tmp: save_reward_model(model, tokenizer, tmp))
     return Path(target)

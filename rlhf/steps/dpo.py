@@ -1,10 +1,10 @@
 """DPO: the SFT model trained directly on preference pairs, against a frozen copy of itself; no reward model, no RL.
 
-    python -m rlhf.dpo --model-name-or-path out/actor --data pairs.jsonl --output-dir out/dpo
+    python -m rlhf.steps.dpo --model-name-or-path out/actor --data pairs.jsonl --output-dir out/dpo
 
 Both the policy and the reference start from the SFT checkpoint; the pairs are step 2's slice of ``--data``.
 A sequence's logprob is the sum over its answer tokens (the labels of rlhf/data/tokenize.py's pair batches),
-the loss is rlhf/losses.py's ``dpo_loss``. Evaluation on held-out pairs, before and after training: the
+the loss is rlhf/core/losses.py's ``dpo_loss``. Evaluation on held-out pairs, before and after training: the
 implicit-reward accuracy (share of pairs with ``r_chosen > r_rejected``, ``r = beta (logp - logp_ref)``, ties
 counted half: 0.5 before training, where the policy is its own reference), the
 mean margin ``r_chosen - r_rejected`` and the loss. The checkpoint loads with
@@ -20,25 +20,17 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.checkpoint import save_actor_checkpoint
-from rlhf.common import (
-    StepConfig,
-    add_config_args,
-    all_reduce_sum,
-    config_from_args,
-    opt,
-    run_cli,
-    step_main,
-    to_device,
-)
+from rlhf.core.losses import DPO_LOSSES, dpo_loss, pair_accuracy
 from rlhf.data import IGNORE_INDEX, build_pair_dataset
-from rlhf.deepspeed_utils import init_inference
-from rlhf.losses import DPO_LOSSES, dpo_loss, pair_accuracy
-from rlhf.metrics import MetricsLogger
 from rlhf.models import create_actor
-from rlhf.presets import Preset, apply_budget
-from rlhf.resume import RunControl
-from rlhf.step_loop import initial_eval, prepare_step, skipped_updates, train_loop
+from rlhf.runtime.checkpoint import save_actor_checkpoint
+from rlhf.runtime.config import StepConfig, add_config_args, config_from_args, opt, step_main
+from rlhf.runtime.distributed import all_reduce_sum, to_device
+from rlhf.runtime.engines import init_inference
+from rlhf.runtime.loop import initial_eval, prepare_step, skipped_updates, train_loop
+from rlhf.runtime.metrics import MetricsLogger
+from rlhf.runtime.process import run_cli
+from rlhf.runtime.resume import RunControl
 
 
 @dataclass
@@ -160,15 +152,10 @@ def run_dpo(cfg: DPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
     }
 
 
-def dpo_defaults(preset: Preset | None) -> DPOConfig:
-    """DPOConfig whose defaults come from the preset's DPO budget (the paper's without one)."""
-    return apply_budget(DPOConfig(), preset.dpo) if preset is not None else DPOConfig()
-
-
 def add_dpo_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, prefix: str = "",
-                 skip: tuple[str, ...] = (), preset: Preset | None = None) -> None:
+                 skip: tuple[str, ...] = (), defaults: DPOConfig | None = None) -> None:
     """Every DPOConfig option as ``--{prefix}name`` (``--beta``, or ``--dpo-beta`` in ``rlhf train``)."""
-    add_config_args(parser, DPOConfig, prefix, skip, dpo_defaults(preset))
+    add_config_args(parser, DPOConfig, prefix, skip, defaults)
 
 
 def dpo_config_from_args(args: argparse.Namespace, prefix: str = "", **overrides) -> DPOConfig:
@@ -180,4 +167,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, "python -m rlhf.dpo"))
+    sys.exit(run_cli(main, "python -m rlhf.steps.dpo"))

@@ -1,6 +1,6 @@
 """Step 2: reward-model training on preference pairs, loss ``-log sigmoid(s_chosen - s_rejected)``.
 
-    python -m rlhf.reward --model-name-or-path PATH --data pairs.jsonl --output-dir out/reward
+    python -m rlhf.steps.reward --model-name-or-path PATH --data pairs.jsonl --output-dir out/reward
 
 The checkpoint loads with ``RewardModel.from_pretrained(output_dir)``. Evaluation on held-out pairs:
 accuracy (share with s_chosen > s_rejected, ties counted half) and the mean chosen and rejected scores.
@@ -15,23 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.checkpoint import save_reward_checkpoint
-from rlhf.common import (
-    StepConfig,
-    add_config_args,
-    all_reduce_sum,
-    config_from_args,
-    opt,
-    run_cli,
-    step_main,
-    to_device,
-)
+from rlhf.core.losses import pair_accuracy, pairwise_loss
 from rlhf.data import build_pair_dataset
-from rlhf.losses import pair_accuracy, pairwise_loss
-from rlhf.metrics import MetricsLogger
 from rlhf.models import create_reward_model, gather_scores
-from rlhf.resume import RunControl
-from rlhf.step_loop import initial_eval, prepare_step, skipped_updates, train_loop
+from rlhf.runtime.checkpoint import save_reward_checkpoint
+from rlhf.runtime.config import StepConfig, add_config_args, config_from_args, opt, step_main
+from rlhf.runtime.distributed import all_reduce_sum, to_device
+from rlhf.runtime.loop import initial_eval, prepare_step, skipped_updates, train_loop
+from rlhf.runtime.metrics import MetricsLogger
+from rlhf.runtime.process import run_cli
+from rlhf.runtime.resume import RunControl
 
 
 @dataclass
@@ -124,4 +117,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, "python -m rlhf.reward"))
+    sys.exit(run_cli(main, "python -m rlhf.steps.reward"))

@@ -1,16 +1,16 @@
 """Step 3: reinforcement learning of the actor, rollouts through the hybrid engine. One loop for every
-algorithm (rlhf/rl_trainer.py): rollout -> rewards -> advantages -> update.
+algorithm (rlhf/steps/rl_trainer.py): rollout -> rewards -> advantages -> update.
 
-    python -m rlhf.ppo --actor-model-name-or-path out/actor --critic-model-name-or-path out/reward \
+    python -m rlhf.steps.rl --actor-model-name-or-path out/actor --critic-model-name-or-path out/reward \
         --data pairs.jsonl --output-dir out/ppo
-    python -m rlhf.ppo --algorithm grpo --reward-fn synthetic --actor-model-name-or-path out/actor ...
+    python -m rlhf.steps.rl --algorithm grpo --reward-fn synthetic --actor-model-name-or-path out/actor ...
 
 `--algorithm ppo` is DeepSpeed-Chat's PPO: per-token reward -kl_ctl * (logp - logp_ref) with the clipped reward
 score added at the last answer token, GAE (gamma 1, lambda 0.95) with a critic, clipped policy surrogate and
 clipped value loss (0.2 each), `ppo_epochs` passes over `generation_batches` rollouts, an optional EMA of the
 actor and an optional pre-training (PTX) loss. `grpo`, `rloo`, `reinforce++` and `reinforce++-baseline` are
-critic-free: `--n-samples-per-prompt` answers per prompt, an advantage estimator from rlhf/advantages.py, KL as a
-reward penalty or a loss term. Rewards come from the reward model or from `--reward-fn` (rlhf/rewards.py).
+critic-free: `--n-samples-per-prompt` answers per prompt, an advantage estimator from rlhf/core/advantages.py, KL as a
+reward penalty or a loss term. Rewards come from the reward model or from `--reward-fn` (rlhf/core/rewards.py).
 PPO's "old" logprobs are those the hybrid engine reported while generating (`--reuse-rollout-logprobs`, on when
 the actor has no dropout); every `--logprob-audit-interval` rollouts (and every rollout with
 `--no-reuse-rollout-logprobs`) the training forward runs too and the round logs the largest gap between the two.
@@ -27,25 +27,26 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.advantages import ESTIMATORS
-from rlhf.checkpoint import save_actor_checkpoint, save_reward_checkpoint
-from rlhf.common import check_bounds, config_from_args, opt, run_cli, step_main, to_device
+from rlhf.core.advantages import ESTIMATORS
+from rlhf.core.experience import sequence_kl
+from rlhf.core.rewards import RewardFunction
 from rlhf.data import build_prompt_dataset, build_sft_dataset, load_step_examples, make_dataloader, train_eval_split
 from rlhf.data.synthetic import gold_scores
-from rlhf.deepspeed_utils import init_distributed
-from rlhf.experience import sequence_kl
-from rlhf.metrics import MetricsLogger
 from rlhf.models import load_tokenizer, require_checkpoint, require_model_source
-from rlhf.resume import RunControl, capture_rng, restore_rng
-from rlhf.rewards import RewardFunction
-from rlhf.rl_trainer import GoldFn, RLTrainer, records
+from rlhf.runtime.checkpoint import save_actor_checkpoint, save_reward_checkpoint
+from rlhf.runtime.config import check_bounds, config_from_args, opt, step_main
+from rlhf.runtime.distributed import init_distributed, to_device
+from rlhf.runtime.metrics import MetricsLogger
+from rlhf.runtime.process import run_cli
+from rlhf.runtime.resume import RunControl, capture_rng, restore_rng
+from rlhf.steps.rl_trainer import GoldFn, RLTrainer, records
 
 
 @dataclass(frozen=True)
 class Algorithm:
     """The resolved settings of one RL algorithm: what `train_on` and the estimators read."""
     name: str
-    estimator: str                # key of rlhf.advantages.ESTIMATORS
+    estimator: str                # key of rlhf.core.advantages.ESTIMATORS
     n_samples_per_prompt: int
     kl_ctl: float                 # KL penalty in the reward
     kl_loss_coef: float           # KL as a loss term
@@ -105,10 +106,10 @@ class PPOConfig:
                                                                                "constant_with_warmup"])
     num_warmup_steps: int = opt(100, "optimizer steps of linear warmup")
     algorithm: str = opt("ppo", "RL algorithm (defaults of the fields marked 'per algorithm' follow it); dpo: "
-                         "`rlhf train` runs DPO on the preference pairs in place of steps 2-3 (rlhf/dpo.py)",
+                         "`rlhf train` runs DPO on the preference pairs in place of steps 2-3 (rlhf/steps/dpo.py)",
                          choices=["ppo", "grpo", "rloo", "reinforce++", "reinforce++-baseline", "dpo"])
     reward_fn: str | None = opt(None, "score answers with a function instead of the reward model: 'synthetic', "
-                                "'path/file.py:function' or 'package.module:function' (rlhf/rewards.py)")
+                                "'path/file.py:function' or 'package.module:function' (rlhf/core/rewards.py)")
     n_samples_per_prompt: int | None = opt(None, "answers sampled per prompt in one engine call, kept in groups "
                                            "(per algorithm: ppo, reinforce++ 1; grpo, rloo, reinforce++-baseline 4)")
     kl_ctl: float | None = opt(None, "KL penalty coefficient in the per-token reward (per algorithm: ppo 0.1, "
@@ -179,7 +180,7 @@ class PPOConfig:
     def algo(self) -> Algorithm:
         """This run's algorithm with its per-algorithm defaults filled where a field was left None."""
         if self.algorithm == "dpo":  # a choice of the shared --algorithm flag, but no RL step
-            raise ValueError("--algorithm dpo has no step 3: it trains on preference pairs with rlhf/dpo.py "
+            raise ValueError("--algorithm dpo has no step 3: it trains on preference pairs with rlhf/steps/dpo.py "
                              "(rlhf train --algorithm dpo runs SFT, then DPO)")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"--algorithm {self.algorithm}: expected one of {', '.join(ALGORITHMS)}")
@@ -409,4 +410,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, "python -m rlhf.ppo"))
+    sys.exit(run_cli(main, "python -m rlhf.steps.rl"))

@@ -15,9 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hybrid_engine
-from rlhf.common import AT_LEAST_1, BOUNDS, ArgumentParser, Bounds, bounded, run_cli
 from rlhf.data.tokenize import DEFAULT_TEMPLATE
 from rlhf.models import load_tokenizer, loading, require_checkpoint
+from rlhf.runtime.config import AT_LEAST_1, BOUNDS, ArgumentParser, Bounds, bounded
+from rlhf.runtime.process import run_cli
 
 
 class Chat:

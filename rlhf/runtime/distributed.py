@@ -1,0 +1,110 @@
+"""The one place that asks whether this is a multi-process run, and the process group set-up (DeepSpeed's, gloo on
+CPU, NCCL on CUDA) with the small collectives the steps share."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) when no process group is up."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_distributed() -> bool:
+    """Whether this process is one of several ranks of an initialised process group."""
+    return rank_world()[1] > 1
+
+
+def is_main_process() -> bool:
+    return rank_world()[0] == 0
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _cpu_only() -> bool:
+    return not torch.cuda.is_available()
+
+
+def _free_port() -> int:
+    """A TCP port the system reports free now. A port derived from the pid (as before) could still be held in
+    TIME_WAIT by a process that just exited (a killed run resumed at once): EADDRINUSE."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed once; idempotent.
+
+    Without a launcher it runs as rank 0 of 1 (MASTER_ADDR 127.0.0.1, a free MASTER_PORT). On CPU the
+    backend is gloo, on CUDA NCCL.
+    """
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:  # one process of its own: any port the system has free
+        os.environ["MASTER_PORT"] = str(_free_port())
+    import deepspeed
+
+    if _cpu_only():
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (30-90 s on first use). One process
+        # needs no collective; several CPU processes use gloo's (torch.distributed), which is all we call.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:
+            raise ValueError(f"LOCAL_RANK {local_rank}: this node shows {visible} CUDA device(s); start at most "
+                             f"{visible} processes per node, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on CPU "
+                             "with gloo")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=backend)
+    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    import torch.distributed as dist
+
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum floats over ranks (identity in a single process)."""
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
