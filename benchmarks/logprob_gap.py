@@ -49,8 +49,7 @@ def hf_decode_logprobs(model, sequences, attention_mask, prompt_len: int) -> tor
         out = model(input_ids=sequences[:, t:t + 1], attention_mask=attention_mask[:, :t + 1],
                     position_ids=positions[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
         logits.append(out.logits[:, -1])
-    logp = torch.log_softmax(torch.stack(logits, dim=1).float(), dim=-1)          # (B, N, V)
-    return logp.gather(-1, sequences[:, prompt_len:, None]).squeeze(-1)
+    return hybrid_engine.token_logprobs(torch.stack(logits, dim=1), sequences[:, prompt_len:])  # (B, N)
 
 
 def gap(logprobs: torch.Tensor, reference: torch.Tensor, action_mask: torch.Tensor) -> tuple[float, float]:

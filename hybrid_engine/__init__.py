@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .engine import EngineConfig, HybridEngine
-from .generation import GenerationOutput
+from .generation import GenerationOutput, SamplingParams
+from .logprobs import token_logprobs
 
-__all__ = ["EngineConfig", "GenerationOutput", "HybridEngine", "wrap"]
+__all__ = ["EngineConfig", "GenerationOutput", "HybridEngine", "SamplingParams", "token_logprobs", "wrap"]
 
 
 def wrap(model: nn.Module, max_seq_len: int = 512, max_batch_size: int = 8, tp_size: int = 1,

@@ -14,6 +14,7 @@ import torch.nn as nn
 from . import ops as ops_lib
 from .cache import KVCache, available_bytes
 from .generation import GenerationOutput, SamplingParams, generate, prompt_masks
+from .logprobs import token_logprobs
 from .models import FAMILIES, InferenceModel, Relayer
 from .models.common import can_pack, pack_linears
 from .static import StaticDecoder
@@ -243,8 +244,13 @@ class HybridEngine:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> GenerationOutput:
-        """Generate after left-padded prompts. See GenerationOutput for what comes back."""
+                 generator: torch.Generator | None = None, sampling: SamplingParams | None = None) -> GenerationOutput:
+        """Generate after left-padded prompts. See GenerationOutput for what comes back. `sampling` carries the
+        sampling settings as one object (rlhf's trainer passes its run's); given, it replaces `do_sample`,
+        `temperature`, `top_k`, `top_p` and `generator`."""
+        if sampling is not None:
+            do_sample, temperature, top_k, top_p, generator = (sampling.do_sample, sampling.temperature,
+                                                               sampling.top_k, sampling.top_p, sampling.generator)
         attention_mask = _checked_mask(input_ids, attention_mask, "prompt_len")
         B, P = input_ids.shape
         if max_new_tokens < 1:
@@ -341,10 +347,7 @@ class HybridEngine:
             cache = self._cache_for()
             key_mask, positions = prompt_masks(attention_mask, cache.max_seq_len)         # (B, S_max), (B, T)
             logits = self.inference.forward(input_ids, positions, cache, 0, key_mask, keep=keep)  # (B, T - P + 1, V)
-        logits = logits[:, :-1].float()                                                 # (B, T - P, V)
-        if temperature != 1.0:
-            logits = logits / temperature
-        return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)
+        return token_logprobs(logits[:, :-1], input_ids[:, prompt_len:], temperature)  # (B, T - P)
 
     @torch.no_grad()
     def _hf_generate(self, input_ids, attention_mask, max_new_tokens, params: SamplingParams, eos_token_id,
@@ -359,8 +362,7 @@ class HybridEngine:
             kwargs.update(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
         res = self.hf_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         new = res.sequences[:, input_ids.shape[1]:]
-        logits = torch.stack(res.logits, dim=1).float() / params.temperature   # (B, N, V)
-        logprobs = torch.log_softmax(logits, -1).gather(-1, new[..., None]).squeeze(-1)
+        logprobs = token_logprobs(torch.stack(res.logits, dim=1), new, params.temperature)  # (B, N)
         action_mask = torch.ones_like(new, dtype=torch.bool)
         if eos_token_id is not None:
             eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id, device=new.device)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import KVCache
+from .logprobs import token_logprobs
 from .models import InferenceModel
 
 
@@ -44,14 +45,13 @@ def filter_logits(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 def next_tokens(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose one token per row; returns (tokens (B,), logprobs (B,)) with logprobs of softmax(logits / T)."""
-    scores = logits / params.temperature if params.temperature != 1.0 else logits   # (B, V) fp32
-    logp_all = torch.log_softmax(scores, dim=-1)
     if params.do_sample:
+        scores = logits / params.temperature if params.temperature != 1.0 else logits   # (B, V) fp32
         probs = filter_logits(scores, params.top_k, params.top_p).softmax(dim=-1)
         tokens = torch.multinomial(probs, 1, generator=params.generator).squeeze(-1)
     else:
         tokens = logits.argmax(dim=-1)
-    return tokens, logp_all.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, token_logprobs(logits, tokens, params.temperature)
 
 
 def prompt_masks(attention_mask: torch.Tensor, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,7 @@ import torch
 
 from .cache import KVCache
 from .generation import GenerationOutput, SamplingParams, next_tokens, prompt_masks
+from .logprobs import token_logprobs
 from .models import InferenceModel
 
 
@@ -91,8 +92,7 @@ def choose_and_record(state: DecodeState, tok: torch.Tensor, logp: torch.Tensor,
 def greedy_choice(logits: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """next_tokens' greedy branch with the temperature a tensor: (tokens (B,), logprobs (B,))."""
     tok = logits.argmax(dim=-1)
-    logp_all = torch.log_softmax(logits / temperature, dim=-1)                # (B, V)
-    return tok, logp_all.gather(-1, tok[:, None]).squeeze(-1)
+    return tok, token_logprobs(logits, tok, temperature)
 
 
 def step(model: InferenceModel, cache: KVCache, state: DecodeState, greedy: bool, has_eos: bool) -> torch.Tensor:

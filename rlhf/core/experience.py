@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hybrid_engine import HybridEngine
+from hybrid_engine import HybridEngine, SamplingParams, token_logprobs
 from rlhf.models import position_ids_from_mask
 
 
@@ -55,10 +55,7 @@ def action_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor
     logits = model(input_ids=sequences, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                    logits_to_keep=N + 1).logits                          # (B, N + 1, V): columns P-1 .. T-1
-    logits = logits[:, :-1].float()                                      # (B, N, V)
-    if temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, sequences[:, prompt_len:, None]).squeeze(-1)
+    return token_logprobs(logits[:, :-1], sequences[:, prompt_len:], temperature)  # (B, N)
 
 
 def action_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -119,21 +116,21 @@ class Sample:
     prompt_len: int
     logprobs: torch.Tensor        # (B, N) the engine's, 0 off the action mask
     stats: RolloutStats
+    temperature: float = 1.0      # what the logprobs divide the logits by; the training forwards use the same
 
 
 @torch.no_grad()
-def sample(hybrid, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
-           pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, timer: PhaseTimer | None = None) -> Sample:
-    """Sample answers with the hybrid engine: switch to inference, generate, switch back to training."""
+def sample(hybrid, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams, max_new_tokens: int,
+           eos_token_id: int, pad_token_id: int, timer: PhaseTimer | None = None) -> Sample:
+    """Sample answers with the hybrid engine under `params`: switch to inference, generate, switch back to
+    training."""
     timer = timer or PhaseTimer()
     start = time.perf_counter()
     with timer.phase("switch"):
         hybrid.eval()
     with timer.phase("generate"):
-        out = hybrid.generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, do_sample=True,
-                              temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                              pad_token_id=pad_token_id, generator=generator)
+        out = hybrid.generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                              pad_token_id=pad_token_id, sampling=params)
     gen_s = time.perf_counter() - start
     switch = hybrid.last_switch
     with timer.phase("switch"):
@@ -141,12 +138,13 @@ def sample(hybrid, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_
     stats = RolloutStats(gen_s, int(out.action_mask.sum()), switch.seconds, switch.relaid_bytes, switch.gathered_bytes,
                          switch.tp_bytes, hybrid.last_train_switch.seconds)
     attention_mask = torch.cat([prompt_mask, out.action_mask.to(prompt_mask.dtype)], dim=1)
-    return Sample(out.sequences, attention_mask, out.action_mask, prompt_ids.shape[1], out.logprobs, stats)
+    return Sample(out.sequences, attention_mask, out.action_mask, prompt_ids.shape[1], out.logprobs, stats,
+                  params.temperature)
 
 
 @torch.no_grad()
-def generate_experience(s: Sample, actor, ref, critic, temperature: float = 1.0, reuse_rollout_logprobs: bool = False,
-                        audit: bool = False, timer: PhaseTimer | None = None) -> tuple[Experience, RolloutStats]:
+def generate_experience(s: Sample, actor, ref, critic, reuse_rollout_logprobs: bool = False, audit: bool = False,
+                        timer: PhaseTimer | None = None) -> tuple[Experience, RolloutStats]:
     """One generation batch, once sampled (`sample`): score it with the training forward of the actor, the
     frozen reference and the critic (None: no values). The models are plain modules (a DeepSpeed engine's
     `.module`); `ref` may be a HybridEngine instead, scored with its prefill-only forward. The rewards are the
@@ -156,6 +154,7 @@ def generate_experience(s: Sample, actor, ref, critic, temperature: float = 1.0,
     within the measured gap), saving the actor's forward; `audit` runs that forward anyway to report the gap."""
     timer = timer or PhaseTimer()
     seq, attention_mask, action_mask, P, stats = s.sequences, s.attention_mask, s.action_mask, s.prompt_len, s.stats
+    temperature = s.temperature
     actor.eval()  # no dropout: the "old" logprobs must be those of the policy that generated
     mask = action_mask.float()
     logprobs = s.logprobs

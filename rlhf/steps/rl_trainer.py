@@ -9,6 +9,7 @@ function is given; the rest of the algorithm (estimator, KL placement, loss aggr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 import hybrid_engine
+from hybrid_engine import SamplingParams
 from rlhf.core.advantages import ESTIMATORS, EstimatorInput
 from rlhf.core.experience import (
     Experience,
@@ -82,6 +84,8 @@ class RLTrainer:
     def __init__(self, cfg, tokenizer, total_steps: int, device: torch.device, reward_fn: RewardFunction | None,
                  max_nonfinite_steps: int = 5):
         self.cfg, self.algo, self.tokenizer, self.device = cfg, cfg.algo(), tokenizer, device
+        # the rollouts' sampling settings; their temperature is also the training forwards'
+        self.sampling = SamplingParams(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         # a non-finite loss skips its update; `round` (set by the loop) names the round in messages
         self.guard, self.round = NonFiniteGuard(max_nonfinite_steps, f"step 3 ({self.algo.name}) round"), 0
         micro = cfg.per_device_training_batch_size
@@ -139,9 +143,9 @@ class RLTrainer:
 
     def sample(self, ids: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> Sample:
         """One answer per row of the (left-padded) prompts, with the run's sampling settings."""
-        cfg = self.cfg
-        return sample(self.hybrid, ids, mask, cfg.max_answer_seq_len, self.tokenizer.eos_token_id,
-                      self.tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, generator, self.timer)
+        params = dataclasses.replace(self.sampling, generator=generator)
+        return sample(self.hybrid, ids, mask, params, self.cfg.max_answer_seq_len, self.tokenizer.eos_token_id,
+                      self.tokenizer.pad_token_id, self.timer)
 
     def generate(self, batch: dict, generator: torch.Generator, n_samples: int = 1, audit: bool = False):
         """Sample `n_samples` answers per prompt (consecutive rows) and score them with the training forwards
@@ -151,7 +155,7 @@ class RLTrainer:
         critic = self.critic.module if self.critic is not None else None
         ref = self.ref_engine or self.ref.module
         return generate_experience(self.sample(ids, mask, generator), self.actor.module, ref, critic,
-                                   self.cfg.temperature, self.reuse_logprobs, audit, self.timer)
+                                   self.reuse_logprobs, audit, self.timer)
 
     def rollout(self, batch: dict, prompts: list[str], fields: list[dict], generator: torch.Generator):
         """One rollout with its scores, per-token rewards, advantages and returns filled (once, for every
@@ -176,7 +180,7 @@ class RLTrainer:
         cfg, algo = self.cfg, self.algo
         with self.timer.phase("actor_update"):
             logprobs = action_logprobs(self.actor, exp.sequences, exp.attention_mask, exp.prompt_len,
-                                       cfg.temperature)
+                                       self.sampling.temperature)
             actor_loss = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, algo.clip,
                                      algo.clip_high, algo.loss_agg, cfg.max_answer_seq_len)
             out = {"actor_loss": actor_loss.item(), "advantage": masked_mean(exp.advantages, exp.action_mask).item()}
