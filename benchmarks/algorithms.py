@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import copy
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,13 +27,16 @@ from unittest import mock
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from rlhf.core.algorithms import ALGORITHMS  # noqa: E402  every declared algorithm
+
 show = print  # builtins.print is muted during the runs
-ALGORITHMS = ["ppo", "grpo", "rloo", "reinforce++", "reinforce++-baseline"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS, choices=ALGORITHMS, help="algorithms to run")
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS),
+                        help="algorithms to run")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2], help="seeds of step 3")
     parser.add_argument("--rounds", type=int, default=60, help="step-3 rounds per run (default: 60)")
     parser.add_argument("--work-dir", default=None, help="where step 1 and the runs go (default: a temp dir)")
@@ -87,8 +91,8 @@ def explain_gaps(threshold: float):
             seq, mask, P = exp.sequences, exp.attention_mask, exp.prompt_len
             actor = self.actor.module
             with torch.no_grad():
-                fp32 = action_logprobs(actor.eval(), seq, mask, P, self.cfg.temperature)
-                fp64 = action_logprobs(copy.deepcopy(actor).double(), seq, mask, P, self.cfg.temperature)
+                fp32 = action_logprobs(actor.eval(), seq, mask, P, self.sampling.temperature)
+                fp64 = action_logprobs(copy.deepcopy(actor).double(), seq, mask, P, self.sampling.temperature)
             actor.train()
             gap = (exp.rollout_logprobs - fp32).abs().masked_fill(~exp.action_mask, 0.0)
             i, t = divmod(int(gap.argmax()), gap.shape[1])

@@ -39,12 +39,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import throughput  # noqa: E402
 from rlhf.core.experience import PhaseTimer  # noqa: E402
 from rlhf.models import create_reward_model, save_reward_model  # noqa: E402
+from rlhf.runtime.config import config_from_options  # noqa: E402
 from rlhf.runtime.distributed import init_distributed  # noqa: E402
 from rlhf.runtime.process import end_process  # noqa: E402
-from rlhf.steps.rl import PPOConfig  # noqa: E402
+from rlhf.steps.rl_config import RLConfig  # noqa: E402
 from rlhf.steps.rl_trainer import RLTrainer  # noqa: E402
 
-SIDES = {  # PPOConfig fields of each side
+SIDES = {  # RLConfig options of each side
     "hf": dict(enable_hybrid_engine=False, reuse_rollout_logprobs=False, score_reference_with_engine=False),
     "engine": dict(enable_hybrid_engine=True, reuse_rollout_logprobs=True, score_reference_with_engine=True),
 }
@@ -93,7 +94,7 @@ def timed_round(trainer: RLTrainer, batch: dict, generator: torch.Generator, dev
     clock = trainer.timer.clock
     start = clock()
     exp, _ = trainer.rollout(batch, [""] * rows, [{}] * rows, generator)
-    for minibatch in exp.minibatches(trainer.cfg.per_device_training_batch_size):
+    for minibatch in exp.minibatches(trainer.cfg.loop.per_device_training_batch_size):
         trainer.train_on(minibatch)
     throughput.sync(device)
     seconds = trainer.timer.pop()
@@ -111,10 +112,11 @@ def run_algorithm(args, algorithm: str, actor_dir: str, reward_dir: str, vocab: 
     prompt_len = batch["input_ids"].shape[1]
     trainers = {}
     for side, fields in SIDES.items():
-        cfg = PPOConfig(actor_model_name_or_path=actor_dir, critic_model_name_or_path=reward_dir, algorithm=algorithm,
-                        per_device_generation_batch_size=rows // n, per_device_training_batch_size=rows,
-                        max_prompt_seq_len=prompt_len, max_answer_seq_len=args.new_tokens, num_warmup_steps=0,
-                        dtype=args.dtype, kernels=args.kernels, disable_tqdm=True, **fields)
+        cfg = config_from_options(RLConfig, actor_model_name_or_path=actor_dir, critic_model_name_or_path=reward_dir,
+                                  algorithm=algorithm, per_device_generation_batch_size=rows // n,
+                                  per_device_training_batch_size=rows, max_prompt_seq_len=prompt_len,
+                                  max_answer_seq_len=args.new_tokens, num_warmup_steps=0, dtype=args.dtype,
+                                  kernels=args.kernels, disable_tqdm=True, **fields)
         cfg.validate()
         torch.manual_seed(0)
         trainers[side] = RLTrainer(cfg, SimpleNamespace(eos_token_id=[], pad_token_id=0), total_steps=100,

@@ -25,17 +25,18 @@ def run(out: Path, tiny_run: Path, zero_stage: int) -> list[dict]:
     from rlhf.cli.presets import get_preset
     from rlhf.data import build_prompt_dataset, load_step_examples
     from rlhf.runtime.checkpoint import save_actor_checkpoint
+    from rlhf.runtime.config import config_from_options
     from rlhf.runtime.distributed import init_distributed
-    from rlhf.steps.rl import PPOConfig
+    from rlhf.steps.rl_config import RLConfig
     from rlhf.steps.rl_trainer import RLTrainer, records
 
-    cfg = PPOConfig(actor_model_name_or_path=str(tiny_run / "actor"),
-                    critic_model_name_or_path=str(tiny_run / "reward"), data=[str(tiny_run / "data" / "pairs.jsonl")],
-                    data_split="0,1,1", output_dir=str(out),
-                    per_device_generation_batch_size=ROWS, per_device_training_batch_size=ROWS,
-                    max_prompt_seq_len=16, max_answer_seq_len=8, num_warmup_steps=0, actor_learning_rate=1e-3,
-                    critic_learning_rate=1e-3, actor_zero_stage=zero_stage, critic_zero_stage=zero_stage,
-                    disable_tqdm=True)
+    cfg = config_from_options(
+        RLConfig, actor_model_name_or_path=str(tiny_run / "actor"),
+        critic_model_name_or_path=str(tiny_run / "reward"), data=[str(tiny_run / "data" / "pairs.jsonl")],
+        data_split="0,1,1", output_dir=str(out), per_device_generation_batch_size=ROWS,
+        per_device_training_batch_size=ROWS, max_prompt_seq_len=16, max_answer_seq_len=8, num_warmup_steps=0,
+        actor_learning_rate=1e-3, critic_learning_rate=1e-3, actor_zero_stage=zero_stage,
+        critic_zero_stage=zero_stage, disable_tqdm=True)
     tokenizer = get_preset("tiny").tokenizer()
     dist = init_distributed()
     trainer = RLTrainer(cfg, tokenizer, total_steps=ROUNDS, device=dist.device, reward_fn=None)

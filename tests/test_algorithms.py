@@ -5,7 +5,9 @@ by at least 0.10 in 60 rounds, with the rollout logprobs within GAP of the train
 (benchmarks/RESULTS.md)."""
 import pytest
 
+from rlhf.cli.train import build_parser
 from rlhf.cli.train import main as train_main
+from rlhf.core.algorithms import ALGORITHMS, markdown_table
 from rlhf.runtime.metrics import read_metrics
 
 ROUNDS = 60
@@ -26,7 +28,7 @@ def learn(tiny_run, out, algorithm: str, seed: int) -> dict:
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo", "reinforce++", "reinforce++-baseline"])
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_algorithm_raises_the_gold_score(tiny_run, tmp_path, monkeypatch, algorithm, seed):
     monkeypatch.setattr("rlhf.cli.train.plot", lambda out: None)  # drawn and tested with the full run
     summary = learn(tiny_run, tmp_path, algorithm, seed)
@@ -37,3 +39,20 @@ def test_algorithm_raises_the_gold_score(tiny_run, tmp_path, monkeypatch, algori
     assert len(records) == ROUNDS and len(gaps) == ROUNDS and 0 < max(gaps) < GAP, max(gaps)
     assert (tmp_path / algorithm / "actor" / "config.json").exists()  # step 3's output is named after it
     assert (tmp_path / algorithm / "critic").exists() == (algorithm == "ppo")
+
+
+def test_the_registry_is_the_one_list_of_algorithms():
+    """The README's table, the CLI's choices and the tiny preset's grouped budgets all come from ALGORITHMS."""
+    from pathlib import Path
+
+    from rlhf.cli.presets import get_preset
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown_table() in readme, "README's algorithm table differs from rlhf.core.algorithms.markdown_table()"
+    choices = next(a.choices for a in build_parser(None)._actions if a.dest == "algorithm")
+    assert list(choices) == [*ALGORITHMS, "dpo"]
+    overrides = get_preset("tiny").algorithm_overrides
+    assert set(overrides) == {name for name, spec in ALGORITHMS.items() if spec.grouped}
+    for name, spec in ALGORITHMS.items():  # a grouped rollout keeps the preset's 32 rows
+        rows = overrides.get(name, {}).get("per_device_generation_batch_size", 32) * spec.n_samples_per_prompt
+        assert rows == 32, name

@@ -15,10 +15,10 @@ from rlhf.cli import main
 from rlhf.cli.presets import build_word_tokenizer
 from rlhf.data import DataError, Example, build_pair_dataset, build_sft_dataset
 from rlhf.models import ModelError, RewardModel, create_reward_model, load_tokenizer, save_reward_model
-from rlhf.runtime.config import require_output_dir
+from rlhf.runtime.config import config_from_options, require_output_dir
 from rlhf.steps.dpo import DPOConfig
-from rlhf.steps.rl import PPOConfig
 from rlhf.steps.rl import main as ppo_main
+from rlhf.steps.rl_config import RLConfig
 from rlhf.steps.sft import SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,7 +236,7 @@ def test_configs_built_in_code_are_checked_too():
     with pytest.raises(ValueError, match=r"^--beta -1: expected a positive number$"):
         DPOConfig(beta=-1)
     with pytest.raises(ValueError, match=r"^--temperature 0.0: expected a positive number$"):
-        PPOConfig(temperature=0.0).validate()
+        config_from_options(RLConfig, temperature=0.0).validate()
 
 
 def pair(prompt: str, chosen: str, rejected: str) -> Example:

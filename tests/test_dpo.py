@@ -12,9 +12,10 @@ from rlhf.cli.train import main as train_main
 from rlhf.cli.train import parse_args, preset_defaults, sft_gold_baseline
 from rlhf.core.losses import dpo_loss
 from rlhf.data import IGNORE_INDEX, Example, build_pair_dataset, encode_prompt
+from rlhf.runtime.config import config_from_options
 from rlhf.runtime.metrics import read_metrics
 from rlhf.steps.dpo import DPOConfig, answer_logprob_sums, run_dpo
-from rlhf.steps.rl import PPOConfig
+from rlhf.steps.rl_config import RLConfig
 
 
 def log_sigmoid(x: float) -> float:
@@ -109,7 +110,7 @@ def test_dpo_config_errors_are_one_line(fields, message):
 
 def test_step3_refuses_dpo():
     with pytest.raises(ValueError, match="--algorithm dpo has no step 3"):
-        PPOConfig(algorithm="dpo").validate()
+        config_from_options(RLConfig, algorithm="dpo").validate()
 
 
 def test_dpo_on_tiny_preset_beats_sft(tiny_run):

@@ -7,19 +7,21 @@ import torch
 from rlhf.cli.presets import get_preset
 from rlhf.core.experience import action_logprobs
 from rlhf.data import build_prompt_dataset, load_step_examples, make_dataloader
+from rlhf.runtime.config import config_from_options
 from rlhf.runtime.distributed import init_distributed
-from rlhf.steps.rl import PPOConfig, main
+from rlhf.steps.rl import main
+from rlhf.steps.rl_config import RLConfig
 from rlhf.steps.rl_trainer import RLTrainer, records
 
 ROWS = 4
 
 
 def make_trainer(tiny_run, **fields) -> RLTrainer:
-    cfg = PPOConfig(actor_model_name_or_path=str(tiny_run / "actor"),
-                    critic_model_name_or_path=str(tiny_run / "reward"),
-                    per_device_generation_batch_size=ROWS, per_device_training_batch_size=ROWS,
-                    max_prompt_seq_len=get_preset("tiny").ppo.max_prompt_seq_len, max_answer_seq_len=8,
-                    disable_tqdm=True, **fields)
+    cfg = config_from_options(
+        RLConfig, actor_model_name_or_path=str(tiny_run / "actor"),
+        critic_model_name_or_path=str(tiny_run / "reward"), per_device_generation_batch_size=ROWS,
+        per_device_training_batch_size=ROWS, max_prompt_seq_len=get_preset("tiny").ppo.max_prompt_seq_len,
+        max_answer_seq_len=8, disable_tqdm=True, **fields)
     cfg.validate()
     return RLTrainer(cfg, get_preset("tiny").tokenizer(), total_steps=10, device=init_distributed().device,
                      reward_fn=None)

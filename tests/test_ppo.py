@@ -11,18 +11,21 @@ from rlhf.cli import chat as chat_cli
 from rlhf.cli.presets import get_preset
 from rlhf.cli.train import main as train_main
 from rlhf.models import RewardModel
+from rlhf.runtime.config import config_from_options
 from rlhf.runtime.metrics import read_metrics
-from rlhf.steps.rl import PPOConfig, run_ppo
+from rlhf.steps.rl import run_ppo
+from rlhf.steps.rl_config import RLConfig
 
 
-def ppo_config(out, seed: int, **overrides) -> PPOConfig:
+def ppo_config(out, seed: int, **overrides) -> RLConfig:
     budget = get_preset("tiny").ppo
     fields = {k: getattr(budget, k) for k in budget.__dataclass_fields__}
     fields.update(max_steps=60, num_train_epochs=3)
     fields.update(overrides)
-    return PPOConfig(actor_model_name_or_path=str(out / "actor"), critic_model_name_or_path=str(out / "reward"),
-                     data=[str(out / "data" / "pairs.jsonl")], data_split="0,1,1", output_dir=str(out / f"ppo{seed}"),
-                     gold_task="synthetic", seed=seed, disable_tqdm=True, **fields)
+    return config_from_options(
+        RLConfig, actor_model_name_or_path=str(out / "actor"), critic_model_name_or_path=str(out / "reward"),
+        data=[str(out / "data" / "pairs.jsonl")], data_split="0,1,1", output_dir=str(out / f"ppo{seed}"),
+        gold_task="synthetic", seed=seed, disable_tqdm=True, **fields)
 
 
 @pytest.mark.parametrize("seed", [1, 2])

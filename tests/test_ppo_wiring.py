@@ -7,8 +7,9 @@ import torch
 
 from rlhf.cli.presets import get_preset
 from rlhf.data import build_prompt_dataset, load_step_examples, make_dataloader
+from rlhf.runtime.config import config_from_options
 from rlhf.runtime.distributed import init_distributed
-from rlhf.steps.rl import PPOConfig
+from rlhf.steps.rl_config import RLConfig
 from rlhf.steps.rl_trainer import RLTrainer, records
 
 ROWS, MINIBATCH, NEW_TOKENS = 8, 4, 8
@@ -66,19 +67,19 @@ def loop_gae(rewards, values, mask, gamma: float, lam: float):
 @pytest.fixture(scope="module")
 def trainer_and_prompts(tiny_run):
     budget = get_preset("tiny").ppo
-    cfg = PPOConfig(actor_model_name_or_path=str(tiny_run / "actor"),
-                    critic_model_name_or_path=str(tiny_run / "reward"), data=[str(tiny_run / "data" / "pairs.jsonl")],
-                    data_split="0,1,1", output_dir=str(tiny_run / "wiring"),
-                    per_device_generation_batch_size=ROWS, per_device_training_batch_size=MINIBATCH,
-                    max_prompt_seq_len=budget.max_prompt_seq_len, max_answer_seq_len=NEW_TOKENS, num_warmup_steps=0,
-                    actor_learning_rate=2e-3, critic_learning_rate=1e-3, kl_ctl=0.5, clip_reward_value=1.0,
-                    cliprange=0.02, gamma=0.9, lam=0.8, disable_tqdm=True)
+    cfg = config_from_options(
+        RLConfig, actor_model_name_or_path=str(tiny_run / "actor"),
+        critic_model_name_or_path=str(tiny_run / "reward"), data=[str(tiny_run / "data" / "pairs.jsonl")],
+        data_split="0,1,1", output_dir=str(tiny_run / "wiring"), per_device_generation_batch_size=ROWS,
+        per_device_training_batch_size=MINIBATCH, max_prompt_seq_len=budget.max_prompt_seq_len,
+        max_answer_seq_len=NEW_TOKENS, num_warmup_steps=0, actor_learning_rate=2e-3, critic_learning_rate=1e-3,
+        kl_ctl=0.5, clip_reward_value=1.0, cliprange=0.02, gamma=0.9, lam=0.8, disable_tqdm=True)
     tokenizer = get_preset("tiny").tokenizer()
     dist = init_distributed()
     torch.manual_seed(0)
     trainer = RLTrainer(cfg, tokenizer, total_steps=100, device=dist.device, reward_fn=None)
     prompts = build_prompt_dataset(tokenizer, load_step_examples(cfg.data, step=3, split=cfg.data_split)[:2 * ROWS],
-                                   cfg.max_prompt_seq_len)
+                                   cfg.sampling.max_prompt_seq_len)
     return trainer, [(batch, *records(prompts, batch)) for batch in make_dataloader(prompts, ROWS, shuffle=False)]
 
 
@@ -88,9 +89,9 @@ def check_rollout(trainer, exp) -> None:
     assert mask.any(dim=1).all() and not mask.all()  # some rows stopped at EOS: the masks are exercised
     torch.testing.assert_close(exp.values, prefix_values(trainer.critic.module, exp) * mask, atol=1e-5, rtol=0)
     torch.testing.assert_close(exp.logprobs, prefix_logprobs(trainer.actor.module, exp) * mask, atol=1e-5, rtol=0)
-    rewards = loop_rewards(exp, cfg.kl_ctl, cfg.clip_reward_value)
+    rewards = loop_rewards(exp, cfg.algo.kl_ctl, cfg.algo.clip_reward_value)
     torch.testing.assert_close(exp.rewards, rewards, atol=1e-6, rtol=0)
-    advantages, returns = loop_gae(rewards, exp.values, mask, cfg.gamma, cfg.lam)
+    advantages, returns = loop_gae(rewards, exp.values, mask, cfg.algo.gamma, cfg.algo.lam)
     torch.testing.assert_close(exp.advantages, advantages, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(exp.returns, returns, atol=1e-5, rtol=1e-5)
 
@@ -123,7 +124,8 @@ def test_two_ppo_rounds_match_independent_formulas(trainer_and_prompts):
     now = prefix_logprobs(trainer.actor.module, mb) * mb.action_mask
     ratio = torch.exp(now - mb.logprobs)
     m = mb.action_mask.float()
-    clipped = torch.maximum(-mb.advantages * ratio, -mb.advantages * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
+    eps = cfg.algo.cliprange
+    clipped = torch.maximum(-mb.advantages * ratio, -mb.advantages * ratio.clamp(1 - eps, 1 + eps))
     expected, unclipped = (clipped * m).sum() / m.sum(), (-mb.advantages * ratio * m).sum() / m.sum()
     assert abs(expected - unclipped) > 1e-3, "the ratio stayed inside the clip range: the test would prove nothing"
     out = trainer.train_on(mb, None)
@@ -142,10 +144,11 @@ def test_grpo_builds_no_critic_and_groups_its_samples(tiny_run):
 
     from rlhf.core.rewards import RewardFunction
 
-    cfg = PPOConfig(actor_model_name_or_path=str(tiny_run / "actor"), algorithm="grpo", reward_fn="synthetic",
-                    data=[str(tiny_run / "data" / "pairs.jsonl")], data_split="0,1,1", n_samples_per_prompt=3,
-                    per_device_generation_batch_size=4, per_device_training_batch_size=12, max_prompt_seq_len=16,
-                    max_answer_seq_len=8, num_warmup_steps=0, disable_tqdm=True)
+    cfg = config_from_options(
+        RLConfig, actor_model_name_or_path=str(tiny_run / "actor"), algorithm="grpo", reward_fn="synthetic",
+        data=[str(tiny_run / "data" / "pairs.jsonl")], data_split="0,1,1", n_samples_per_prompt=3,
+        per_device_generation_batch_size=4, per_device_training_batch_size=12, max_prompt_seq_len=16,
+        max_answer_seq_len=8, num_warmup_steps=0, disable_tqdm=True)
     tokenizer = get_preset("tiny").tokenizer()
     trainer = RLTrainer(cfg, tokenizer, total_steps=10, device=init_distributed().device,
                         reward_fn=RewardFunction("synthetic"))

@@ -30,6 +30,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rlhf: unknown command '{command}'\n{USAGE}", end="", file=sys.stderr)
     return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM
 import hybrid_engine
 from rlhf.data.tokenize import DEFAULT_TEMPLATE
 from rlhf.models import load_tokenizer, loading, require_checkpoint
-from rlhf.runtime.config import AT_LEAST_1, BOUNDS, ArgumentParser, Bounds, bounded
+from rlhf.runtime.config import AT_LEAST_1, ArgumentParser, Bounds, bounded, option_bounds
 from rlhf.runtime.process import run_cli
+from rlhf.steps.rl_config import SamplingOptions
 
 
 class Chat:
@@ -80,11 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=bounded(int, Bounds(2)), default=1024, help="conversation + answer budget "
                    "in tokens; older turns are dropped beyond it (default 1024)")
     p.add_argument("--greedy", action="store_true", help="pick the most likely token instead of sampling")
-    p.add_argument("--temperature", type=bounded(float, BOUNDS["temperature"]), default=0.7,
+    p.add_argument("--temperature", type=bounded(float, option_bounds(SamplingOptions, "temperature")), default=0.7,
                    help="sampling temperature (default 0.7)")
-    p.add_argument("--top-k", type=bounded(int, BOUNDS["top_k"]), default=0,
+    p.add_argument("--top-k", type=bounded(int, option_bounds(SamplingOptions, "top_k")), default=0,
                    help="sample among the k most likely tokens (0: off)")
-    p.add_argument("--top-p", type=bounded(float, BOUNDS["top_p"]), default=0.9,
+    p.add_argument("--top-p", type=bounded(float, option_bounds(SamplingOptions, "top_p")), default=0.9,
                    help="nucleus sampling mass (default 0.9; 1: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

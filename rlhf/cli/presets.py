@@ -12,7 +12,9 @@ from dataclasses import dataclass, field, fields, replace
 
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
+from rlhf.core.algorithms import ALGORITHMS
 from rlhf.data.synthetic import VOCABULARY
+from rlhf.runtime.config import set_option
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 # Words of the default "Human: ...\n\nAssistant:" format; the word-level tokenizer splits on whitespace.
@@ -53,7 +55,7 @@ class StepBudget:
 
 @dataclass
 class PPOBudget:
-    """Step-3 knobs the preset fixes; each is a field of rlhf.steps.rl.PPOConfig (DeepSpeed-Chat's flag names)."""
+    """Step-3 knobs the preset fixes; each names an option of rlhf.steps.rl_config.RLConfig (its flag's name)."""
 
     per_device_generation_batch_size: int = 16
     per_device_training_batch_size: int = 16
@@ -83,7 +85,7 @@ class Preset:
     ppo: PPOBudget = field(default_factory=PPOBudget)
     max_seq_len: int = 512
     data_split: str = "2,4,4"
-    # Step-3 budget changes per algorithm (PPOConfig field -> value), e.g. fewer prompts when each is sampled
+    # Step-3 budget changes per algorithm (RLConfig option -> value), e.g. fewer prompts when each is sampled
     # several times.
     algorithm_overrides: dict[str, dict] = field(default_factory=dict)
     # Synthetic data sizes; used only when the run is given no --data.
@@ -106,9 +108,10 @@ class Preset:
 
 
 def apply_budget(cfg, budget):
-    """``cfg`` (a step config) with every field of ``budget`` (a StepBudget or PPOBudget) copied onto it."""
+    """``cfg`` (a step config) with every field of ``budget`` (a StepBudget or PPOBudget) copied onto the option of
+    that name."""
     for f in fields(budget):
-        setattr(cfg, f.name, getattr(budget, f.name))
+        set_option(cfg, f.name, getattr(budget, f.name))
     return cfg
 
 
@@ -147,9 +150,9 @@ TINY = Preset(
         actor_learning_rate=1e-4,
         critic_learning_rate=5e-4,
     ),
-    # Grouped algorithms sample 4 answers per prompt: 8 prompts keep a rollout at PPO's 32 rows.
-    algorithm_overrides={name: {"per_device_generation_batch_size": 8}
-                         for name in ("grpo", "rloo", "reinforce++-baseline")},
+    # Grouped algorithms sample n answers per prompt: 32 / n prompts keep a rollout at PPO's 32 rows.
+    algorithm_overrides={name: {"per_device_generation_batch_size": 32 // spec.n_samples_per_prompt}
+                         for name, spec in ALGORITHMS.items() if spec.grouped},
     max_seq_len=40,
     # Step 1 learns from the SFT-only demonstrations (all of them); the preference pairs go half to the
     # reward model and half to PPO as prompts, so the SFT model is not skewed toward "chosen" answers.

@@ -23,18 +23,19 @@ from pathlib import Path
 import torch
 
 from rlhf.cli.presets import PRESETS, Preset, apply_budget, get_preset
+from rlhf.core.algorithms import ALGORITHMS
 from rlhf.data import Example, build_prompt_dataset, load_step_examples, make_dataloader
 from rlhf.data.synthetic import gold_scores, write_synthetic_data
 from rlhf.models import load_tokenizer, require_checkpoint, require_model_source, require_tokenizer_source
 from rlhf.runtime.config import (
     AT_LEAST_1,
-    BOUNDS,
     NON_NEGATIVE,
     ArgumentParser,
     add_config_args,
     add_launcher_args,
     bounded,
     require_output_dir,
+    set_option,
 )
 from rlhf.runtime.distributed import barrier, init_distributed
 from rlhf.runtime.guards import StopSignal
@@ -43,7 +44,8 @@ from rlhf.runtime.process import run_cli
 from rlhf.runtime.resume import RunControl, StepRunner, open_run
 from rlhf.steps.dpo import DPOConfig, add_dpo_args, dpo_config_from_args, run_dpo
 from rlhf.steps.reward import RewardConfig, reward_config_from_args, run_reward
-from rlhf.steps.rl import PPOConfig, ppo_config_from_args, run_ppo
+from rlhf.steps.rl import rl_config_from_args, run_ppo
+from rlhf.steps.rl_config import RLConfig
 from rlhf.steps.sft import SFTConfig, run_sft, sft_config_from_args
 
 # Set once for the whole run rather than per step.
@@ -65,21 +67,21 @@ PPO_SHARED = ("actor_model_name_or_path", "critic_model_name_or_path", "data", "
               "disable_tqdm")
 
 
-def ppo_defaults(preset: Preset | None, algorithm: str = "ppo") -> PPOConfig:
-    """PPOConfig whose defaults come from the preset's step-3 budget for ``algorithm`` (DeepSpeed-Chat's
+def ppo_defaults(preset: Preset | None, algorithm: str = "ppo") -> RLConfig:
+    """RLConfig whose defaults come from the preset's step-3 budget for ``algorithm`` (DeepSpeed-Chat's
     defaults without a preset)."""
-    cfg = PPOConfig()
+    cfg = RLConfig()
     if preset is not None:
         apply_budget(cfg, preset.ppo)
         for name, value in preset.algorithm_overrides.get(algorithm, {}).items():
-            setattr(cfg, name, value)
+            set_option(cfg, name, value)
     return cfg
 
 
 def add_step3_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, preset: Preset | None,
                    algorithm: str = "ppo") -> None:
     """Step-3 options under DeepSpeed-Chat's names (``--actor-zero-stage``, ``--inference-tp-size``, ...)."""
-    add_config_args(parser, PPOConfig, "", PPO_SHARED, ppo_defaults(preset, algorithm))
+    add_config_args(parser, RLConfig, "", PPO_SHARED, ppo_defaults(preset, algorithm))
 
 
 def sft_model(args: argparse.Namespace, paths: dict[str, str]) -> str:
@@ -94,7 +96,7 @@ def require_sft_model(args: argparse.Namespace, path: str) -> None:
         require_checkpoint(path, "give --actor-model a step-1 (SFT) checkpoint, or run --step 1 first")
 
 
-def step3_config(args: argparse.Namespace, paths: dict[str, str]) -> PPOConfig:
+def step3_config(args: argparse.Namespace, paths: dict[str, str]) -> RLConfig:
     """Step 3's config, validated. The actor is ``sft_model``; the reward model is step 2's output when this run
     trains it, else ``--reward-model``, else ``OUTPUT_DIR/reward``; those not made by this run must be
     checkpoints."""
@@ -103,18 +105,18 @@ def step3_config(args: argparse.Namespace, paths: dict[str, str]) -> PPOConfig:
     no_reward_model = args.reward_fn is not None and args.reward_model is None and 2 not in args.step
     if no_reward_model:
         reward = actor  # PPO's critic starts from the actor's backbone with a new value head
-    cfg = ppo_config_from_args(args, "", actor_model_name_or_path=actor, critic_model_name_or_path=reward,
-                               data=args.data, data_split=args.data_split, output_dir=paths["rl"], seed=args.seed,
-                               disable_tqdm=args.disable_tqdm)
-    cfg.validate()
+    cfg = rl_config_from_args(args, "", actor_model_name_or_path=actor, critic_model_name_or_path=reward,
+                              data=args.data, data_split=args.data_split, output_dir=paths["rl"], seed=args.seed,
+                              disable_tqdm=args.disable_tqdm)
+    algo = cfg.validate()
     require_sft_model(args, actor)
-    if not no_reward_model and 2 not in args.step and (cfg.reward_fn is None or cfg.algo().needs_critic):
+    if not no_reward_model and 2 not in args.step and (cfg.reward_fn is None or algo.needs_critic):
         require_checkpoint(reward, "give --reward-model a step-2 checkpoint, or run --step 2 first", reward=True)
     require_tp_split(args, cfg)
     return cfg
 
 
-def require_tp_split(args: argparse.Namespace, cfg: PPOConfig) -> None:
+def require_tp_split(args: argparse.Namespace, cfg: RLConfig) -> None:
     """One line, before any step runs, unless --inference-tp-size splits the actor's attention heads (those of
     the checkpoint step 3 reads, or of the model step 1 starts from: --actor-model, else the preset's) and this
     run's processes into TP groups."""
@@ -122,9 +124,9 @@ def require_tp_split(args: argparse.Namespace, cfg: PPOConfig) -> None:
 
     from hybrid_engine.parallel import check_tp_heads
 
-    if cfg.inference_tp_size <= 1:
+    if cfg.engine.inference_tp_size <= 1:
         return
-    source = args.actor_model if 1 in args.step else cfg.actor_model_name_or_path
+    source = args.actor_model if 1 in args.step else cfg.actor.model_name_or_path
     heads, what = None, ""
     if source is None:
         name = args.preset or "tiny"
@@ -136,18 +138,19 @@ def require_tp_split(args: argparse.Namespace, cfg: PPOConfig) -> None:
         except (OSError, ValueError):  # a hub id out of reach: the engine checks when step 3 wraps the actor
             pass
     if heads is not None:
-        check_tp_heads(heads, cfg.inference_tp_size, what)
+        check_tp_heads(heads, cfg.engine.inference_tp_size, what)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % cfg.inference_tp_size:
-        raise ValueError(f"--inference-tp-size {cfg.inference_tp_size}: this run has {world} process(es), which do "
-                         f"not form groups of {cfg.inference_tp_size} (launch a multiple of it: torchrun "
-                         f"--nproc-per-node {cfg.inference_tp_size} -m rlhf.train ...)")
+    if world % cfg.engine.inference_tp_size:
+        tp = cfg.engine.inference_tp_size
+        raise ValueError(f"--inference-tp-size {tp}: this run has {world} process(es), which do not form groups of "
+                         f"{tp} (launch a multiple of it: torchrun --nproc-per-node {tp} -m rlhf.train ...)")
 
 
 def choose_reward_fn(args: argparse.Namespace, synthetic: bool) -> None:
     """Critic-free algorithms on the built-in task score with its rule unless a reward model is named; a reward
     function replaces the reward model, so step 2 is skipped."""
-    if args.reward_fn is None and synthetic and args.algorithm != "ppo" and args.reward_model is None:
+    needs_critic = args.algorithm in ALGORITHMS and ALGORITHMS[args.algorithm].needs_critic  # dpo: no RL step
+    if args.reward_fn is None and synthetic and not needs_critic and args.reward_model is None:
         args.reward_fn = "synthetic"
     if args.reward_fn is not None:
         args.step = [s for s in args.step if s != 2]
@@ -199,7 +202,7 @@ def build_parser(preset: Preset | None, algorithm: str = "ppo") -> argparse.Argu
                         help="per-step proportions of pair sources (default: 2,4,4, or the preset's)")
     parser.add_argument("--output-dir", default="outputs/run", help="run directory (default: outputs/run)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of splits, shuffles and initialisation")
-    parser.add_argument("--max-seq-len", type=bounded(int, BOUNDS["max_seq_len"]), default=None,
+    parser.add_argument("--max-seq-len", type=bounded(int, AT_LEAST_1), default=None,
                         help="max prompt+answer tokens for steps 1-2 (default: 512, or the preset's)")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
     parser.add_argument("--resume", action="store_true",

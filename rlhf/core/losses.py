@@ -90,28 +90,38 @@ def gae(
     return advantages, advantages + values
 
 
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+def token_mean(losses: torch.Tensor, action_mask: torch.Tensor, norm_len: int | None = None) -> torch.Tensor:
+    """``sum(L m) / sum(m)``: every token of the batch weighs the same (PPO, DAPO)."""
+    return masked_mean(losses, action_mask)
+
+
+def seq_mean_token_mean(losses: torch.Tensor, action_mask: torch.Tensor, norm_len: int | None = None) -> torch.Tensor:
+    """The mean over rows with an action of ``sum_t(L m) / sum_t(m)`` (GRPO's paper)."""
+    mask = action_mask.to(losses.dtype)
+    per_row = (losses * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
+    has_action = mask.sum(-1) > 0
+    return per_row[has_action].sum() / has_action.sum().clamp(min=1)
+
+
+def seq_mean_token_sum_norm(losses: torch.Tensor, action_mask: torch.Tensor,
+                            norm_len: int | None = None) -> torch.Tensor:
+    """``sum(L m) / (B * norm_len)`` with a constant ``norm_len`` (default N), so no length bias (Dr.GRPO, Liu et al.
+    2025, arXiv:2503.20783)."""
+    mask = action_mask.to(losses.dtype)
+    return (losses * mask).sum() / (losses.shape[0] * (norm_len or losses.shape[1]))
+
+
+# --loss-agg's choices, by name: (losses (B, N), action_mask (B, N), norm_len) -> scalar
+LOSS_AGGREGATIONS = {"token-mean": token_mean, "seq-mean-token-mean": seq_mean_token_mean,
+                     "seq-mean-token-sum-norm": seq_mean_token_sum_norm}
 
 
 def aggregate(losses: torch.Tensor, action_mask: torch.Tensor, mode: str = "token-mean",
               norm_len: int | None = None) -> torch.Tensor:
-    """Reduce per-token losses (B, N) to a scalar:
-
-    - ``token-mean``: ``sum(L m) / sum(m)``, every token of the batch weighs the same (PPO, DAPO);
-    - ``seq-mean-token-mean``: the mean over rows with an action of ``sum_t(L m) / sum_t(m)`` (GRPO's paper);
-    - ``seq-mean-token-sum-norm``: ``sum(L m) / (B * norm_len)`` with a constant ``norm_len`` (default N),
-      so no length bias (Dr.GRPO, Liu et al. 2025, arXiv:2503.20783).
-    """
-    if mode == "token-mean":
-        return masked_mean(losses, action_mask)
-    mask = action_mask.to(losses.dtype)
-    if mode == "seq-mean-token-mean":
-        per_row = (losses * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
-        has_action = mask.sum(-1) > 0
-        return per_row[has_action].sum() / has_action.sum().clamp(min=1)
-    if mode == "seq-mean-token-sum-norm":
-        return (losses * mask).sum() / (losses.shape[0] * (norm_len or losses.shape[1]))
-    raise ValueError(f"loss aggregation {mode!r}: expected one of {', '.join(LOSS_AGGREGATIONS)}")
+    """Reduce per-token losses (B, N) to a scalar with the ``LOSS_AGGREGATIONS`` entry ``mode``."""
+    if mode not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss aggregation {mode!r}: expected one of {', '.join(LOSS_AGGREGATIONS)}")
+    return LOSS_AGGREGATIONS[mode](losses, action_mask, norm_len)
 
 
 def policy_loss(
@@ -138,21 +148,22 @@ def policy_loss(
     return aggregate(torch.max(unclipped, clipped), action_mask, agg, norm_len)
 
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+# Policy losses an algorithm names (rlhf/core/algorithms.py), each a function of (logprobs, old_logprobs,
+# advantages, action_mask, clip, clip_high, agg, norm_len), every tensor (B, N), to a scalar.
+POLICY_LOSSES = {"ppo-clip": policy_loss}
+
+
+# Per-token estimates of KL(policy || reference) from the sampled tokens' logprobs, as functions of
+# d = logp_ref - logp: k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 (unbiased and never negative; GRPO's choice).
+# Source: Schulman, "Approximating KL divergence" (2020); DeepSeekMath eq. 4.
+KL_ESTIMATORS = {"k1": lambda d: -d, "k2": lambda d: 0.5 * d ** 2, "k3": lambda d: torch.exp(d) - d - 1.0}
 
 
 def kl_divergence(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token estimate (B, N) of KL(policy || reference) from the sampled tokens' logprobs, with
-    ``d = logp_ref - logp``: ``k1 = -d``, ``k2 = d^2 / 2``, ``k3 = exp(d) - d - 1`` (unbiased and never
-    negative; GRPO's choice). Source: Schulman, "Approximating KL divergence" (2020); DeepSeekMath eq. 4."""
-    d = ref_logprobs - logprobs
-    if estimator == "k1":
-        return -d
-    if estimator == "k2":
-        return 0.5 * d ** 2
-    if estimator == "k3":
-        return torch.exp(d) - d - 1.0
-    raise ValueError(f"KL estimator {estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}")
+    """Per-token estimate (B, N) of KL(policy || reference) with the ``KL_ESTIMATORS`` entry ``estimator``."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"KL estimator {estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[estimator](ref_logprobs - logprobs)
 
 
 def value_loss(

@@ -42,30 +42,7 @@ AT_LEAST_1, NON_NEGATIVE, POSITIVE = Bounds(1), Bounds(0), Bounds(0, low_open=Tr
 
 
 PROBABILITY = Bounds(0, 1, high_open=True)  # dropout, a held-out share: 1 would leave nothing
-
-
-# The values every step's numeric options accept, by field name (SFT, reward model, DPO, step 3 share the names):
-# checked as a flag is parsed (the error names the flag) and as a config is built in code. None (a per-algorithm
-# default, "keep the model's") is always accepted.
-BOUNDS: dict[str, Bounds] = {
-    **dict.fromkeys(("max_seq_len", "max_prompt_seq_len", "per_device_train_batch_size", "per_device_eval_batch_size",
-                     "per_device_generation_batch_size", "per_device_training_batch_size", "num_train_epochs",
-                     "gradient_accumulation_steps", "generation_batches", "ppo_epochs", "n_samples_per_prompt",
-                     "log_interval", "inference_tp_size"), AT_LEAST_1),
-    "max_answer_seq_len": Bounds(2),  # the engine generates one token in prefill, the rest in decode
-    **dict.fromkeys(("num_warmup_steps", "max_steps", "eval_interval", "eval_prompts", "lora_dim", "actor_lora_dim",
-                     "critic_lora_dim", "weight_decay", "actor_weight_decay", "critic_weight_decay", "top_k",
-                     "tp_gather_partition_size", "logprob_audit_interval", "kl_ctl", "kl_loss_coef", "unsup_coef"),
-                    NON_NEGATIVE),
-    **dict.fromkeys(("learning_rate", "lora_learning_rate", "actor_learning_rate", "critic_learning_rate",
-                     "actor_lora_learning_rate", "critic_lora_learning_rate", "beta", "temperature",
-                     "clip_reward_value", "cliprange_high", "cliprange_value"), POSITIVE),
-    "cliprange": Bounds(0, 1, low_open=True, high_open=True),  # the ratio is kept in [1 - eps, 1 + eps]
-    **dict.fromkeys(("dropout", "actor_dropout", "critic_dropout", "eval_fraction"), PROBABILITY),
-    "label_smoothing": Bounds(0, 0.5, high_open=True),  # the probability a preference is flipped
-    **dict.fromkeys(("gamma", "lam", "ema_decay"), Bounds(0, 1)),
-    "top_p": Bounds(0, 1, low_open=True),
-}
+UNIT = Bounds(0, 1)  # gamma, lambda, an EMA decay
 
 
 def bounded(kind: type, bounds: Bounds) -> Callable[[str], Any]:
@@ -82,12 +59,12 @@ def bounded(kind: type, bounds: Bounds) -> Callable[[str], Any]:
 
 
 def check_bounds(cfg: Any) -> None:
-    """One-line ValueError for the first numeric field of ``cfg`` outside its ``BOUNDS``."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        bounds = BOUNDS.get(f.name)
-        if bounds is not None and isinstance(value, (int, float)) and value not in bounds:
-            raise ValueError(f"--{f.name.replace('_', '-')} {value}: expected {bounds}")
+    """One-line ValueError for the first numeric option of ``cfg`` (groups included) outside its field's bounds.
+    None (a per-algorithm default, "keep the model's") is always accepted."""
+    for option in options(type(cfg)):
+        value = get_option(cfg, option.name)
+        if option.bounds is not None and isinstance(value, (int, float)) and value not in option.bounds:
+            raise ValueError(f"--{option.flag} {value}: expected {option.bounds}")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -98,11 +75,93 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ValueError(f"{message} ({self.prog} --help lists the options)")
 
 
-def opt(default: Any, help: str, **kwargs) -> Any:
-    """A dataclass field with its --help text."""
+def opt(default: Any, help: str, bounds: Bounds | None = None, **kwargs) -> Any:
+    """A dataclass field with its --help text and, for a number, the values it accepts (checked as the flag is
+    parsed and as a config is built in code); other keyword arguments go to argparse (``choices``)."""
+    metadata = {"help": help, **({"bounds": bounds} if bounds is not None else {}), **kwargs}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
-    return field(default=default, metadata={"help": help, **kwargs})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def group(cls: type, prefix: str = "", helps: dict[str, str] | None = None, **defaults) -> Any:
+    """A field holding a group of options (a dataclass of ``opt`` fields). Its flags are its fields' names after
+    ``prefix`` (``actor_`` + ``learning_rate``: ``--actor-learning-rate``), so grouping never renames a flag;
+    ``defaults`` and ``helps`` replace the group class's own for this field (the actor's and the critic's
+    learning rates differ). ``{role}`` in a help text is the prefix without its underscore."""
+    return field(default_factory=lambda: cls(**defaults),
+                 metadata={"group": cls, "prefix": prefix, "helps": helps or {}})
+
+
+@dataclass(frozen=True)
+class Option:
+    """One leaf option of a config class: its flat name (the flag's dest, unique in the config), the attribute
+    path to it, and its field."""
+
+    name: str                 # e.g. "actor_learning_rate"
+    path: tuple[str, ...]     # e.g. ("actor", "learning_rate")
+    field: dataclasses.Field
+    kind: Any                 # the field's type hint
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return self.name.replace("_", "-")
+
+    @property
+    def bounds(self) -> Bounds | None:
+        return self.field.metadata.get("bounds")
+
+
+def options(config_cls: type, prefix: str = "", path: tuple[str, ...] = (), helps: dict | None = None) -> list[Option]:
+    """Every leaf option of ``config_cls``, groups expanded in field order."""
+    out = []
+    hints = get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        meta = f.metadata
+        if "group" in meta:
+            out += options(meta["group"], prefix + meta["prefix"], (*path, f.name), meta["helps"])
+            continue
+        role = prefix.rstrip("_").replace("_", " ")
+        text = (helps or {}).get(f.name, meta.get("help", f.name)).replace("{role}", role)
+        out.append(Option(prefix + f.name, (*path, f.name), f, hints[f.name], text))
+    return out
+
+
+def option_bounds(config_cls: type, name: str) -> Bounds | None:
+    """The bounds of ``config_cls``'s option ``name`` (another parser's flag that takes the same values)."""
+    return next(option.bounds for option in options(config_cls) if option.name == name)
+
+
+def _option(cfg: Any, name: str) -> tuple[Any, str]:
+    for option in options(type(cfg)):
+        if option.name == name:
+            owner = cfg
+            for attr in option.path[:-1]:
+                owner = getattr(owner, attr)
+            return owner, option.path[-1]
+    raise TypeError(f"{type(cfg).__name__} has no option {name!r}")
+
+
+def get_option(cfg: Any, name: str) -> Any:
+    """The value of the option named ``name`` (its flag's dest, e.g. ``actor_learning_rate``)."""
+    owner, attr = _option(cfg, name)
+    return getattr(owner, attr)
+
+
+def set_option(cfg: Any, name: str, value: Any) -> None:
+    owner, attr = _option(cfg, name)
+    setattr(owner, attr, value)
+
+
+def config_from_options(config_cls: type, **values) -> Any:
+    """``config_cls`` with the named options (flag names, groups flattened) set and its bounds checked: the way code
+    states a config in the CLI's terms, ``config_from_options(RLConfig, actor_learning_rate=1e-3)``."""
+    cfg = config_cls()
+    for name, value in values.items():
+        set_option(cfg, name, value)
+    check_bounds(cfg)
+    return cfg
 
 
 @dataclass
@@ -116,32 +175,33 @@ class StepConfig:
     output_dir: str = opt("outputs/model", "where the checkpoint is written")
     # Not inside output_dir: the atomic checkpoint save replaces that whole directory.
     metrics_dir: str | None = opt(None, "where metrics.jsonl and the plot go (default: output dir's parent)")
-    max_seq_len: int = opt(512, "max tokens of prompt + answer (longer sequences are truncated)")
-    per_device_train_batch_size: int = opt(16, "training batch size per device")
-    per_device_eval_batch_size: int = opt(16, "evaluation batch size per device")
-    learning_rate: float = opt(1e-3, "initial learning rate (after warmup)")
-    weight_decay: float = opt(0.0, "weight decay (not applied to biases and norms)")
-    num_train_epochs: int = opt(1, "passes over the training data")
-    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
+    max_seq_len: int = opt(512, "max tokens of prompt + answer (longer sequences are truncated)", bounds=AT_LEAST_1)
+    per_device_train_batch_size: int = opt(16, "training batch size per device", bounds=AT_LEAST_1)
+    per_device_eval_batch_size: int = opt(16, "evaluation batch size per device", bounds=AT_LEAST_1)
+    learning_rate: float = opt(1e-3, "initial learning rate (after warmup)", bounds=POSITIVE)
+    weight_decay: float = opt(0.0, "weight decay (not applied to biases and norms)", bounds=NON_NEGATIVE)
+    num_train_epochs: int = opt(1, "passes over the training data", bounds=AT_LEAST_1)
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", bounds=AT_LEAST_1)
     lr_scheduler_type: str = opt("cosine", "learning-rate schedule after warmup",
                                  choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                                           "constant_with_warmup"])
-    num_warmup_steps: int = opt(0, "optimizer steps of linear warmup")
-    max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs)")
-    eval_fraction: float = opt(0.1, "share of this step's records held out for evaluation")
+    num_warmup_steps: int = opt(0, "optimizer steps of linear warmup", bounds=NON_NEGATIVE)
+    max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs)", bounds=NON_NEGATIVE)
+    eval_fraction: float = opt(0.1, "share of this step's records held out for evaluation", bounds=PROBABILITY)
     seed: int = opt(1234, "seed of the data split, shuffling and initialisation")
     # Our default is fp32 (DeepSpeed-Chat's fp16 does not run on CPU); use bf16 on GPUs that support it.
     dtype: str = opt("fp32", "training precision", choices=["fp32", "bf16", "fp16"])
     zero_stage: int = opt(0, "ZeRO stage for this model", choices=[0, 1, 2, 3])
     offload: bool = opt(False, "offload optimizer state (and ZeRO-3 parameters) to CPU memory")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
-    dropout: float | None = opt(None, "override the model's dropout probabilities (default: keep the model's)")
-    lora_dim: int = opt(0, "LoRA rank (0: no LoRA)")
+    dropout: float | None = opt(None, "override the model's dropout probabilities (default: keep the model's)",
+                                bounds=PROBABILITY)
+    lora_dim: int = opt(0, "LoRA rank (0: no LoRA)", bounds=NON_NEGATIVE)
     lora_module_name: str = opt("layers.", "LoRA is applied to Linear layers whose name contains this")
     only_optimize_lora: bool = opt(False, "train only the LoRA weights")
-    lora_learning_rate: float = opt(5e-4, "learning rate of the LoRA weights")
+    lora_learning_rate: float = opt(5e-4, "learning rate of the LoRA weights", bounds=POSITIVE)
     print_loss: bool = opt(False, "print the loss of every step")
-    log_interval: int = opt(10, "optimizer steps between metrics.jsonl records")
+    log_interval: int = opt(10, "optimizer steps between metrics.jsonl records", bounds=AT_LEAST_1)
     disable_tqdm: bool = opt(False, "no progress bars")
 
     def __post_init__(self) -> None:
@@ -165,19 +225,19 @@ def _scalar_type(annotation: Any) -> type:
 
 def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, config_cls: type, prefix: str = "",
                     skip: tuple[str, ...] = (), defaults: Any = None) -> None:
-    """One ``--{prefix}{field-name}`` flag per dataclass field, with its help text and default."""
+    """One ``--{prefix}{option}`` flag per leaf option of ``config_cls`` (groups expanded), with its help text,
+    bounds and default (from ``defaults``, a config instance, when given). ``skip`` names options (flat names)."""
     defaults = defaults or config_cls()
-    hints = get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        if f.name in skip:
+    for option in options(config_cls):
+        if option.name in skip:
             continue
-        flag = f"--{prefix}{f.name.replace('_', '-')}"
-        dest = f"{prefix.replace('-', '_')}{f.name}"
-        default = getattr(defaults, f.name)
-        meta = dict(f.metadata)
+        flag = f"--{prefix}{option.flag}"
+        dest = f"{prefix.replace('-', '_')}{option.name}"
+        default = get_option(defaults, option.name)
+        extra = {k: v for k, v in option.field.metadata.items() if k not in ("help", "bounds")}
         shown = default not in (None, [], False)
-        help_text = meta.pop("help", f.name) + (f" (default: {default})" if shown else "")
-        kind = _scalar_type(hints[f.name])
+        help_text = option.help + (f" (default: {default})" if shown else "")
+        kind = _scalar_type(option.kind)
         if kind is bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
@@ -185,20 +245,21 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
             parser.add_argument(flag, dest=dest, nargs="+", default=list(default), metavar="PATH[:WEIGHT]",
                                 help=help_text)
         else:
-            bounds = BOUNDS.get(f.name)
+            bounds = option.bounds
             parser.add_argument(flag, dest=dest, type=bounded(kind, bounds) if bounds else kind, default=default,
-                                help=help_text, **meta)
+                                help=help_text, **extra)
 
 
 def config_from_args(config_cls: type, args: argparse.Namespace, prefix: str = "", **overrides) -> Any:
-    """Build ``config_cls`` from the flags ``add_config_args`` added (skipped fields keep their defaults)."""
+    """Build ``config_cls`` from the flags ``add_config_args`` added (skipped options keep their defaults);
+    ``overrides`` name options as flags do (``actor_model_name_or_path``)."""
     values = {}
-    for f in dataclasses.fields(config_cls):
-        dest = f"{prefix.replace('-', '_')}{f.name}"
+    for option in options(config_cls):
+        dest = f"{prefix.replace('-', '_')}{option.name}"
         if hasattr(args, dest):
-            values[f.name] = getattr(args, dest)
+            values[option.name] = getattr(args, dest)
     values.update(overrides)
-    return config_cls(**values)
+    return config_from_options(config_cls, **values)
 
 
 def step_main(config_cls: type, run: Callable, description: str, argv: list[str] | None = None) -> dict:

@@ -24,7 +24,17 @@ from rlhf.core.losses import DPO_LOSSES, dpo_loss, pair_accuracy
 from rlhf.data import IGNORE_INDEX, build_pair_dataset
 from rlhf.models import create_actor
 from rlhf.runtime.checkpoint import save_actor_checkpoint
-from rlhf.runtime.config import StepConfig, add_config_args, config_from_args, opt, step_main
+from rlhf.runtime.config import (
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    Bounds,
+    StepConfig,
+    add_config_args,
+    config_from_args,
+    opt,
+    step_main,
+)
 from rlhf.runtime.distributed import all_reduce_sum, to_device
 from rlhf.runtime.engines import init_inference
 from rlhf.runtime.loop import initial_eval, prepare_step, skipped_updates, train_loop
@@ -40,15 +50,17 @@ class DPOConfig(StepConfig):
     model_name_or_path: str | None = opt(None, "the SFT checkpoint (step 1's output): the policy starts from it "
                                          "and the frozen reference is it")
     output_dir: str = opt("outputs/dpo", "where the DPO policy checkpoint is written")
-    learning_rate: float = opt(1e-6, "initial learning rate (after warmup)")
+    learning_rate: float = opt(1e-6, "initial learning rate (after warmup)", bounds=POSITIVE)
     # With dropout the policy's logprobs would differ from the (eval-mode) reference's before any update, so the
     # log-ratios start as noise; TRL disables it for DPO too.
-    dropout: float | None = opt(0.0, "dropout probability of the policy (None keeps the model's)")
-    beta: float = opt(0.1, "strength of the implicit KL to the reference (IPO: its tau)")
+    dropout: float | None = opt(0.0, "dropout probability of the policy (None keeps the model's)", bounds=PROBABILITY)
+    beta: float = opt(0.1, "strength of the implicit KL to the reference (IPO: its tau)", bounds=POSITIVE)
     loss: str = opt("sigmoid", "sigmoid: DPO (with --label-smoothing: conservative DPO); ipo: IPO's squared loss",
                     choices=list(DPO_LOSSES))
-    label_smoothing: float = opt(0.0, "sigmoid loss: probability that a preference is flipped, in [0, 0.5)")
-    eval_interval: int = opt(0, "evaluate every this many optimizer steps (0: only before and after training)")
+    label_smoothing: float = opt(0.0, "sigmoid loss: probability that a preference is flipped, in [0, 0.5)",
+                                 bounds=Bounds(0, 0.5, high_open=True))
+    eval_interval: int = opt(0, "evaluate every this many optimizer steps (0: only before and after training)",
+                             bounds=NON_NEGATIVE)
 
     def validate(self) -> None:
         if self.model_name_or_path is None:

@@ -19,7 +19,7 @@ from rlhf.core.losses import pair_accuracy, pairwise_loss
 from rlhf.data import build_pair_dataset
 from rlhf.models import create_reward_model, gather_scores
 from rlhf.runtime.checkpoint import save_reward_checkpoint
-from rlhf.runtime.config import StepConfig, add_config_args, config_from_args, opt, step_main
+from rlhf.runtime.config import NON_NEGATIVE, POSITIVE, StepConfig, add_config_args, config_from_args, opt, step_main
 from rlhf.runtime.distributed import all_reduce_sum, to_device
 from rlhf.runtime.loop import initial_eval, prepare_step, skipped_updates, train_loop
 from rlhf.runtime.metrics import MetricsLogger
@@ -32,8 +32,9 @@ class RewardConfig(StepConfig):
     """Step-2 options; DeepSpeed-Chat's step-2 defaults (lr 5e-5, batch 16, 1 epoch, cosine)."""
 
     output_dir: str = opt("outputs/reward", "where the reward-model checkpoint is written")
-    learning_rate: float = opt(5e-5, "initial learning rate (after warmup)")
-    eval_interval: int = opt(0, "evaluate every this many optimizer steps (0: only before and after training)")
+    learning_rate: float = opt(5e-5, "initial learning rate (after warmup)", bounds=POSITIVE)
+    eval_interval: int = opt(0, "evaluate every this many optimizer steps (0: only before and after training)",
+                             bounds=NON_NEGATIVE)
 
 
 def pair_scores(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

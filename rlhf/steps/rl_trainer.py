@@ -4,7 +4,8 @@
     for epoch, minibatch: trainer.train_on(minibatch)            # actor step (+ KL loss, PTX), critic step if any
 
 The critic exists only for an estimator that needs one (PPO's GAE); the reward model only when no reward
-function is given; the rest of the algorithm (estimator, KL placement, loss aggregation) is `cfg.algo()`.
+function is given; the rest of the algorithm (estimator, policy loss, KL placement, loss aggregation) is
+`cfg.algo.resolve()` (rlhf/core/algorithms.py).
 """
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ from pathlib import Path
 import torch
 
 import hybrid_engine
-from hybrid_engine import SamplingParams
-from rlhf.core.advantages import ESTIMATORS, EstimatorInput
+from rlhf.core.advantages import EstimatorInput
 from rlhf.core.experience import (
     Experience,
     PhaseTimer,
@@ -29,7 +29,7 @@ from rlhf.core.experience import (
     lm_loss,
     sample,
 )
-from rlhf.core.losses import aggregate, kl_divergence, kl_penalized_rewards, masked_mean, policy_loss, value_loss
+from rlhf.core.losses import aggregate, kl_divergence, kl_penalized_rewards, masked_mean, value_loss
 from rlhf.core.rewards import RewardFunction
 from rlhf.models import VALUE_HEAD_FILE, ModelOptions, RewardModel, create_actor, create_critic, create_reward_model
 from rlhf.runtime.distributed import all_reduce_sum, to_device
@@ -37,18 +37,6 @@ from rlhf.runtime.engines import ds_config, init_inference, initialize
 from rlhf.runtime.guards import NonFiniteGuard, guarded_update
 
 GoldFn = Callable[[list[str], list[str]], list[float]]  # (prompts, answers) -> a rule's score per row
-
-
-def actor_options(cfg) -> ModelOptions:
-    return ModelOptions(dropout=cfg.actor_dropout, gradient_checkpointing=cfg.actor_gradient_checkpointing,
-                        lora_dim=cfg.actor_lora_dim, lora_module_name=cfg.actor_lora_module_name,
-                        only_optimize_lora=cfg.only_optimize_lora)
-
-
-def critic_options(cfg) -> ModelOptions:
-    return ModelOptions(dropout=cfg.critic_dropout, gradient_checkpointing=cfg.critic_gradient_checkpointing,
-                        lora_dim=cfg.critic_lora_dim, lora_module_name=cfg.critic_lora_module_name,
-                        only_optimize_lora=cfg.only_optimize_lora)
 
 
 def dropout_settings(model) -> dict[str, float]:
@@ -67,13 +55,13 @@ def reuse_rollout_logprobs(cfg, actor) -> bool:
     the actor has no dropout."""
     dropout = dropout_settings(actor)
     shown = ", ".join(f"{k}={v}" for k, v in list(dropout.items())[:3])
-    if cfg.reuse_rollout_logprobs and dropout:
+    if cfg.engine.reuse_rollout_logprobs and dropout:
         raise ValueError(f"--reuse-rollout-logprobs needs an actor without dropout, this one has {shown}: pass "
                          "--actor-dropout 0 or --no-reuse-rollout-logprobs")
-    if cfg.reuse_rollout_logprobs is None and dropout:
+    if cfg.engine.reuse_rollout_logprobs is None and dropout:
         warnings.warn(f"the actor has dropout ({shown}): PPO's old logprobs come from its training forward, one "
                       "more forward per rollout (--actor-dropout 0 lets the rollout's be reused)", stacklevel=2)
-    return not dropout if cfg.reuse_rollout_logprobs is None else cfg.reuse_rollout_logprobs
+    return not dropout if cfg.engine.reuse_rollout_logprobs is None else cfg.engine.reuse_rollout_logprobs
 
 
 class RLTrainer:
@@ -83,53 +71,53 @@ class RLTrainer:
 
     def __init__(self, cfg, tokenizer, total_steps: int, device: torch.device, reward_fn: RewardFunction | None,
                  max_nonfinite_steps: int = 5):
-        self.cfg, self.algo, self.tokenizer, self.device = cfg, cfg.algo(), tokenizer, device
-        # the rollouts' sampling settings; their temperature is also the training forwards'
-        self.sampling = SamplingParams(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        self.cfg, self.algo, self.tokenizer, self.device = cfg, cfg.algo.resolve(), tokenizer, device
+        self.sampling = cfg.sampling.params()  # the rollouts' settings; their temperature is the training forwards'
         # a non-finite loss skips its update; `round` (set by the loop) names the round in messages
         self.guard, self.round = NonFiniteGuard(max_nonfinite_steps, f"step 3 ({self.algo.name}) round"), 0
-        micro = cfg.per_device_training_batch_size
-        actor = create_actor(cfg.actor_model_name_or_path, actor_options(cfg))
+        micro = cfg.loop.per_device_training_batch_size
+        actor = create_actor(cfg.actor.model_name_or_path, cfg.actor.model_options(cfg.only_optimize_lora))
         self.reuse_logprobs = reuse_rollout_logprobs(cfg, actor)
         self.rollouts = 0  # rollouts made so far, for the audit interval
         self.timer = PhaseTimer()
-        self.actor = initialize(actor, ds_config(micro, 1, cfg.actor_zero_stage, cfg.offload, cfg.dtype),
-                                cfg.actor_learning_rate, cfg.actor_weight_decay, total_steps, cfg.num_warmup_steps,
-                                cfg.lr_scheduler_type,
-                                lora_lr=cfg.actor_lora_learning_rate if cfg.actor_lora_dim else None)
-        ref = create_actor(cfg.actor_model_name_or_path, ModelOptions())
-        self.ref = init_inference(ref, micro, cfg.actor_zero_stage, cfg.offload_reference_model, cfg.dtype)
-        rows = cfg.per_device_generation_batch_size * self.algo.n_samples_per_prompt
-        seq_len = cfg.max_prompt_seq_len + cfg.max_answer_seq_len
+        self.actor = initialize(actor, ds_config(micro, 1, cfg.actor.zero_stage, cfg.offload, cfg.dtype),
+                                cfg.actor.learning_rate, cfg.actor.weight_decay, total_steps, cfg.loop.num_warmup_steps,
+                                cfg.loop.lr_scheduler_type,
+                                lora_lr=cfg.actor.lora_learning_rate if cfg.actor.lora_dim else None)
+        ref = create_actor(cfg.actor.model_name_or_path, ModelOptions())
+        self.ref = init_inference(ref, micro, cfg.actor.zero_stage, cfg.offload_reference_model, cfg.dtype)
+        rows = cfg.loop.per_device_generation_batch_size * self.algo.n_samples_per_prompt
+        seq_len = cfg.sampling.max_prompt_seq_len + cfg.sampling.max_answer_seq_len
         # the frozen reference through the engine's prefill-only forward (its weights described once); under
         # ZeRO-3 it stays on the training forward, which gathers its layers one at a time
         self.ref_engine = None
-        if cfg.score_reference_with_engine and cfg.actor_zero_stage != 3:
+        if cfg.engine.score_reference_with_engine and cfg.actor.zero_stage != 3:
             self.ref_engine = hybrid_engine.wrap(self.ref.module, max_seq_len=seq_len, max_batch_size=rows,
-                                                 kernels=cfg.kernels, pack_weights=False)
+                                                 kernels=cfg.engine.kernels, pack_weights=False)
         self.critic = None
         if self.algo.needs_critic:
             # from the trained reward model (DeepSpeed-Chat); from a causal LM's backbone with a new value head
             # when there is none (PPO against a reward function)
-            path = cfg.critic_model_name_or_path
+            path = cfg.critic.model_name_or_path
             build = create_critic if (Path(path) / VALUE_HEAD_FILE).is_file() else create_reward_model
-            critic = build(path, critic_options(cfg))
-            self.critic = initialize(critic, ds_config(micro, 1, cfg.critic_zero_stage, cfg.offload, cfg.dtype),
-                                     cfg.critic_learning_rate, cfg.critic_weight_decay, total_steps,
-                                     cfg.num_warmup_steps, cfg.lr_scheduler_type,
-                                     lora_lr=cfg.critic_lora_learning_rate if cfg.critic_lora_dim else None)
+            critic = build(path, cfg.critic.model_options(cfg.only_optimize_lora))
+            self.critic = initialize(critic, ds_config(micro, 1, cfg.critic.zero_stage, cfg.offload, cfg.dtype),
+                                     cfg.critic.learning_rate, cfg.critic.weight_decay, total_steps,
+                                     cfg.loop.num_warmup_steps, cfg.loop.lr_scheduler_type,
+                                     lora_lr=cfg.critic.lora_learning_rate if cfg.critic.lora_dim else None)
         self.reward_fn, self.reward_model = reward_fn, None
         if reward_fn is None:
-            reward = RewardModel.from_pretrained(cfg.critic_model_name_or_path)
-            self.reward_model = init_inference(reward, micro, cfg.critic_zero_stage, cfg.offload_reward_model,
+            reward = RewardModel.from_pretrained(cfg.critic.model_name_or_path)
+            self.reward_model = init_inference(reward, micro, cfg.critic.zero_stage, cfg.offload_reward_model,
                                                cfg.dtype)
-        self.ema = copy.deepcopy(self.actor.module).eval() if cfg.enable_ema else None
-        self.hybrid = hybrid_engine.wrap(self.actor, max_seq_len=seq_len,
-                                         max_batch_size=rows, tp_size=cfg.inference_tp_size, kernels=cfg.kernels,
-                                         force_fallback=not cfg.enable_hybrid_engine,
-                                         release_cache_after_generate=cfg.release_inference_cache,
-                                         pin_parameters=False if cfg.unpin_actor_parameters else None,
-                                         gather_partition_size=cfg.tp_gather_partition_size)
+        self.ema = copy.deepcopy(self.actor.module).eval() if cfg.algo.enable_ema else None
+        engine = cfg.engine
+        self.hybrid = hybrid_engine.wrap(self.actor, max_seq_len=seq_len, max_batch_size=rows,
+                                         tp_size=engine.inference_tp_size, kernels=engine.kernels,
+                                         force_fallback=not engine.enable_hybrid_engine,
+                                         release_cache_after_generate=engine.release_inference_cache,
+                                         pin_parameters=False if engine.unpin_actor_parameters else None,
+                                         gather_partition_size=engine.tp_gather_partition_size)
 
     def answers(self, exp: Experience | Sample) -> list[str]:
         return self.tokenizer.batch_decode(exp.sequences[:, exp.prompt_len:], skip_special_tokens=True)
@@ -144,7 +132,7 @@ class RLTrainer:
     def sample(self, ids: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> Sample:
         """One answer per row of the (left-padded) prompts, with the run's sampling settings."""
         params = dataclasses.replace(self.sampling, generator=generator)
-        return sample(self.hybrid, ids, mask, params, self.cfg.max_answer_seq_len, self.tokenizer.eos_token_id,
+        return sample(self.hybrid, ids, mask, params, self.cfg.sampling.max_answer_seq_len, self.tokenizer.eos_token_id,
                       self.tokenizer.pad_token_id, self.timer)
 
     def generate(self, batch: dict, generator: torch.Generator, n_samples: int = 1, audit: bool = False):
@@ -161,17 +149,17 @@ class RLTrainer:
         """One rollout with its scores, per-token rewards, advantages and returns filled (once, for every
         minibatch and epoch); `prompts` and `fields` are the batch's records."""
         algo, n = self.algo, self.algo.n_samples_per_prompt
-        interval = self.cfg.logprob_audit_interval
+        interval = self.cfg.engine.logprob_audit_interval
         audit = bool(interval) and self.rollouts % interval == 0  # the first rollout, then every interval-th
         self.rollouts += 1
         exp, stats = self.generate(batch, generator, n, audit)
         exp.scores = self.score(exp, [p for p in prompts for _ in range(n)], [f for f in fields for _ in range(n)])
         exp.rewards = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, exp.scores, exp.action_mask, algo.kl_ctl,
-                                           self.cfg.clip_reward_value)
-        clipped = exp.scores.clamp(-self.cfg.clip_reward_value, self.cfg.clip_reward_value)
+                                           self.cfg.algo.clip_reward_value)
+        clipped = exp.scores.clamp(-self.cfg.algo.clip_reward_value, self.cfg.algo.clip_reward_value)
         inputs = EstimatorInput(exp.rewards, exp.action_mask, clipped, n, exp.values, algo.gamma, algo.lam,
                                 algo.std_normalization)
-        exp.advantages, exp.returns = ESTIMATORS[algo.estimator].fn(inputs)
+        exp.advantages, exp.returns = algo.estimator(inputs)
         return exp, stats
 
     def train_on(self, exp: Experience, ptx_batch: dict | None = None) -> dict:
@@ -181,24 +169,24 @@ class RLTrainer:
         with self.timer.phase("actor_update"):
             logprobs = action_logprobs(self.actor, exp.sequences, exp.attention_mask, exp.prompt_len,
                                        self.sampling.temperature)
-            actor_loss = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, algo.clip,
-                                     algo.clip_high, algo.loss_agg, cfg.max_answer_seq_len)
+            actor_loss = algo.policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, algo.clip,
+                                          algo.clip_high, algo.loss_agg, cfg.sampling.max_answer_seq_len)
             out = {"actor_loss": actor_loss.item(), "advantage": masked_mean(exp.advantages, exp.action_mask).item()}
             loss = actor_loss
             if algo.kl_loss_coef:
                 kl = aggregate(kl_divergence(logprobs, exp.ref_logprobs, algo.kl_estimator), exp.action_mask,
-                               algo.loss_agg, cfg.max_answer_seq_len)
+                               algo.loss_agg, cfg.sampling.max_answer_seq_len)
                 loss = loss + algo.kl_loss_coef * kl
                 out["kl_loss"] = kl.item()
             guarded_update(self.actor, loss, self.guard, self.round, "actor_loss")
             if ptx_batch is not None:
                 ptx = lm_loss(self.actor, to_device(ptx_batch, self.device))
-                guarded_update(self.actor, cfg.unsup_coef * ptx, self.guard, self.round, "ptx_loss")
+                guarded_update(self.actor, cfg.algo.unsup_coef * ptx, self.guard, self.round, "ptx_loss")
                 out["ptx_loss"] = ptx.item()
         if self.critic is not None:
             with self.timer.phase("critic_update"):
                 values = action_values(self.critic, exp.sequences, exp.attention_mask, exp.prompt_len)
-                critic_loss = value_loss(values, exp.values, exp.returns, exp.action_mask, cfg.cliprange_value)
+                critic_loss = value_loss(values, exp.values, exp.returns, exp.action_mask, cfg.algo.cliprange_value)
                 guarded_update(self.critic, critic_loss, self.guard, self.round, "critic_loss")
             out["critic_loss"] = critic_loss.item()
         if self.ema is not None:
@@ -223,7 +211,7 @@ class RLTrainer:
     @torch.no_grad()
     def update_ema(self) -> None:
         for ema_p, p in zip(self.ema.parameters(), self.actor.module.parameters()):
-            ema_p.mul_(self.cfg.ema_decay).add_(p.detach().to(ema_p.dtype), alpha=1 - self.cfg.ema_decay)
+            ema_p.mul_(self.cfg.algo.ema_decay).add_(p.detach().to(ema_p.dtype), alpha=1 - self.cfg.algo.ema_decay)
 
     @torch.no_grad()
     def evaluate(self, loader, dataset, gold_fn: GoldFn | None = None) -> dict:

@@ -20,7 +20,7 @@ import torch
 from rlhf.data import build_sft_dataset
 from rlhf.models import create_actor
 from rlhf.runtime.checkpoint import save_actor_checkpoint
-from rlhf.runtime.config import StepConfig, add_config_args, config_from_args, opt, step_main
+from rlhf.runtime.config import POSITIVE, StepConfig, add_config_args, config_from_args, opt, step_main
 from rlhf.runtime.distributed import all_reduce_sum, to_device
 from rlhf.runtime.loop import initial_eval, prepare_step, skipped_updates, train_loop
 from rlhf.runtime.metrics import MetricsLogger
@@ -33,7 +33,7 @@ class SFTConfig(StepConfig):
     """Step-1 options; DeepSpeed-Chat's step-1 defaults (lr 1e-3, batch 16, 1 epoch, cosine, no warmup)."""
 
     output_dir: str = opt("outputs/actor", "where the actor checkpoint is written")
-    learning_rate: float = opt(1e-3, "initial learning rate (after warmup)")
+    learning_rate: float = opt(1e-3, "initial learning rate (after warmup)", bounds=POSITIVE)
 
 
 @torch.no_grad()

@@ -1,0 +1,185 @@
+"""Step 3's options as typed groups: one per trained model (actor, critic), the rollouts' sampling, the algorithm,
+the hybrid engine and the loop. Flags keep DeepSpeed-Chat's flat names (``--actor-learning-rate``,
+``--critic-zero-stage``, ``--inference-tp-size``): a group's flags are its fields' names after its prefix, and
+code states a config in the same terms, ``config_from_options(RLConfig, actor_learning_rate=1e-3)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hybrid_engine import SamplingParams
+from rlhf.core.algorithms import ALGORITHMS, Algorithm, per_algorithm_default, resolve
+from rlhf.core.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS
+from rlhf.core.rewards import RewardFunction
+from rlhf.models import ModelOptions
+from rlhf.runtime.config import (
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    UNIT,
+    Bounds,
+    check_bounds,
+    group,
+    opt,
+)
+
+ZERO_STAGES = [0, 1, 2, 3]
+
+
+@dataclass
+class RoleOptions:
+    """A model step 3 trains (the actor, or PPO's critic) and its optimizer; flags ``--actor-*``, ``--critic-*``."""
+    model_name_or_path: str = opt("outputs/actor", "the {role}'s starting checkpoint")
+    learning_rate: float = opt(9.65e-6, "{role} learning rate", bounds=POSITIVE)
+    weight_decay: float = opt(0.0, "{role} weight decay", bounds=NON_NEGATIVE)
+    zero_stage: int = opt(0, "ZeRO stage of the {role}", choices=ZERO_STAGES)
+    gradient_checkpointing: bool = opt(False, "activation checkpointing in the {role}")
+    dropout: float | None = opt(None, "override the {role}'s dropout", bounds=PROBABILITY)
+    lora_dim: int = opt(0, "LoRA rank of the {role} (0: none)", bounds=NON_NEGATIVE)
+    lora_module_name: str = opt("layers.", "LoRA on {role} Linear layers whose name contains this")
+    lora_learning_rate: float = opt(5e-4, "learning rate of the {role}'s LoRA weights", bounds=POSITIVE)
+
+    def model_options(self, only_optimize_lora: bool) -> ModelOptions:
+        return ModelOptions(dropout=self.dropout, gradient_checkpointing=self.gradient_checkpointing,
+                            lora_dim=self.lora_dim, lora_module_name=self.lora_module_name,
+                            only_optimize_lora=only_optimize_lora)
+
+
+@dataclass
+class SamplingOptions:
+    """How rollouts are sampled; the temperature is also the training forwards' (rollout == training)."""
+    max_prompt_seq_len: int = opt(256, "longer prompts are dropped (and counted)", bounds=AT_LEAST_1)
+    max_answer_seq_len: int = opt(256, "new tokens per answer", bounds=Bounds(2))  # 1 in prefill, the rest in decode
+    temperature: float = opt(1.0, "sampling temperature of rollouts (logprobs use the same)", bounds=POSITIVE)
+    top_k: int = opt(0, "sample from the k most likely tokens (0: off)", bounds=NON_NEGATIVE)
+    top_p: float = opt(1.0, "nucleus sampling mass (1: off)", bounds=Bounds(0, 1, low_open=True))
+
+    def params(self) -> SamplingParams:
+        """The engine's sampling settings (a generator is added per call)."""
+        return SamplingParams(do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+@dataclass
+class AlgorithmOptions:
+    """What an update computes; None: the algorithm's declared default (rlhf/core/algorithms.py)."""
+    algorithm: str = opt("ppo", "RL algorithm (defaults of the fields marked 'per algorithm' follow it); dpo: "
+                         "`rlhf train` runs DPO on the preference pairs in place of steps 2-3 (rlhf/steps/dpo.py)",
+                         choices=[*ALGORITHMS, "dpo"])
+    n_samples_per_prompt: int | None = opt(None, "answers sampled per prompt in one engine call, kept in groups "
+                                           + per_algorithm_default("n_samples_per_prompt"), bounds=AT_LEAST_1)
+    kl_ctl: float | None = opt(None, "KL penalty coefficient in the per-token reward "
+                               + per_algorithm_default("kl_ctl"), bounds=NON_NEGATIVE)
+    kl_loss_coef: float | None = opt(None, "KL as a loss term instead " + per_algorithm_default("kl_loss_coef"),
+                                     bounds=NON_NEGATIVE)
+    kl_estimator: str = opt("k3", "estimator of the KL loss term", choices=list(KL_ESTIMATORS))
+    loss_agg: str | None = opt(None, "policy loss aggregation " + per_algorithm_default("loss_agg")
+                               + "; Dr.GRPO: seq-mean-token-sum-norm", choices=list(LOSS_AGGREGATIONS))
+    std_normalization: bool = opt(True, "grpo: divide advantages by the group's std (--no-std-normalization: "
+                                  "Dr.GRPO)")
+    clip_reward_value: float = opt(5.0, "reward-model scores are clipped to [-c, c]", bounds=POSITIVE)
+    # the ratio is kept in [1 - eps, 1 + eps]
+    cliprange: float = opt(0.2, "policy ratio clip epsilon", bounds=Bounds(0, 1, low_open=True, high_open=True))
+    cliprange_high: float | None = opt(None, "upper ratio clip epsilon (DAPO's clip-higher; default: --cliprange)",
+                                       bounds=POSITIVE)
+    cliprange_value: float = opt(0.2, "value clip epsilon", bounds=POSITIVE)
+    gamma: float = opt(1.0, "GAE discount", bounds=UNIT)
+    lam: float = opt(0.95, "GAE lambda", bounds=UNIT)
+    enable_ema: bool = opt(False, "keep an exponential moving average of the actor (saved as actor_ema/)")
+    ema_decay: float = opt(0.992, "EMA decay", bounds=UNIT)
+    unsup_coef: float = opt(27.8, "weight of the PTX loss", bounds=NON_NEGATIVE)
+
+    def resolve(self) -> Algorithm:
+        """This run's algorithm with its per-algorithm defaults filled where an option was left None."""
+        return resolve(self.algorithm, self.kl_estimator, self.cliprange, self.cliprange_high,
+                       self.std_normalization, self.gamma, self.lam, n_samples_per_prompt=self.n_samples_per_prompt,
+                       kl_ctl=self.kl_ctl, kl_loss_coef=self.kl_loss_coef, loss_agg=self.loss_agg)
+
+
+@dataclass
+class EngineOptions:
+    """The hybrid engine that generates the rollouts."""
+    enable_hybrid_engine: bool = opt(True, "generate with the hybrid engine (off: Hugging Face generate via the "
+                                     "engine's fallback)")
+    release_inference_cache: bool = opt(False, "free the KV cache after every rollout")
+    inference_tp_size: int = opt(1, "tensor-parallel degree of generation (needs actor ZeRO-3)", bounds=AT_LEAST_1)
+    unpin_actor_parameters: bool = opt(False, "ZeRO-3: gather the actor's layers during each generation forward "
+                                       "instead of once per rollout (slower, less memory)")
+    tp_gather_partition_size: int = opt(8, "ZeRO-3: actor layers gathered at a time (0: all at once)",
+                                        bounds=NON_NEGATIVE)
+    kernels: str | None = opt(None, "hybrid-engine kernels: auto|cuda|triton|cpu|torch")
+    reuse_rollout_logprobs: bool | None = opt(None, "PPO's old logprobs are those the engine reported while "
+                                              "generating (one actor forward less per rollout); refused for an "
+                                              "actor with dropout (default: on when the actor has none)")
+    logprob_audit_interval: int = opt(10, "with reused rollout logprobs: every K-th rollout (the first included) "
+                                      "runs the actor's training forward anyway and logs logprob_gap (0: never)",
+                                      bounds=NON_NEGATIVE)
+    # Off by default: on CPU it costs what the training forward costs (benchmarks/rlhf_step.py, 1.00x) and holds
+    # a second KV cache and fused copies of the reference's layers; the GPU check says whether it pays there.
+    score_reference_with_engine: bool = opt(False, "the reference model's logprobs from an engine's prefill-only "
+                                            "forward (HybridEngine.score) instead of its training forward; not "
+                                            "under actor ZeRO-3")
+
+
+@dataclass
+class LoopOptions:
+    """Batches, rounds and schedule of the step-3 loop, its evaluation and logging."""
+    per_device_generation_batch_size: int = opt(16, "prompts per rollout per device", bounds=AT_LEAST_1)
+    per_device_training_batch_size: int = opt(16, "rows (answers) per minibatch per device", bounds=AT_LEAST_1)
+    generation_batches: int = opt(1, "rollouts collected before each round of PPO updates", bounds=AT_LEAST_1)
+    ppo_epochs: int = opt(1, "passes over the collected rollouts per round", bounds=AT_LEAST_1)
+    num_train_epochs: int = opt(1, "passes over the prompts", bounds=AT_LEAST_1)
+    max_steps: int = opt(0, "stop after this many PPO rounds (0: all prompts)", bounds=NON_NEGATIVE)
+    lr_scheduler_type: str = opt("cosine", "learning-rate schedule", choices=["linear", "cosine", "constant",
+                                                                               "constant_with_warmup"])
+    num_warmup_steps: int = opt(100, "optimizer steps of linear warmup", bounds=NON_NEGATIVE)
+    eval_prompts: int = opt(256, "held-out prompts scored before and after PPO", bounds=NON_NEGATIVE)
+    print_answers: bool = opt(False, "print a prompt and its answer every log interval")
+    log_interval: int = opt(1, "PPO rounds between metrics.jsonl records", bounds=AT_LEAST_1)
+
+
+@dataclass
+class RLConfig:
+    """Step-3 options; DeepSpeed-Chat's step-3 names and defaults unless noted."""
+    actor: RoleOptions = group(RoleOptions, "actor_", helps={
+        "model_name_or_path": "the SFT actor (step 1's output)",
+        "zero_stage": "ZeRO stage of the actor (the reference model: 3 if this is 3, else 0)",
+        "dropout": "override the actor's dropout (default: keep the model's)"})
+    critic: RoleOptions = group(RoleOptions, "critic_", helps={
+        "model_name_or_path": "the reward model (step 2's output); PPO's critic starts from it (with --reward-fn a "
+                              "causal LM will do: its backbone and a new value head); unused with --reward-fn and a "
+                              "critic-free algorithm",
+        "zero_stage": "ZeRO stage of the critic (the reward model: 3 if this is 3, else 0)"},
+        model_name_or_path="outputs/reward", learning_rate=5e-6)
+    data: list[str] = opt([], "prompt sources, each PATH or PATH:WEIGHT (pair records; step 3's slice is used)")
+    data_split: str = opt("2,4,4", "proportions of each pair source for steps 1,2,3")
+    unsupervised_data: list[str] = opt([], "pre-training (PTX) data: prompt/response records, LM loss on them")
+    output_dir: str = opt("outputs/ppo", "where actor/, critic/ (PPO) and actor_ema/ are written")
+    reward_fn: str | None = opt(None, "score answers with a function instead of the reward model: 'synthetic', "
+                                "'path/file.py:function' or 'package.module:function' (rlhf/core/rewards.py)")
+    algo: AlgorithmOptions = group(AlgorithmOptions)
+    sampling: SamplingOptions = group(SamplingOptions)
+    loop: LoopOptions = group(LoopOptions)
+    engine: EngineOptions = group(EngineOptions)
+    dtype: str = opt("fp32", "training precision of every model", choices=["fp32", "bf16", "fp16"])
+    offload: bool = opt(False, "offload actor/critic optimizer state to CPU")
+    offload_reference_model: bool = opt(False, "offload the reference model's parameters (ZeRO-3) to CPU")
+    offload_reward_model: bool = opt(False, "offload the reward model's parameters (ZeRO-3) to CPU")
+    only_optimize_lora: bool = opt(False, "train only the LoRA weights")
+    gold_task: str = opt("none", "score answers with a rule too: 'synthetic' (the built-in task) or 'none'",
+                         choices=["none", "synthetic"])
+    seed: int = opt(1234, "seed of data order and sampling")
+    disable_tqdm: bool = opt(False, "no progress bars")
+
+    def validate(self) -> Algorithm:
+        """Check the options together (one line for the first problem); returns the resolved algorithm."""
+        check_bounds(self)
+        if self.engine.inference_tp_size > 1 and self.actor.zero_stage != 3:
+            raise ValueError("--inference-tp-size > 1 requires --actor-zero-stage 3 (as DeepSpeed-Chat)")
+        algo = self.algo.resolve()
+        if algo.grouped and algo.n_samples_per_prompt < 2:
+            raise ValueError(f"--algorithm {algo.name} compares the answers to one prompt: "
+                             f"--n-samples-per-prompt {algo.n_samples_per_prompt}, expected at least 2")
+        if self.reward_fn is not None:
+            RewardFunction(self.reward_fn)  # an import failure ends the run before any model is loaded
+        return algo
