@@ -19,13 +19,13 @@ from rlhf.data import (
     format_prompt,
     load_examples,
     load_step_examples,
-    make_dataloader,
     parse_data_spec,
     parse_data_split,
     split_indices,
     step_slice,
 )
 from rlhf.data.synthetic import gold_score, gold_scores, make_preference_examples, make_sft_examples
+from rlhf.runtime.distributed import make_dataloader
 
 
 def write_jsonl(path, records):

@@ -6,9 +6,9 @@ import torch
 
 from rlhf.cli.presets import get_preset
 from rlhf.core.experience import action_logprobs
-from rlhf.data import build_prompt_dataset, load_step_examples, make_dataloader
+from rlhf.data import build_prompt_dataset, load_step_examples
 from rlhf.runtime.config import config_from_options
-from rlhf.runtime.distributed import init_distributed
+from rlhf.runtime.distributed import init_distributed, make_dataloader
 from rlhf.steps.rl import main
 from rlhf.steps.rl_config import RLConfig
 from rlhf.steps.rl_trainer import RLTrainer, records

@@ -24,7 +24,7 @@ import torch
 
 from rlhf.cli.presets import PRESETS, Preset, apply_budget, get_preset
 from rlhf.core.algorithms import ALGORITHMS
-from rlhf.data import Example, build_prompt_dataset, load_step_examples, make_dataloader
+from rlhf.data import Example, build_prompt_dataset, load_step_examples
 from rlhf.data.synthetic import gold_scores, write_synthetic_data
 from rlhf.models import load_tokenizer, require_checkpoint, require_model_source, require_tokenizer_source
 from rlhf.runtime.config import (
@@ -37,7 +37,7 @@ from rlhf.runtime.config import (
     require_output_dir,
     set_option,
 )
-from rlhf.runtime.distributed import barrier, init_distributed
+from rlhf.runtime.distributed import barrier, init_distributed, make_dataloader
 from rlhf.runtime.guards import StopSignal
 from rlhf.runtime.metrics import MetricsLogger, plot
 from rlhf.runtime.process import run_cli

@@ -22,7 +22,6 @@ from rlhf.data.tokenize import (
     encode_answer,
     encode_prompt,
     format_prompt,
-    make_dataloader,
     pad_token_id,
 )
 
@@ -43,7 +42,6 @@ __all__ = [
     "format_prompt",
     "load_examples",
     "load_step_examples",
-    "make_dataloader",
     "pad_token_id",
     "parse_data_spec",
     "parse_data_split",

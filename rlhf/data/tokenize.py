@@ -21,10 +21,9 @@ import weakref
 from collections.abc import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import Dataset
 
 from rlhf.data.formats import DataError, Example
-from rlhf.runtime.distributed import is_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -256,22 +255,3 @@ def build_prompt_dataset(tokenizer, examples: Sequence[Example], max_prompt_len:
         )
     warn_unknown_tokens(tokenizer, rows, "step-3 prompts")
     return PromptDataset(rows, pad_token_id(tokenizer), dropped, prompts, fields)
-
-
-def make_dataloader(
-    dataset: SFTDataset | PairDataset | PromptDataset,
-    batch_size: int,
-    shuffle: bool = True,
-    seed: int = 1234,
-    drop_last: bool = False,
-) -> DataLoader:
-    """A DataLoader with the dataset's collator; each rank gets its own shard when torch.distributed runs."""
-    if is_distributed():
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-    elif shuffle:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-    else:
-        sampler = SequentialSampler(dataset)
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, collate_fn=dataset.collate, drop_last=drop_last
-    )

@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 
 def rank_world() -> tuple[int, int]:
@@ -108,3 +109,23 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if is_distributed():
         dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def make_dataloader(
+    dataset,
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int = 1234,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader with the dataset's collator (``dataset.collate``); each rank gets its own shard when several
+    processes run."""
+    if is_distributed():
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    elif shuffle:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, collate_fn=dataset.collate, drop_last=drop_last
+    )

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.data import load_step_examples, make_dataloader, train_eval_split
+from rlhf.data import load_step_examples, train_eval_split
 from rlhf.models import load_tokenizer
 from rlhf.runtime.config import StepConfig, num_update_steps
-from rlhf.runtime.distributed import DistInfo, init_distributed, to_device
+from rlhf.runtime.distributed import DistInfo, init_distributed, make_dataloader, to_device
 from rlhf.runtime.engines import ds_config, initialize
 from rlhf.runtime.guards import NonFiniteGuard, guarded_update
 from rlhf.runtime.metrics import MetricsLogger

@@ -31,12 +31,12 @@ from tqdm.auto import tqdm
 from rlhf.core.algorithms import Algorithm
 from rlhf.core.experience import sequence_kl
 from rlhf.core.rewards import RewardFunction
-from rlhf.data import build_prompt_dataset, build_sft_dataset, load_step_examples, make_dataloader, train_eval_split
+from rlhf.data import build_prompt_dataset, build_sft_dataset, load_step_examples, train_eval_split
 from rlhf.data.synthetic import gold_scores
 from rlhf.models import load_tokenizer, require_checkpoint, require_model_source
 from rlhf.runtime.checkpoint import save_actor_checkpoint, save_reward_checkpoint
 from rlhf.runtime.config import config_from_args, step_main
-from rlhf.runtime.distributed import init_distributed, to_device
+from rlhf.runtime.distributed import init_distributed, make_dataloader, to_device
 from rlhf.runtime.metrics import MetricsLogger
 from rlhf.runtime.process import run_cli
 from rlhf.runtime.resume import RunControl, capture_rng, restore_rng
