@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from hybrid_engine import ops as ops_lib
-from hybrid_engine.ops import builder, testing
+from hybrid_engine.ops import builder
+from tests import op_testing as testing
 
 HAS_CUDA = torch.cuda.is_available()
 CASES = [pytest.param(("cpu", "cpu", torch.float32), id="cpu-fp32"),
