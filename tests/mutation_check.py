@@ -91,7 +91,7 @@ FAULTS = [
           "SMEM_LIMIT = 512 * 1024",
           ("tests/test_kernels_triton.py::test_attention_tiles_fit_shared_memory",),
           "fp32 tiles at head dim 256 past the GPU's shared memory"),
-    Fault("auto-prefers-cuda-decode", "hybrid_engine/ops/tables.py",
+    Fault("auto-prefers-cuda-decode", "hybrid_engine/ops/specs.py",
           'auto={"cuda": ("triton", "cuda", "torch")},',
           'auto={"cuda": ("cuda", "triton", "torch")},',
           ("tests/test_ops_dispatch.py",), "auto puts the unmeasured CUDA decode kernel first"),

@@ -11,7 +11,7 @@ import torch
 from hybrid_engine import ops as ops_lib
 from hybrid_engine.ops import builder
 
-# What kernels="auto" takes per op, written out (not derived from ops/tables.py): on CPU the C++ twins except
+# What kernels="auto" takes per op, written out (not derived from ops/specs.py): on CPU the C++ twins except
 # prefill (torch's SDPA measured faster); on CUDA the CUDA kernels where there is one, except decode (Triton's
 # until a benchmark shows the CUDA one faster), and Triton for the norms and prefill.
 AUTO_ON_CPU = {"rms_norm": "cpu", "layer_norm": "cpu", "rotary_kv_append": "cpu", "prefill_attention": "torch",
@@ -201,7 +201,7 @@ def test_arch_flags_follow_torch_cuda_arch_list(monkeypatch):
 
 @pytest.mark.parametrize("triton_loads,helper", [(True, "triton"), (False, "torch")])
 def test_explicit_cuda_serves_the_ops_it_lacks_from_their_own_tables(fresh, monkeypatch, triton_loads, helper):
-    """ops/tables.py: the CUDA backend has no norm or prefill kernel, so their tables have no cuda entry and
+    """ops/specs.py: the CUDA backend has no norm or prefill kernel, so their specs list no cuda backend and
     kernels="cuda" takes them from their auto order (Triton, else torch), saying so."""
     fake_gpu_backends(monkeypatch, triton_loads=triton_loads)
     chosen_ops = ops_lib.select("cuda", "cuda")
