@@ -238,10 +238,17 @@ def test_a_build_compiles_the_staged_copy(fresh_builds, monkeypatch):
     from torch.utils import cpp_extension
 
     seen = {}
-    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen.update(kwargs) or object())
+
+    def fake_load(**kwargs):
+        seen.update(kwargs)
+        (Path(kwargs["build_directory"]) / f"{kwargs['name']}.so").write_bytes(b"built")
+        return object()
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
     b = builder.CpuOpsBuilder()
     b.load()
     staged = b.build_dir() / "csrc"
-    assert seen["build_directory"] == str(b.build_dir())
+    assert seen["build_directory"] == str(b.build_dir() / "build")
     assert seen["sources"] == [str(staged / p.relative_to(builder.CSRC)) for p in b.sources()]
     assert all(Path(s).is_file() for s in seen["sources"]) and seen["extra_include_paths"] == [str(staged)]
+    assert b.library(b.build_dir()).read_bytes() == b"built" and not (b.build_dir() / "build").exists()
