@@ -186,6 +186,8 @@ class OpBuilder:
                 if self.library(build_dir).is_file():  # built while this process waited
                     return _import_library(self.name, self.library(build_dir))
                 return self._compile(build_dir, verbose)
+        except BuildError:  # a missing toolchain, said as it is
+            raise
         except (RuntimeError, OSError, ImportError) as err:
             # ImportError: the .so built but does not load (an undefined symbol, a torch ABI mismatch)
             raise BuildError(f"{self.name}: build failed in {build_dir}: {err}") from err
