@@ -70,15 +70,15 @@ def _discard(written: torch.Tensor) -> None:
     return None
 
 
-compiling = torch.compiler.is_compiling
+_compiling = torch.compiler.is_compiling
 
 
 # -- RMSNorm [after a residual add]: kernels/norms.py, csrc/cpu/norm.cpp
 def _rms_norm_host(ext, lib):
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
         if residual is None:
-            return lib["rms_norm"](x, weight, eps) if compiling() else ext.rms_norm(x, weight, eps)
-        if compiling():
+            return lib["rms_norm"](x, weight, eps) if _compiling() else ext.rms_norm(x, weight, eps)
+        if _compiling():
             return lib["rms_norm_residual"](x, weight, eps, residual)
         return ext.rms_norm_residual(x, weight, eps, residual)
     return rms_norm
@@ -99,7 +99,7 @@ RMS_NORM = OpSpec(
 def _layer_norm_host(ext, lib):
     def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                    residual: torch.Tensor | None = None):
-        if compiling():
+        if _compiling():
             if residual is None:
                 return lib["layer_norm"](x, weight, bias, eps)
             return lib["layer_norm_residual"](x, weight, bias, eps, residual)
@@ -123,7 +123,7 @@ LAYER_NORM = OpSpec(
 def _rotary_kv_append_host(ext, lib):
     def rotary_kv_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
                          sin: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int):
-        if not compiling():
+        if not _compiling():
             return ext.rotary_kv_append(q, k, v, cos, sin, k_cache, v_cache, start)
         if cos is None:  # the op writes the cache only and returns q itself: not expressible as a custom op
             lib["kv_append"](q, k, v, k_cache, v_cache, start)
@@ -151,7 +151,7 @@ ROTARY_KV_APPEND = OpSpec(
 def _prefill_attention_host(ext, lib):
     def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float,
                           sliding_window: int | None = None) -> torch.Tensor:
-        if compiling():
+        if _compiling():
             return lib["prefill_attention"](q, k, v, key_mask, scale, sliding_window)
         return ext.prefill_attention(q, k, v, key_mask, scale, sliding_window)
     return prefill_attention
@@ -173,7 +173,7 @@ PREFILL_ATTENTION = OpSpec(
 def _decode_attention_host(ext, lib):
     def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
                          length: int, scale: float) -> torch.Tensor:
-        if compiling():
+        if _compiling():
             return lib["decode_attention"](q, k_cache, v_cache, key_mask, length, scale)
         return ext.decode_attention(q, k_cache, v_cache, key_mask, length, scale)
     return decode_attention
@@ -197,7 +197,7 @@ DECODE_ATTENTION = OpSpec(
 # -- tensor-parallel shard copies: csrc/tensor_parallel, kernels/tensor_parallel.py, csrc/cpu/tensor_parallel.cpp
 def _tp_pack_host(ext, lib):
     def tp_pack(full: torch.Tensor, shard: torch.Tensor, rank: int, world: int, splits, dim: int = 0):
-        if not compiling():
+        if not _compiling():
             return ext.tp_pack(full, shard, rank, world, splits, dim)
         lib["tp_pack"](full, shard, rank, world, list(splits), dim)
         return shard
@@ -206,7 +206,7 @@ def _tp_pack_host(ext, lib):
 
 def _tp_unpack_host(ext, lib):
     def tp_unpack(shard: torch.Tensor, full: torch.Tensor, rank: int, world: int, splits, dim: int = 0):
-        if not compiling():
+        if not _compiling():
             return ext.tp_unpack(shard, full, rank, world, splits, dim)
         lib["tp_unpack"](shard, full, rank, world, list(splits), dim)
         return full
