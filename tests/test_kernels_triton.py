@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 kernels = pytest.importorskip("hybrid_engine.kernels")
 from hybrid_engine import ops as ops_lib  # noqa: E402
 from hybrid_engine.kernels import attention  # noqa: E402
-from hybrid_engine.ops import testing  # noqa: E402
+from tests import op_testing as testing  # noqa: E402
 
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
        pytest.mark.skipif(kernels.INTERPRETED, reason="TRITON_INTERPRET is set: the kernels are not compiled")]

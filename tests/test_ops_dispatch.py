@@ -11,7 +11,7 @@ import torch
 from hybrid_engine import ops as ops_lib
 from hybrid_engine.ops import builder
 
-# What kernels="auto" takes per op, written out (not derived from ops/tables.py): on CPU the C++ twins except
+# What kernels="auto" takes per op, written out (not derived from ops/specs.py): on CPU the C++ twins except
 # prefill (torch's SDPA measured faster); on CUDA the CUDA kernels where there is one, except decode (Triton's
 # until a benchmark shows the CUDA one faster), and Triton for the norms and prefill.
 AUTO_ON_CPU = {"rms_norm": "cpu", "layer_norm": "cpu", "rotary_kv_append": "cpu", "prefill_attention": "torch",
@@ -201,7 +201,7 @@ def test_arch_flags_follow_torch_cuda_arch_list(monkeypatch):
 
 @pytest.mark.parametrize("triton_loads,helper", [(True, "triton"), (False, "torch")])
 def test_explicit_cuda_serves_the_ops_it_lacks_from_their_own_tables(fresh, monkeypatch, triton_loads, helper):
-    """ops/tables.py: the CUDA backend has no norm or prefill kernel, so their tables have no cuda entry and
+    """ops/specs.py: the CUDA backend has no norm or prefill kernel, so their specs list no cuda backend and
     kernels="cuda" takes them from their auto order (Triton, else torch), saying so."""
     fake_gpu_backends(monkeypatch, triton_loads=triton_loads)
     chosen_ops = ops_lib.select("cuda", "cuda")
@@ -238,10 +238,17 @@ def test_a_build_compiles_the_staged_copy(fresh_builds, monkeypatch):
     from torch.utils import cpp_extension
 
     seen = {}
-    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen.update(kwargs) or object())
+
+    def fake_load(**kwargs):
+        seen.update(kwargs)
+        (Path(kwargs["build_directory"]) / f"{kwargs['name']}.so").write_bytes(b"built")
+        return object()
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
     b = builder.CpuOpsBuilder()
     b.load()
     staged = b.build_dir() / "csrc"
-    assert seen["build_directory"] == str(b.build_dir())
+    assert seen["build_directory"] == str(b.build_dir() / "build")
     assert seen["sources"] == [str(staged / p.relative_to(builder.CSRC)) for p in b.sources()]
     assert all(Path(s).is_file() for s in seen["sources"]) and seen["extra_include_paths"] == [str(staged)]
+    assert b.library(b.build_dir()).read_bytes() == b"built" and not (b.build_dir() / "build").exists()

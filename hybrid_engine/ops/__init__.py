@@ -1,10 +1,10 @@
-"""The ops the inference forward calls, each with its own dispatch table of backends (tables.py).
+"""The ops the inference forward calls, each declared once in specs.py with its own dispatch table of backends.
 
 `select(kernels, device)` returns an `OpSet`: one callable per op, chosen once when the engine is built, so the
 decode loop pays no dispatch cost per call. Backends, fastest first:
 
   cuda    C++/CUDA kernels (csrc/attention, csrc/tensor_parallel), JIT-built by builder.CudaOpsBuilder. It has
-          no norm or prefill kernel: their tables have no cuda entry, so under kernels="cuda" they use their auto
+          no norm or prefill kernel: their specs list no cuda backend, so under kernels="cuda" they use their auto
           order (Triton, else torch), and `backends()` says so.
   triton  Triton kernels (hybrid_engine/kernels); on CPU only under TRITON_INTERPRET=1 (slow; for tests).
   cpu     C++ CPU twins (csrc/cpu), JIT-built by builder.CpuOpsBuilder; every op.
@@ -19,33 +19,28 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import make_dataclass
 
 import torch
 
 from . import reference
 from .builder import BuildError, CpuOpsBuilder, CudaOpsBuilder
-from .tables import FASTEST_FIRST, TABLES, OpTable
+from .specs import FASTEST_FIRST, SPECS, OpSpec
 
-OP_NAMES = tuple(table.name for table in TABLES)
+OP_NAMES = tuple(spec.name for spec in SPECS)
+CUDA_OPS = tuple(spec.name for spec in SPECS if "cuda" in spec.backends)  # csrc/cuda_bindings.cpp binds these
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+__all__ = ["BACKENDS", "CUDA_OPS", "OP_NAMES", "SPECS", "BackendError", "BuildError", "OpSet", "OpSpec", "backends",
+           "reference", "requested_backend", "select"]
 
 
 class BackendError(RuntimeError):
     """An explicitly requested backend cannot serve an op on this device."""
 
 
-@dataclass(frozen=True)
-class OpSet:
-    """One chosen implementation per op; `choices` says which backend each op uses and why."""
-    rms_norm: Callable
-    layer_norm: Callable
-    rotary_kv_append: Callable
-    prefill_attention: Callable
-    decode_attention: Callable
-    tp_pack: Callable
-    tp_unpack: Callable
-    choices: dict
+OpSet = make_dataclass("OpSet", [(name, Callable) for name in OP_NAMES] + [("choices", dict)], frozen=True)
+OpSet.__module__ = __name__
+OpSet.__doc__ = "One chosen implementation per op (a field per spec); `choices`: which backend each op uses and why."
 
 
 def requested_backend(kernels: str | None = None) -> str:
@@ -70,24 +65,24 @@ def _load_triton(device: str) -> dict:
                          "hybrid_engine.kernels")
     if device == "cuda" and kernels.INTERPRETED:
         raise BuildError("triton: TRITON_INTERPRET=1 is set, so the kernels would not be compiled for the GPU")
-    return {name: getattr(kernels, name) for name in OP_NAMES}
+    return {spec.name: getattr(kernels, spec.name) for spec in SPECS if "triton" in spec.backends}
 
 
 def _load(backend: str, device: str) -> dict:
-    """{op: function} that `backend` provides on `device` (the ops its tables list); raises BuildError with the
+    """{op: function} that `backend` provides on `device` (the ops whose specs list it); raises BuildError with the
     reason if it cannot."""
     if backend == "torch":
-        return {name: getattr(reference, name) for name in OP_NAMES}
+        return {spec.name: spec.reference for spec in SPECS}
     if backend == "cpu":
         if device != "cpu":
             raise BuildError(f"cpu: the C++ CPU twins run on CPU tensors, not {device!r}")
-        from .cpu import make_ops
-        return make_ops(CpuOpsBuilder().load())
+        from .library import host_functions
+        return host_functions("cpu", CpuOpsBuilder().load())
     if backend == "cuda":
         if device != "cuda":
             raise BuildError(f"cuda: the CUDA kernels run on CUDA tensors, not {device!r}")
-        from .cuda import make_ops
-        return make_ops(CudaOpsBuilder().load())
+        from .library import host_functions
+        return host_functions("cuda", CudaOpsBuilder().load())
     return _load_triton(device)
 
 
@@ -112,18 +107,18 @@ def _load_all(backends, device: str) -> tuple[dict, dict]:
     return tables, failures
 
 
-def _first(table: OpTable, device: str, loaded: dict) -> str:
-    return next(b for b in table.order(device) if b in loaded and table.name in loaded[b])
+def _first(spec: OpSpec, device: str, loaded: dict) -> str:
+    return next(b for b in spec.order(device) if b in loaded and spec.name in loaded[b])
 
 
 def _select_auto(device: str) -> tuple[dict, dict]:
     loaded, failures = _load_all(FASTEST_FIRST.get(device, ("torch",)), device)
     why = "; ".join(f"{b} unavailable: {r}" for b, r in failures.items())
     fns, choices = {}, {}
-    for table in TABLES:
-        backend = _first(table, device, loaded)
-        fns[table.name] = loaded[backend][table.name]
-        choices[table.name] = (backend, f"auto on {device}: {table.reason(device)}" + (f" ({why})" if why else ""))
+    for spec in SPECS:
+        backend = _first(spec, device, loaded)
+        fns[spec.name] = loaded[backend][spec.name]
+        choices[spec.name] = (backend, f"auto on {device}: {spec.reason(device)}" + (f" ({why})" if why else ""))
     if failures:
         detail = "; ".join(failures.values())
         _warn_once(f"hybrid_engine.ops: kernels='auto' on {device} fell back for some ops ({detail})")
@@ -133,23 +128,23 @@ def _select_auto(device: str) -> tuple[dict, dict]:
 def _select_explicit(backend: str, device: str) -> tuple[dict, dict]:
     """The requested backend for every op it has a kernel for (raising if it cannot load); each other op from
     its own auto order (under `cuda`: the norms and prefill from Triton, else torch)."""
-    served = [t.name for t in TABLES if backend in t.backends]
+    served = [spec.name for spec in SPECS if backend in spec.backends]
     try:
         own = _load(backend, device)
     except BuildError as err:
         raise BackendError(f"kernels={backend!r} on {device}: ops {', '.join(served)} cannot use it: {err}") from err
     fns = {name: own[name] for name in served}
     choices = {name: (backend, "requested") for name in served}
-    lacking = [t for t in TABLES if backend not in t.backends]
+    lacking = [spec for spec in SPECS if backend not in spec.backends]
     if lacking:
-        helpers = {b for t in lacking for b in t.order(device)}
+        helpers = {b for spec in lacking for b in spec.order(device)}
         loaded, failures = _load_all([b for b in FASTEST_FIRST.get(device, ("torch",)) if b in helpers], device)
         why = "; ".join(f"{b} unavailable: {r}" for b, r in failures.items())
-        for table in lacking:
-            via = _first(table, device, loaded)
-            fns[table.name] = loaded[via][table.name]
-            choices[table.name] = (via, f"requested {backend} has no {table.name} kernel; using {via}"
-                                   + (f" ({why})" if why else ""))
+        for spec in lacking:
+            via = _first(spec, device, loaded)
+            fns[spec.name] = loaded[via][spec.name]
+            choices[spec.name] = (via, f"requested {backend} has no {spec.name} kernel; using {via}"
+                                  + (f" ({why})" if why else ""))
     return fns, choices
 
 

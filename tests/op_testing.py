@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from hybrid_engine.ops import reference
 
 FP32_TOL = {"atol": 2e-5, "rtol": 1e-5}
 
