@@ -277,6 +277,13 @@ def round_record(exp, stats, prompts: list[str], trainer: RLTrainer, gold_fn: Go
     return record
 
 
+def reshuffled(loader, epoch: int):
+    """The loader with the order of `epoch`: a DistributedSampler repeats its first order unless told the epoch."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    return loader
+
+
 def fit(trainer: RLTrainer, data: PromptData, cfg: PPOConfig, rounds: int, state: LoopState, batches,
         generator: torch.Generator, metrics: MetricsLogger, control: RunControl, gold_fn: GoldFn | None,
         device: torch.device, is_main: bool) -> None:
@@ -358,7 +365,7 @@ def run_ppo(cfg: PPOConfig, tokenizer=None, metrics: MetricsLogger | None = None
         state.before = trainer.evaluate(data.eval_loader, data.eval_set, gold_fn) if len(data.eval_set) else {}
         metrics.log(f"{algo.name}_eval", 0, **state.before)
     generator = torch.Generator(device=dist.device).manual_seed(cfg.seed + dist.rank)
-    batches = (b for _ in range(cfg.num_train_epochs) for b in data.loader)
+    batches = (b for epoch in range(cfg.num_train_epochs) for b in reshuffled(data.loader, epoch))
     if resumed is not None:  # replay the data order to the checkpoint, then its RNG streams
         state = LoopState(**{f.name: resumed[f.name] for f in dataclasses.fields(LoopState)})
         for _ in range(state.batches):
