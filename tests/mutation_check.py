@@ -154,7 +154,7 @@ FAULTS = [
           'return paths["actor"]',
           ("tests/test_step3_matrix.py::test_step3_row[zero0-0]",), "the landed --step 3 path bug"),
     Fault("nan-reward-trained", "rlhf/steps/rl.py",
-          "if not trainer.guard.ok(state.step + 1, reward=exp.scores, advantage=exp.advantages):",
+          "if not trainer.guard.ok(step, reward=exp.scores, advantage=exp.advantages):",
           "if False:",
           ("tests/test_resume.py::test_a_nan_reward_skips_that_update_and_is_counted",),
           "a NaN reward (a reward function's) is trained on instead of skipped"),
