@@ -248,6 +248,11 @@ FAULTS = [
           "    with StopSignal() as stop:",
           ("tests/test_distributed.py::test_two_process_pipeline_runs_every_step",),
           "a multi-process run ends through os._exit with its W&B run never finished (an empty run file)"),
+    # -- issue 19: one training loop for every step
+    Fault("resume-redraws-the-first-epoch", "rlhf/runtime/loop.py",
+          "            list(self.loader.sampler)\n", "            pass\n",
+          ("tests/test_loop.py",), "a run resumed in its second epoch or later trains on other batches than the "
+          "killed one would have"),
 ]
 
 
