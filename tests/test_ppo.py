@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf import chat as chat_cli
+from rlhf.cli import chat as chat_cli
 from rlhf.cli.presets import get_preset
 from rlhf.cli.train import main as train_main
 from rlhf.models import RewardModel
