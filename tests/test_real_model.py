@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hybrid_engine
 from benchmarks import throughput
-from rlhf import chat
+from rlhf.cli import chat
 from tests.hf_models import hf_logprobs
 from tests.real_model import QUESTIONS, chat_batch, real_model_dir
 
