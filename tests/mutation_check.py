@@ -159,7 +159,7 @@ FAULTS = [
           'return paths["actor"]',
           ("tests/test_step3_matrix.py::test_step3_row[zero0-0]",), "the landed --step 3 path bug"),
     Fault("nan-reward-trained", "rlhf/steps/rl.py",
-          "if not trainer.guard.ok(state.step + 1, reward=exp.scores, advantage=exp.advantages):",
+          "if not trainer.guard.ok(step, reward=exp.scores, advantage=exp.advantages):",
           "if False:",
           ("tests/test_resume.py::test_a_nan_reward_skips_that_update_and_is_counted",),
           "a NaN reward (a reward function's) is trained on instead of skipped"),
@@ -268,6 +268,11 @@ FAULTS = [
           "    with StopSignal() as stop:",
           ("tests/test_distributed.py::test_two_process_pipeline_runs_every_step",),
           "a multi-process run ends through os._exit with its W&B run never finished (an empty run file)"),
+    # -- issue 19: one training loop for every step
+    Fault("resume-redraws-the-first-epoch", "rlhf/runtime/loop.py",
+          "            list(self.loader.sampler)\n", "            pass\n",
+          ("tests/test_loop.py",), "a run resumed in its second epoch or later trains on other batches than the "
+          "killed one would have"),
 ]
 
 

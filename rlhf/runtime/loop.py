@@ -1,5 +1,7 @@
-"""What steps 1 and 2 share: set-up (data for the step, loaders, model in a DeepSpeed engine) and the training
-loop over epochs with a progress bar, windowed metrics and an optional mid-run evaluation."""
+"""The training loop of every step (SFT, reward model, DPO, step-3 RL), run_loop: batches with a position that
+resume replays, the progress bar, windowed metrics, an optional mid-run evaluation, non-finite counts, signals and
+checkpoints. And what steps 1-2 and DPO share around it: set-up (data for the step, loaders, the model in a
+DeepSpeed engine) and the update of a loss with gradient accumulation (train_loop)."""
 
 from __future__ import annotations
 
@@ -78,74 +80,139 @@ def prepare_step(cfg: StepConfig, step: int, name: str, what: str, build_dataset
                 control, resumed)
 
 
+def window_means(window: list[dict]) -> dict:
+    """Each metric's mean over a window of records (the metrics of its first)."""
+    return {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+
+
+class Batches:
+    """`epochs` passes over a DataLoader that know where they are: `position()` goes into a checkpoint, and
+    `seek(position)` draws the data order up to it again, so a resumed run gets the batches the killed one would
+    have had next."""
+
+    def __init__(self, loader, epochs: int):
+        self.loader, self.epochs = loader, epochs
+        self.epoch, self.taken = 0, 0  # the epoch being drawn, and the batches drawn from it
+        self.current = None            # that epoch's iterator
+
+    def _order(self, epoch: int) -> None:
+        if hasattr(self.loader.sampler, "set_epoch"):  # DistributedSampler reshuffles per epoch
+            self.loader.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        while self.epoch < self.epochs:
+            if self.current is None:
+                self._order(self.epoch)
+                self.current, self.taken = iter(self.loader), 0
+            for batch in self.current:
+                self.taken += 1
+                yield batch
+            self.epoch, self.current = self.epoch + 1, None
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.taken}
+
+    def seek(self, position: dict) -> None:
+        for epoch in range(position["epoch"]):  # the finished epochs: their orders drawn, no batch loaded
+            self._order(epoch)
+            list(self.loader.sampler)
+        self.epoch = position["epoch"]
+        self._order(self.epoch)
+        self.current = iter(self.loader)
+        for _ in range(position["batches"]):  # the batches of this epoch already trained on
+            next(self.current)
+        self.taken = position["batches"]
+
+
+def run_loop(update: Callable[[object, int], list[dict] | None], batches: Batches, total: int, *, name: str,
+             desc: str, metrics: MetricsLogger, control: RunControl, engines: dict, guard: NonFiniteGuard,
+             resumed: dict | None, log_interval: int, show_bar: bool, saved: Callable[[], dict] = dict,
+             generators: dict[str, torch.Generator] | None = None,
+             summarize: Callable[[list[dict]], dict] = window_means, log_last: bool = True,
+             postfix: Callable[[dict], dict] = lambda r: {"loss": f"{r['loss']:.3f}"},
+             evaluate: Callable[[], dict] | None = None, eval_interval: int = 0) -> tuple[int, dict]:
+    """The training loop of every step: `total` optimizer updates (steps 1-2 and DPO) or rounds (step 3) from
+    `batches`; returns (updates made, the record of the last window).
+
+    `update(batch, n)` trains on one batch while update n is in progress; it gives the records of update n when
+    that batch completed it, None when not (gradient accumulation, a rollout buffer still filling, a skipped
+    batch). The window of records since the last one logged goes to metrics.jsonl as `summarize(window)` under
+    `name` every `log_interval` updates (and at the last with `log_last`); `evaluate()` is logged as "<name>_eval"
+    every `eval_interval` updates. After every update `control` checkpoints `engines` when due or asked (a signal)
+    and at the end. A checkpoint holds the loop's position, `guard`'s counts, the RNG streams (torch, numpy,
+    python and `generators`) and `saved()`, the step's own state (back as resumed["saved"]); from `resumed`, such
+    a checkpoint's state, the loop replays the data order to it, restores the streams and continues bit for bit.
+    """
+    step, window, last = 0, [], {}
+    if resumed is not None:
+        step, window, last = resumed["step"], resumed["window"], resumed["last"]
+        guard.load_state(resumed["guard"])
+        batches.seek(resumed["data"])
+        restore_rng(resumed["rng"], generators)  # after the data is placed: creating an iterator draws from torch
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not show_bar)
+
+    def checkpoint_state() -> dict:  # what a checkpoint holds besides the engines: read when one is written
+        return {"step": step, "data": batches.position(), "window": window, "last": last, "guard": guard.state(),
+                "rng": capture_rng(generators), "saved": saved()}
+
+    for batch in batches if step < total else ():
+        records = update(batch, step + 1)
+        if records is None:
+            continue
+        step += 1
+        window += records
+        bar.update(1)
+        bar.set_postfix(**postfix(records[-1]))
+        if step % log_interval == 0 or (log_last and step == total):
+            last, window = summarize(window), []
+            metrics.log(name, step, **last)
+        if evaluate is not None and eval_interval and step % eval_interval == 0:
+            metrics.log(f"{name}_eval", step, **evaluate())
+        control.after_update(step, engines, checkpoint_state, guard)
+        if step >= total:
+            break
+    bar.close()
+    control.after_update(step, engines, checkpoint_state, guard, last=True)
+    return step, summarize(window) if window else last
+
+
 def train_loop(s: Step, cfg: StepConfig, desc: str, loss_fn: Callable, evaluate: Callable | None = None,
                eval_interval: int = 0, saved: dict | None = None) -> tuple[int, float]:
-    """Epochs over s.train_loader; returns (optimizer steps taken, mean loss of the last window).
+    """run_loop over cfg.num_train_epochs of s.train_loader, each micro-batch backpropagating `loss_fn`;
+    returns (optimizer steps taken, mean loss of the last window).
 
-    `loss_fn(engine, batch)` gives (loss, {metric: float}) for a batch on the device; the window of micro-batches
-    since the last record is averaged into metrics.jsonl every cfg.log_interval steps, with the learning rate.
-    `evaluate(engine)` (a dict) is logged as "<name>_eval" every `eval_interval` steps when both are given.
-    A micro-batch with a non-finite loss is skipped (no backward), a non-finite gradient dropped (guarded_update).
-    Checkpoints (s.control) carry the loop's position, RNG streams and `saved` (the caller's own state, back as
-    s.resumed["saved"]); resuming from one replays the data order up to that position and continues bit for bit.
+    `loss_fn(engine, batch)` gives (loss, {metric: float}) for a batch on the device; a window's record is the
+    mean of its micro-batches' with the learning rate. `evaluate(engine)` (a dict) is logged as "<name>_eval"
+    every `eval_interval` steps when both are given. A micro-batch with a non-finite loss is skipped (no
+    backward), a non-finite gradient dropped (guarded_update). `saved` comes back as s.resumed["saved"].
     """
-    engine, metrics, control = s.engine, s.metrics, s.control
+    engine = s.engine
     engine.train()
-    guard = NonFiniteGuard(control.max_nonfinite_steps, f"{s.name} step")
-    step, window, last_loss, start_epoch, done = 0, [], float("nan"), 0, 0
-    r = s.resumed
-    if r is not None:
-        step, window, last_loss, start_epoch, done = r["step"], r["window"], r["last_loss"], r["epoch"], r["batches"]
-        guard.load_state(r["guard"])
-    bar = tqdm(total=s.total_steps, initial=step, desc=desc, disable=cfg.disable_tqdm or not s.dist.is_main)
+    guard = NonFiniteGuard(s.control.max_nonfinite_steps, f"{s.name} step")
+    batches = Batches(s.train_loader, cfg.num_train_epochs)
+    micro = []  # the records of the micro-batches of the optimizer step in progress
 
-    def loop_state() -> dict:  # what a checkpoint holds besides the engine: read when one is written
-        return {"step": step, "epoch": epoch, "batches": done, "window": window, "last_loss": last_loss,
-                "guard": guard.state(), "rng": capture_rng(), "saved": saved}
+    def update(batch, step: int) -> list[dict] | None:
+        loss, extra = loss_fn(engine, to_device(batch, s.dist.device))
+        if not guarded_update(engine, loss, guard, step):
+            return None
+        micro.append({"loss": loss.item(), **extra})
+        if not engine.is_gradient_accumulation_boundary():
+            return None
+        if cfg.print_loss and s.dist.is_main:
+            print(f"{s.name} epoch {batches.epoch} step {step} loss {loss.item():.4f}")
+        records = micro.copy()
+        micro.clear()
+        return records
 
-    for epoch in range(cfg.num_train_epochs):
-        if step >= s.total_steps:
-            break
-        if hasattr(s.train_loader.sampler, "set_epoch"):  # DistributedSampler reshuffles per epoch
-            s.train_loader.sampler.set_epoch(epoch)
-        if epoch < start_epoch:  # resumed: draw the finished epochs' orders, as the run did
-            list(s.train_loader.sampler)
-            continue
-        batches = iter(s.train_loader)
-        if r is not None and epoch == start_epoch:
-            for _ in range(done):  # the resumed epoch's batches already trained on
-                next(batches)
-            restore_rng(r["rng"])  # after the data is placed: creating the iterator draws from torch's stream
-        else:
-            done = 0
-        for batch in batches:
-            done += 1
-            loss, extra = loss_fn(engine, to_device(batch, s.dist.device))
-            if not guarded_update(engine, loss, guard, step + 1):
-                continue
-            window.append({"loss": loss.item(), **extra})
-            if not engine.is_gradient_accumulation_boundary():
-                continue
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if cfg.print_loss and s.dist.is_main:
-                print(f"{s.name} epoch {epoch} step {step} loss {loss.item():.4f}")
-            if step % cfg.log_interval == 0 or step == s.total_steps:
-                means = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                last_loss = means["loss"]
-                metrics.log(s.name, step, **means, lr=engine.get_lr()[0])
-                window = []
-            if evaluate is not None and eval_interval and step % eval_interval == 0:
-                metrics.log(f"{s.name}_eval", step, **evaluate(engine))
-            control.after_update(step, {"model": engine}, loop_state, guard, last=step >= s.total_steps)
-            if step >= s.total_steps:
-                break
-    bar.close()
+    step, last = run_loop(update, batches, s.total_steps, name=s.name, desc=desc, metrics=s.metrics,
+                          control=s.control, engines={"model": engine}, guard=guard, resumed=s.resumed,
+                          log_interval=cfg.log_interval, show_bar=not cfg.disable_tqdm and s.dist.is_main,
+                          saved=lambda: saved, summarize=lambda w: {**window_means(w), "lr": engine.get_lr()[0]},
+                          evaluate=(lambda: evaluate(engine)) if evaluate is not None else None,
+                          eval_interval=eval_interval)
     s.skipped = guard.skipped
-    if window:
-        last_loss = sum(w["loss"] for w in window) / len(window)
-    return step, last_loss
+    return step, last.get("loss", float("nan"))
 
 
 def initial_eval(s: Step, record: str, evaluate: Callable[[], dict]) -> dict:

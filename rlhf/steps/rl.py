@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from rlhf.core.algorithms import Algorithm
 from rlhf.core.experience import sequence_kl
@@ -37,9 +36,10 @@ from rlhf.models import load_tokenizer, require_checkpoint, require_model_source
 from rlhf.runtime.checkpoint import save_actor_checkpoint, save_reward_checkpoint
 from rlhf.runtime.config import config_from_args, step_main
 from rlhf.runtime.distributed import init_distributed, make_dataloader, to_device
+from rlhf.runtime.loop import Batches, run_loop
 from rlhf.runtime.metrics import MetricsLogger
 from rlhf.runtime.process import run_cli
-from rlhf.runtime.resume import RunControl, capture_rng, restore_rng
+from rlhf.runtime.resume import RunControl
 from rlhf.steps.rl_config import RLConfig
 from rlhf.steps.rl_trainer import GoldFn, RLTrainer, records
 
@@ -90,10 +90,8 @@ def prompt_data(cfg: RLConfig, tokenizer) -> PromptData:
 
 
 @dataclass
-class LoopState:
-    """Where the loop is: what a checkpoint holds besides the engines, the trainer's state and the RNG streams."""
-    step: int = 0          # rounds done (optimizer updates of each minibatch count as one round)
-    batches: int = 0       # prompt batches drawn from the loader
+class Tally:
+    """What step 3 counts besides the loop's position; a checkpoint holds it."""
     ptx: int = 0           # PTX batches drawn
     history: list = field(default_factory=list)  # each round's record
     gen_tokens: int = 0
@@ -118,54 +116,56 @@ def round_record(exp, stats, prompts: list[str], trainer: RLTrainer, gold_fn: Go
     return record
 
 
-def fit(trainer: RLTrainer, data: PromptData, cfg: RLConfig, rounds: int, state: LoopState, batches,
-        generator: torch.Generator, metrics: MetricsLogger, control: RunControl, gold_fn: GoldFn | None,
-        device: torch.device, is_main: bool) -> None:
-    """The loop: rollout -> rewards -> advantages (RLTrainer.rollout) -> updates (RLTrainer.train_on), for
-    `rounds` rounds of `cfg.loop.generation_batches` rollouts each, from `state` (advanced in place)."""
+def fit(trainer: RLTrainer, data: PromptData, cfg: RLConfig, rounds: int, tally: Tally, generator: torch.Generator,
+        metrics: MetricsLogger, control: RunControl, resumed: dict | None, gold_fn: GoldFn | None,
+        device: torch.device, is_main: bool) -> int:
+    """`rounds` rounds of the loop (rlhf/runtime/loop.py) over the prompt batches, from `resumed` (a checkpoint's
+    state, `tally` and the trainer already restored from it) if given: rollout -> rewards -> advantages
+    (RLTrainer.rollout) of each batch, and once `cfg.loop.generation_batches` rollouts are buffered,
+    `cfg.loop.ppo_epochs` passes of updates (RLTrainer.train_on) over their minibatches: one round. Returns the
+    rounds done."""
     name = trainer.algo.name
+    buffer = []  # the rollouts of the round in progress
 
-    def checkpoint_state() -> dict:  # read when a checkpoint is written
-        return {**dataclasses.asdict(state), "trainer": trainer.state(), "rng": capture_rng({"sampling": generator})}
-
-    buffer = []
-    bar = tqdm(total=rounds, initial=state.step, desc=f"step 3 {name}", disable=cfg.disable_tqdm or not is_main)
-    for batch in batches if state.step < rounds else ():
-        state.batches += 1
-        trainer.round = state.step + 1
+    def update(batch, step: int) -> list[dict] | None:
+        trainer.round = step
         batch = to_device(batch, device)
         prompts, fields = records(data.train_set, batch)
         exp, stats = trainer.rollout(batch, prompts, fields, generator)
-        state.gen_tokens, state.gen_seconds = state.gen_tokens + stats.new_tokens, state.gen_seconds + stats.seconds
-        if not trainer.guard.ok(state.step + 1, reward=exp.scores, advantage=exp.advantages):
-            continue  # this rollout is not trained on
+        tally.gen_tokens, tally.gen_seconds = tally.gen_tokens + stats.new_tokens, tally.gen_seconds + stats.seconds
+        if not trainer.guard.ok(step, reward=exp.scores, advantage=exp.advantages):
+            return None  # this rollout is not trained on
         record = round_record(exp, stats, prompts, trainer, gold_fn)
         buffer.append(exp)
         if len(buffer) < cfg.loop.generation_batches:
-            continue
+            return None
         losses = []
         for _ in range(cfg.loop.ppo_epochs):
             for rollout in buffer:
                 for mb in rollout.minibatches(cfg.loop.per_device_training_batch_size):
                     ptx = next(data.ptx_batches) if data.ptx_batches else None
-                    state.ptx += ptx is not None
+                    tally.ptx += ptx is not None
                     losses.append(trainer.train_on(mb, ptx))
-        buffer = []
-        state.step += 1
+        buffer.clear()
         record.update({k: sum(d[k] for d in losses) / len(losses) for k in losses[0]})
-        state.history.append(record)
-        bar.update(1)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}",
-                        **({"gap": f"{record['logprob_gap']:.1e}"} if "logprob_gap" in record else {}))
-        if state.step % cfg.loop.log_interval == 0:
-            metrics.log(name, state.step, **record)
-            if cfg.loop.print_answers and is_main:
-                print(f"[{name} {state.step}] {prompts[0]} -> {trainer.answers(exp)[0]}")
-        control.after_update(state.step, trainer.engines(), checkpoint_state, trainer.guard)
-        if state.step >= rounds:
-            break
-    bar.close()
-    control.after_update(state.step, trainer.engines(), checkpoint_state, trainer.guard, last=True)
+        tally.history.append(record)
+        if cfg.loop.print_answers and is_main and step % cfg.loop.log_interval == 0:
+            print(f"[{name} {step}] {prompts[0]} -> {trainer.answers(exp)[0]}")
+        return [record]
+
+    def postfix(record: dict) -> dict:
+        return {"reward": f"{record['reward']:.3f}", "kl": f"{record['kl']:.3f}",
+                **({"gap": f"{record['logprob_gap']:.1e}"} if "logprob_gap" in record else {})}
+
+    # a round's record is its own (its rollout's reward, its updates' losses), logged every log_interval rounds
+    steps, _ = run_loop(update, Batches(data.loader, cfg.loop.num_train_epochs), rounds, name=name,
+                        desc=f"step 3 {name}", metrics=metrics, control=control, engines=trainer.engines(),
+                        guard=trainer.guard, resumed=resumed, log_interval=cfg.loop.log_interval,
+                        show_bar=not cfg.disable_tqdm and is_main,
+                        saved=lambda: {**dataclasses.asdict(tally), "trainer": trainer.state()},
+                        generators={"sampling": generator}, summarize=lambda window: window[-1], log_last=False,
+                        postfix=postfix)
+    return steps
 
 
 def run_ppo(cfg: RLConfig, tokenizer=None, metrics: MetricsLogger | None = None,
@@ -192,48 +192,44 @@ def run_ppo(cfg: RLConfig, tokenizer=None, metrics: MetricsLogger | None = None,
     control = control or RunControl()
     updates = rounds * cfg.loop.ppo_epochs * cfg.loop.generation_batches * minibatches
     trainer = RLTrainer(cfg, tokenizer, updates, dist.device, reward_fn, control.max_nonfinite_steps)
-    state = LoopState()
+    tally = Tally()
     resumed = control.load(trainer.engines())
     if resumed is None:
-        state.before = trainer.evaluate(data.eval_loader, data.eval_set, gold_fn) if len(data.eval_set) else {}
-        metrics.log(f"{algo.name}_eval", 0, **state.before)
-    generator = torch.Generator(device=dist.device).manual_seed(cfg.seed + dist.rank)
-    batches = (b for _ in range(cfg.loop.num_train_epochs) for b in data.loader)
-    if resumed is not None:  # replay the data order to the checkpoint, then its RNG streams
-        state = LoopState(**{f.name: resumed[f.name] for f in dataclasses.fields(LoopState)})
-        for _ in range(state.batches):
-            next(batches)
-        for _ in range(state.ptx):
+        tally.before = trainer.evaluate(data.eval_loader, data.eval_set, gold_fn) if len(data.eval_set) else {}
+        metrics.log(f"{algo.name}_eval", 0, **tally.before)
+    else:  # step 3's own state, as fit saved it (the loop replays the prompt order and the RNG streams)
+        tally = Tally(**{f.name: resumed["saved"][f.name] for f in dataclasses.fields(Tally)})
+        for _ in range(tally.ptx):
             next(data.ptx_batches)
-        trainer.load_state(resumed["trainer"])
-        restore_rng(resumed["rng"], {"sampling": generator})
-
-    fit(trainer, data, cfg, rounds, state, batches, generator, metrics, control, gold_fn, dist.device, dist.is_main)
+        trainer.load_state(resumed["saved"]["trainer"])
+    generator = torch.Generator(device=dist.device).manual_seed(cfg.seed + dist.rank)
+    steps = fit(trainer, data, cfg, rounds, tally, generator, metrics, control, resumed, gold_fn, dist.device,
+                dist.is_main)
 
     after = trainer.evaluate(data.eval_loader, data.eval_set, gold_fn) if len(data.eval_set) else {}
-    metrics.log(f"{algo.name}_eval", state.step, **after)
+    metrics.log(f"{algo.name}_eval", steps, **after)
     save_actor_checkpoint(trainer.actor.module, tokenizer, f"{cfg.output_dir}/actor")
     if trainer.critic is not None:
         save_reward_checkpoint(trainer.critic.module, tokenizer, f"{cfg.output_dir}/critic")
     if trainer.ema is not None:
         save_actor_checkpoint(trainer.ema, tokenizer, f"{cfg.output_dir}/actor_ema")
-    return summary(trainer, data, state, after, cfg.output_dir, time.time() - start)
+    return summary(trainer, data, steps, tally, after, cfg.output_dir, time.time() - start)
 
 
-def summary(trainer: RLTrainer, data: PromptData, state: LoopState, after: dict, output_dir: str,
+def summary(trainer: RLTrainer, data: PromptData, steps: int, tally: Tally, after: dict, output_dir: str,
             seconds: float) -> dict:
     """The run's summary: held-out reward (and gold) before and after, the last rounds' means, the largest
     logprob gap, skipped updates."""
-    last = state.history[-min(5, len(state.history)):] if state.history else [{}]
+    last = tally.history[-min(5, len(tally.history)):] if tally.history else [{}]
     mean = lambda key: sum(r.get(key, float("nan")) for r in last) / len(last)  # noqa: E731
     return {
-        "algorithm": trainer.algo.name, "output_dir": output_dir, "steps": state.step,
+        "algorithm": trainer.algo.name, "output_dir": output_dir, "steps": steps,
         "prompts": len(data.train_set), "dropped_prompts": data.train_set.num_dropped,
-        "reward_before": state.before.get("reward"), "reward_after": after.get("reward"),
-        "gold_before": state.before.get("gold"), "gold_after": after.get("gold"),
+        "reward_before": tally.before.get("reward"), "reward_after": after.get("reward"),
+        "gold_before": tally.before.get("gold"), "gold_after": after.get("gold"),
         "final_reward": mean("reward"), "final_kl": mean("kl"),
-        "max_logprob_gap": max((r["logprob_gap"] for r in state.history if "logprob_gap" in r), default=0.0),
-        "gen_tokens_per_s": state.gen_tokens / max(state.gen_seconds, 1e-9),
+        "max_logprob_gap": max((r["logprob_gap"] for r in tally.history if "logprob_gap" in r), default=0.0),
+        "gen_tokens_per_s": tally.gen_tokens / max(tally.gen_seconds, 1e-9),
         "nonfinite_skipped": trainer.guard.skipped,
         "deepspeed_skipped_steps": sum(e.skipped_steps for e in trainer.engines().values()),
         "seconds": seconds,
