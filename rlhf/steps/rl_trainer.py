@@ -198,13 +198,12 @@ class RLTrainer:
         return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
 
     def state(self) -> dict:
-        """What a checkpoint needs of the trainer besides its engines."""
-        return {"rollouts": self.rollouts, "guard": self.guard.state(),
+        """What a checkpoint needs of the trainer besides its engines (its guard's counts are the loop's to save)."""
+        return {"rollouts": self.rollouts,
                 "ema": {k: v.clone() for k, v in self.ema.state_dict().items()} if self.ema is not None else None}
 
     def load_state(self, state: dict) -> None:
         self.rollouts = state["rollouts"]
-        self.guard.load_state(state["guard"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
 
