@@ -101,7 +101,7 @@ def outcomes(rewards, mask) -> list[float]:
 
 
 def on_tokens(per_row: list[float], mask) -> torch.Tensor:
-    return torch.tensor(per_row)[:, None] * mask.float()
+    return torch.tensor(per_row, device=mask.device)[:, None] * mask.float()
 
 
 def loop_grpo(rewards, mask, group: int, std_normalization: bool) -> torch.Tensor:
@@ -300,8 +300,8 @@ def random_update_batch(trainer, seed: int):
     with torch.no_grad():
         now = answer_logprobs(trainer.actor.module, exp)
         values = answer_values(trainer.critic.module, exp) if trainer.critic is not None else None
-    noise = lambda scale: torch.randn(mask.shape, generator=g) * scale * mask  # noqa: E731
-    old = now + (torch.rand(mask.shape, generator=g) - 0.5) * 0.8 * mask
+    noise = lambda scale: (torch.randn(mask.shape, generator=g) * scale).to(mask.device) * mask  # noqa: E731
+    old = now + (torch.rand(mask.shape, generator=g) - 0.5).to(mask.device) * 0.8 * mask
     return dataclasses.replace(exp, logprobs=old * mask, ref_logprobs=(now + noise(1.0)) * mask,
                                advantages=noise(1.0), returns=noise(1.0),
                                values=None if values is None else (values + noise(0.3)) * mask)
@@ -327,7 +327,7 @@ def test_actor_step_backpropagates_the_clipped_surrogate_plus_the_kl_loss(tiny_r
 
     documented = {**README["grpo"], **options}
     agg, coef, est = documented["loss_agg"], documented["kl_loss_coef"], documented["kl_estimator"]
-    plain = AutoModelForCausalLM.from_pretrained(tiny_run / "actor")
+    plain = AutoModelForCausalLM.from_pretrained(tiny_run / "actor").to(exp.sequences.device)
     plain.load_state_dict(calls[0]["weights"])
     with torch.no_grad():
         ratio = torch.exp(answer_logprobs(plain, exp) - exp.logprobs)[exp.action_mask]
@@ -367,8 +367,9 @@ def random_ptx_batch(vocab: int, seed: int) -> dict:
 
 def lm_loss_fn(batch: dict):
     def loss(model):  # the mean over labelled tokens of -log p(token | the tokens before it)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        target = batch["labels"][:, 1:]
+        ids, mask, labels = (batch[k].to(model.device) for k in ("input_ids", "attention_mask", "labels"))
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        target = labels[:, 1:]
         kept = target != -100
         logp = torch.log_softmax(logits.float(), -1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
         return -logp[kept].mean()
@@ -407,7 +408,7 @@ def ppo_step(tiny_run):
 def test_ppo_actor_step_clips_the_ratio_symmetrically_without_a_kl_loss(tiny_run, ppo_step):
     exp, calls = ppo_step["exp"], ppo_step["actor_calls"]
     assert len(calls) == 2 and "kl_loss" not in ppo_step["out"]  # the policy step, then the PTX step
-    plain = AutoModelForCausalLM.from_pretrained(tiny_run / "actor")
+    plain = AutoModelForCausalLM.from_pretrained(tiny_run / "actor").to(exp.sequences.device)
 
     def gradient(clip=CLIP, kl_coef=README["ppo"]["kl_loss_coef"], agg=README["ppo"]["loss_agg"]):
         return plain_gradients(plain, calls[0]["weights"], actor_loss_fn(exp, clip, clip, agg, NEW_TOKENS, kl_coef,
@@ -421,7 +422,7 @@ def test_ppo_actor_step_clips_the_ratio_symmetrically_without_a_kl_loss(tiny_run
 
 def test_ptx_step_is_the_lm_loss_times_unsup_coef(tiny_run, ppo_step):
     call = ppo_step["actor_calls"][1]
-    plain = AutoModelForCausalLM.from_pretrained(tiny_run / "actor")
+    plain = AutoModelForCausalLM.from_pretrained(tiny_run / "actor").to(ppo_step["exp"].sequences.device)
     lm_loss, lm_grads = plain_gradients(plain, call["weights"], lm_loss_fn(ppo_step["ptx"]))
     assert ppo_step["out"]["ptx_loss"] == pytest.approx(lm_loss, rel=1e-5)
     assert call["loss"] == pytest.approx(UNSUP_COEF * lm_loss, rel=1e-5)
@@ -435,7 +436,7 @@ def test_ptx_step_is_the_lm_loss_times_unsup_coef(tiny_run, ppo_step):
 def test_critic_step_clips_values_at_cliprange_value(tiny_run, ppo_step):
     exp, calls = ppo_step["exp"], ppo_step["critic_calls"]
     assert len(calls) == 1
-    plain = RewardModel.from_pretrained(tiny_run / "reward")
+    plain = RewardModel.from_pretrained(tiny_run / "reward").to(exp.sequences.device)
     loss, expected = plain_gradients(plain, calls[0]["weights"], value_loss_fn(exp, CLIP_VALUE))
     assert calls[0]["loss"] == pytest.approx(loss, rel=1e-5) and ppo_step["out"]["critic_loss"] == calls[0]["loss"]
     alternatives = {"unclipped": plain_gradients(plain, calls[0]["weights"], value_loss_fn(exp, 1e9))[1],
