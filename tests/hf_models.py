@@ -9,8 +9,11 @@ from transformers import (
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    Olmo2Config,
     OPTConfig,
+    Phi3Config,
     Qwen2Config,
+    Qwen3Config,
 )
 
 VOCAB = 101  # odd on purpose
@@ -36,6 +39,23 @@ CONFIGS = {
     "qwen2": lambda: Qwen2Config(vocab_size=VOCAB, hidden_size=56, intermediate_size=88, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                  tie_word_embeddings=True, rope_theta=1_000_000.0),
+    # per-head q/k norms, explicit head_dim 14 (hidden 40 / 5 heads would be 8), 5 heads over 1 kv head, untied head
+    "qwen3": lambda: Qwen3Config(vocab_size=VOCAB, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
+                                 num_attention_heads=5, num_key_value_heads=1, head_dim=14, rope_theta=10000.0,
+                                 max_position_embeddings=128, tie_word_embeddings=False),
+    # tied embeddings, GQA 6:3 with head dim 6, attention bias
+    "qwen3_tied": lambda: Qwen3Config(vocab_size=VOCAB, hidden_size=36, intermediate_size=56, num_hidden_layers=2,
+                                      num_attention_heads=6, num_key_value_heads=3, head_dim=6, attention_bias=True,
+                                      max_position_embeddings=128, tie_word_embeddings=True),
+    # fused qkv_proj and gate_up_proj, GQA 6:2 with head dim 8, half rotary, sliding window shorter than the prompt
+    "phi3": lambda: Phi3Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                               num_attention_heads=6, num_key_value_heads=2, partial_rotary_factor=0.5,
+                               sliding_window=9, max_position_embeddings=128, original_max_position_embeddings=128,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
+    # q/k norms over whole projections, norms after attention and MLP; 3 heads over 1 kv head, tied embeddings
+    "olmo2": lambda: Olmo2Config(vocab_size=VOCAB, hidden_size=42, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=128,
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True),
     # word_embed_proj_dim != hidden_size (project_in/out), learned positions offset by 2
     "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
                              word_embed_proj_dim=32, max_position_embeddings=128, pad_token_id=1, bos_token_id=2,

@@ -1,5 +1,26 @@
 """Inference forwards per Hugging Face family. `FAMILIES` maps a config's model_type to the function that
-describes such a model's weights for `InferenceModel`."""
+describes such a model's weights for `InferenceModel`.
+
+Adding a family is one file here, one row below, and a tiny config in tests/hf_models.py (the parametrized tests
+of tests/test_engine_*.py then hold it to Hugging Face). The file provides one function
+`<family>_weights(model, relayer) -> ModelWeights`, called at every eval(), which:
+
+- describes each block as a `LayerWeights`: norm1, norm2 (and q_norm, k_norm where the family has them), qkv as
+  one projection yielding [q heads | k heads | v heads] (or NeoX's per-head [q | k | v]), o, up (the fused
+  [gate; up] for gated MLPs) and down. Tensors are the training parameters themselves: `relayer.linear` /
+  `relayer.weight` for one projection (the parameter, or base + LoRA delta), `relayer.fused` for several that
+  must become one (a buffer refilled in place at each eval()); never a fresh copy;
+- sets the `Architecture` switches (see models/base.py) where the family differs: norm kind, residual layout,
+  q/k norms, activation (by the config's name, via common.activation), gated MLP, positions, qkv layout,
+  per-layer sliding windows, rotary scaling;
+- gives the embedding, final norm, LM head and, for rotary families, the rotary module's `inv_freq` (so every
+  rope variant Hugging Face computes into inv_freq and attention_scaling is served as it is).
+
+A family built like Llama (model.model with embed_tokens, layers, norm, rotary_emb) passes only its block function
+and switches to `llama.rotary_decoder_weights`, as qwen3.py, phi3.py and olmo2.py do. A feature none of the
+families has yet (a new norm placement, q/k norms, ...) is an `Architecture` option that `InferenceModel`
+resolves once at construction, written with the ops of hybrid_engine/ops so every kernel backend serves it.
+"""
 from __future__ import annotations
 
 from .base import InferenceModel, ModelWeights
@@ -7,12 +28,18 @@ from .common import Relayer
 from .gpt2 import gpt2_weights
 from .gpt_neox import gpt_neox_weights
 from .llama import llama_weights
+from .olmo2 import olmo2_weights
 from .opt import opt_weights
+from .phi3 import phi3_weights
+from .qwen3 import qwen3_weights
 
 FAMILIES = {
     "llama": llama_weights,
     "mistral": llama_weights,
     "qwen2": llama_weights,
+    "qwen3": qwen3_weights,
+    "phi3": phi3_weights,
+    "olmo2": olmo2_weights,
     "opt": opt_weights,
     "gpt2": gpt2_weights,
     "gpt_neox": gpt_neox_weights,

@@ -1,8 +1,8 @@
 """The inference forward shared by every supported family: a decoder-only transformer over a KV cache.
 
-A family file (llama.py, opt.py, gpt2.py, gpt_neox.py) reads a Hugging Face module and describes it twice:
+A family file (llama.py, opt.py, gpt2.py, gpt_neox.py, ...) reads a Hugging Face module and describes it twice:
 an `Architecture`, frozen, with the handful of switches where the families differ (norm kind, residual
-layout, activation, positions, qkv layout, sliding windows), and `ModelWeights`: tensors that *are* the
+layout, q/k norms, activation, positions, qkv layout, sliding windows), and `ModelWeights`: tensors that *are* the
 training parameters (views, no copies), plus the few buffers the engine re-lays on `eval()` (a fused QKV or
 gate/up matrix). `InferenceModel` resolves the switches once, when it is built at `eval()` (which norm, which
 block function, which MLP), so the layer loop runs no string comparison per layer and token.
@@ -64,6 +64,8 @@ class LayerWeights:
     o: Linear
     up: Linear      # the gated families: fused [gate; up] projection; else the first MLP projection
     down: Linear
+    q_norm: Norm | None = None   # RMSNorm on q and on k before rotary, where Architecture.qk_norm is set
+    k_norm: Norm | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,10 @@ class Architecture:
     norm: str = "layer"                           # "rms" (Llama family) or "layer"
     gated_mlp: bool = False                       # act(gate) * up (Llama) or act(up) (OPT, GPT-2, NeoX)
     qkv_layout: str = "blocked"                   # [q heads | k heads | v heads], or "per_head" [q | k | v] (NeoX)
-    residual: str = "pre_norm"                    # "pre_norm", "parallel" (NeoX) or "post_norm" (OPT-350m)
+    residual: str = "pre_norm"                    # "pre_norm", "parallel" (NeoX), "post_norm" (OPT-350m) or
+                                                  # "norm_after" (OLMo 2: h + norm1(attn(h)), h + norm2(mlp(h)))
+    qk_norm: str | None = None                    # RMSNorm on q and k before rotary: "head" (Qwen3, over each
+                                                  # head's D) or "projection" (OLMo 2, over all heads' H*D)
     positions: str = "rotary"                     # "rotary" or "learned" (absolute, OPT and GPT-2)
     pos_offset: int = 0                           # OPT's learned positions start at index 2
     rope_scaling: float = 1.0                     # the model's attention_scaling applied to cos and sin
@@ -117,9 +122,12 @@ class InferenceModel:
         self.rotary_tables = {} if rotary_tables is None else rotary_tables
         self.norm, self.add_norm = (self._rms, self._rms_add) if arch.norm == "rms" else (self._ln, self._ln_add)
         self.block = {"pre_norm": self._pre_norm_block, "parallel": self._parallel_block,
-                      "post_norm": self._post_norm_block}[arch.residual]
+                      "post_norm": self._post_norm_block, "norm_after": self._norm_after_block}[arch.residual]
         self.mlp = self._gated_mlp if arch.gated_mlp else self._plain_mlp
         self.split_qkv = self._split_per_head if arch.qkv_layout == "per_head" else self._split_blocked
+        if arch.qk_norm is not None and arch.qkv_layout != "blocked":
+            raise NotImplementedError(f"qk_norm={arch.qk_norm!r} needs the blocked qkv layout")
+        self.qkv = {None: self._qkv, "head": self._qkv_head_norm, "projection": self._qkv_projection_norm}[arch.qk_norm]
         self.rotary = arch.positions == "rotary"
         windows = arch.sliding_windows or (None,) * len(weights.layers)
         self.windows = windows
@@ -157,6 +165,28 @@ class InferenceModel:
     def _post_norm_block(self, layer: LayerWeights, i: int, h, residual, attend: Attend):
         h = self.add_norm(layer.norm1, attend(layer, i, h), h)[0]
         return self.add_norm(layer.norm2, self.mlp(layer, h), h)[0], None
+
+    def _norm_after_block(self, layer: LayerWeights, i: int, h, residual, attend: Attend):
+        """OLMo 2: no norm before a sublayer, its output normed before the residual add."""
+        h = h + self.norm(layer.norm1, attend(layer, i, h))
+        return h + self.norm(layer.norm2, self.mlp(layer, h)), None
+
+    # -- q, k, v of a layer's input x (B, T, E): each (B, T, H|Hkv, D), q and k normed where the family does ----
+    def _qkv(self, layer: LayerWeights, x: torch.Tensor):
+        return self.split_qkv(layer.qkv(x))
+
+    def _qkv_head_norm(self, layer: LayerWeights, x: torch.Tensor):
+        q, k, v = self.split_qkv(layer.qkv(x))
+        return self._rms(layer.q_norm, q), self._rms(layer.k_norm, k), v
+
+    def _qkv_projection_norm(self, layer: LayerWeights, x: torch.Tensor):
+        qkv = layer.qkv(x)
+        B, T, _ = qkv.shape
+        H, Hkv, D = self.arch.num_heads, self.arch.num_kv_heads, self.arch.head_dim
+        q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)           # (B, T, H*D), (B, T, Hkv*D) x 2
+        q = self._rms(layer.q_norm, q).view(B, T, H, D)
+        k = self._rms(layer.k_norm, k).view(B, T, Hkv, D)
+        return q, k, v.view(B, T, Hkv, D)
 
     # -- pieces -------------------------------------------------------------------------------
     def _gated_mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
@@ -241,7 +271,7 @@ class InferenceModel:
         ops, scale = self.ops, self.scale
 
         def attend(layer: LayerWeights, i: int, x: torch.Tensor) -> torch.Tensor:
-            q, k, v = self.split_qkv(layer.qkv(x))                         # (B, T, H|Hkv, D)
+            q, k, v = self.qkv(layer, x)                                      # (B, T, H|Hkv, D)
             k_cache, v_cache = cache.layer(i)
             q = ops.rotary_kv_append(q, k, v, cos, sin, k_cache, v_cache, start)  # (B, T, H, D)
             window = self.windows[i]
@@ -283,7 +313,7 @@ class InferenceModel:
             masks[window] = filled & (slots > slot - window)[None, :]
 
         def attend(layer: LayerWeights, i: int, x: torch.Tensor) -> torch.Tensor:
-            q, k, v = self.split_qkv(layer.qkv(x))                         # (B, 1, H|Hkv, D)
+            q, k, v = self.qkv(layer, x)                                      # (B, 1, H|Hkv, D)
             k_new = torch.empty((B, arch.num_kv_heads, 1, arch.head_dim), dtype=k.dtype, device=k.device)
             v_new = torch.empty_like(k_new)                                # (B, Hkv, 1, D)
             # the backend's own rotary (bit-identical to the eager step), its cache write into the one-slot

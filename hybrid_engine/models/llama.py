@@ -1,31 +1,46 @@
 """Llama, Mistral and Qwen2: RMSNorm, rotary, grouped-query attention, gated SiLU MLP.
 
 Qwen2 adds a bias to q/k/v; Mistral (and Qwen2 where configured) a sliding attention window.
+`rotary_decoder_weights` is the whole model around the blocks, shared by the families built like Llama
+(Qwen3, Phi-3, OLMo 2): each of those gives only its block's tensors and its Architecture switches.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from .base import Architecture, LayerWeights, Linear, ModelWeights
 from .common import Relayer, activation, layer_norm
 
+# families whose config's sliding_window applies to every layer (their attention modules do not say)
+WINDOW_FROM_CONFIG = ("mistral", "phi3")
 
-def llama_weights(model, relayer: Relayer) -> ModelWeights:
+
+def llama_layer(i: int, block, relayer: Relayer) -> LayerWeights:
+    attn, mlp = block.self_attn, block.mlp
+    return LayerWeights(
+        norm1=layer_norm(block.input_layernorm),
+        norm2=layer_norm(block.post_attention_layernorm),
+        qkv=relayer.fused(f"{i}.qkv", [attn.q_proj, attn.k_proj, attn.v_proj]),
+        o=relayer.linear(f"{i}.o", attn.o_proj),
+        up=relayer.fused(f"{i}.gate_up", [mlp.gate_proj, mlp.up_proj]),
+        down=relayer.linear(f"{i}.down", mlp.down_proj),
+    )
+
+
+def rotary_decoder_weights(model, relayer: Relayer, describe_layer: Callable[[int, object, Relayer], LayerWeights],
+                           **arch_options) -> ModelWeights:
+    """A Llama-shaped model (`model.model` with embed_tokens, layers, norm, rotary_emb; an lm_head): its blocks as
+    `describe_layer(i, block, relayer)` gives them, and an RMSNorm, gated-MLP Architecture with `arch_options`
+    (qk_norm, residual, ...) on top."""
     cfg = model.config
     core = model.model
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     layers, windows = [], []
     for i, block in enumerate(core.layers):
-        attn, mlp = block.self_attn, block.mlp
-        window = getattr(attn, "sliding_window", None)
-        if window is None and cfg.model_type == "mistral":
+        window = getattr(block.self_attn, "sliding_window", None)
+        if window is None and cfg.model_type in WINDOW_FROM_CONFIG:
             window = getattr(cfg, "sliding_window", None)
-        layers.append(LayerWeights(
-            norm1=layer_norm(block.input_layernorm),
-            norm2=layer_norm(block.post_attention_layernorm),
-            qkv=relayer.fused(f"{i}.qkv", [attn.q_proj, attn.k_proj, attn.v_proj]),
-            o=relayer.linear(f"{i}.o", attn.o_proj),
-            up=relayer.fused(f"{i}.gate_up", [mlp.gate_proj, mlp.up_proj]),
-            down=relayer.linear(f"{i}.down", mlp.down_proj),
-        ))
+        layers.append(describe_layer(i, block, relayer))
         windows.append(window)
     rotary = core.rotary_emb
     arch = Architecture(
@@ -37,6 +52,7 @@ def llama_weights(model, relayer: Relayer) -> ModelWeights:
         gated_mlp=True,
         rope_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
         sliding_windows=tuple(windows) if any(w is not None for w in windows) else (),
+        **arch_options,
     )
     return ModelWeights(
         arch=arch,
@@ -46,3 +62,7 @@ def llama_weights(model, relayer: Relayer) -> ModelWeights:
         lm_head=Linear(relayer.weight("lm_head", model.get_output_embeddings())),
         inv_freq=rotary.inv_freq,
     )
+
+
+def llama_weights(model, relayer: Relayer) -> ModelWeights:
+    return rotary_decoder_weights(model, relayer, llama_layer)
