@@ -153,7 +153,10 @@ class TensorParallel:
         def row(lin: Linear, name: str, size: int) -> RowParallelLinear:  # input features split
             dim = 0 if lin.transposed else 1
             weight = self._pack(f"{i}.{name}.weight", lin.weight, (size,), dim)
-            return RowParallelLinear(weight, lin.bias, lin.transposed, self.group)
+            bias = None  # whole on every rank; a copy, as for the norms: ZeRO-3 partitions the layer's own after this
+            if lin.bias is not None:
+                bias = self._buffer(f"{i}.{name}.bias", lin.bias, lin.bias.shape).copy_(lin.bias)
+            return RowParallelLinear(weight, bias, lin.transposed, self.group)
 
         up_rows = layer.up.weight.shape[1 if layer.up.transposed else 0]
         inter = up_rows // 2 if w.arch.gated_mlp else up_rows
@@ -161,10 +164,18 @@ class TensorParallel:
             raise NotImplementedError(f"tensor parallelism: MLP width {inter} does not split over tp_size "
                                       f"{self.world}")
         up_splits = (inter, inter) if w.arch.gated_mlp else (inter,)
+        if w.arch.qk_norm == "projection":
+            raise NotImplementedError("tensor parallelism: q/k norms over the whole projection (OLMo 2) need every "
+                                      "head's features on one rank; use tp_size=1")
+        qk_norms = {}
+        if w.arch.qk_norm == "head":  # one (D,) weight shared by all heads: each rank keeps the whole of it
+            qk_norms = dict(q_norm=self._copy_norm(f"{i}.q_norm", layer.q_norm),
+                            k_norm=self._copy_norm(f"{i}.k_norm", layer.k_norm))
         return replace(
             layer,
             norm1=self._copy_norm(f"{i}.norm1", layer.norm1),  # ZeRO-3 partitions the layer's own after this
             norm2=self._copy_norm(f"{i}.norm2", layer.norm2),
+            **qk_norms,
             qkv=col(layer.qkv, "qkv", lambda k, t, d: self._qkv(k, t, w, d)),
             o=row(layer.o, "o", w.arch.num_heads * w.arch.head_dim),
             up=col(layer.up, "up", lambda k, t, d: self._pack(k, t, up_splits, d)),
