@@ -238,14 +238,32 @@ def scenario_zero3_tp2_straddle(rank):
 
 def scenario_families_tp2(rank):
     """Every other family under TP 2, without DeepSpeed: Conv1D layout (GPT-2), per-head fused QKV and parallel
-    residual (GPT-NeoX), project_in/out and post-norm (OPT), QKV bias (Qwen2)."""
+    residual (GPT-NeoX), project_in/out and post-norm (OPT), QKV bias (Qwen2), per-head q/k norms (Qwen3), fused
+    qkv_proj and gate_up_proj read in place (Phi-3)."""
     import hybrid_engine
 
     res = {}
-    for name in ("gpt2", "gpt_neox", "opt", "opt_post_norm", "qwen2"):
+    for name in ("gpt2", "gpt_neox", "opt", "opt_post_norm", "qwen2", "qwen3_tied", "phi3"):
         model = _model(name)
         res[name] = _greedy_matches(hybrid_engine.wrap(model, max_seq_len=24, max_batch_size=4, tp_size=2), model,
                                     rank)
+    return res
+
+
+def scenario_new_families_zero3(rank):
+    """Issue 21's dense families under ZeRO-3: Qwen3's per-head q/k norms and Phi-3's in-place fused projections
+    gathered and sharded for TP 2; OLMo 2 (whose whole-projection q/k norms TP cannot split) gathered at TP 1."""
+    import hybrid_engine
+
+    res = {}
+    for name in ("qwen3_tied", "phi3"):
+        res.update({f"{name} {k}": v for k, v in _tp_scenario(rank, name, 3).items()})
+    model = _model("olmo2")
+    ref = copy.deepcopy(model)
+    engine = hybrid_engine.wrap(_ds(model, 3), max_seq_len=24, max_batch_size=4)
+    res["olmo2 greedy"] = _greedy_matches(engine, ref, rank)
+    engine.train()
+    res["olmo2 train_releases"] = (_partitioned(model), "")
     return res
 
 

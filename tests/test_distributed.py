@@ -88,6 +88,10 @@ def test_other_families_under_tp2(results):
     _check(results, "families_tp2")
 
 
+def test_qwen3_phi3_olmo2_under_zero3(results):
+    _check(results, "new_families_zero3")
+
+
 def test_lora_under_zero3(results):
     _check(results, "lora_zero3")
 
