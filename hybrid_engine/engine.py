@@ -16,7 +16,7 @@ from .cache import KVCache, available_bytes
 from .generation import GenerationOutput, SamplingParams, generate, prompt_masks
 from .logprobs import token_logprobs
 from .models import FAMILIES, InferenceModel, Relayer
-from .models.common import can_pack, pack_linears
+from .models.common import can_pack, check_rope, pack_linears
 from .static import StaticDecoder
 from .zero import StreamedLayers, ZeroParams, build_weights
 
@@ -97,6 +97,8 @@ class HybridEngine:
         if config.tp_size > 1 and not self.supported:
             raise NotImplementedError(f"tp_size={config.tp_size}: tensor parallelism needs the engine's own "
                                       f"inference path; {model_type!r} has none")
+        if self.supported:
+            check_rope(self.hf_model.config)
         self.model_type = model_type
         self.ops = ops_lib.select(config.kernels, self._device().type)
         self.relayer = Relayer()

@@ -143,3 +143,44 @@ def test_optimizer_step_is_read_after_eval(name, lora, tmp_path):
         else float("inf")
     assert moved > 1e-3, f"the step moved the logprobs by {moved:.1e} only: a weak test"
     assert_greedy_matches_hugging_face(model, engine, lengths)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 16, "attention_factor": 0.8,
+     "beta_fast": 16.0, "beta_slow": 2.0},
+], ids=["linear", "yarn", "yarn_attention_factor"])
+def test_static_rope_variants_match_hugging_face(rope, tmp_path, monkeypatch):
+    """Linear and YaRN scaling (inv_freq and attention_scaling fixed at init, read from the rotary module) on the
+    Llama config; the rest of the parametrized tests cover default and llama3 rope."""
+    from transformers import LlamaConfig
+
+    from tests import hf_models
+
+    monkeypatch.setitem(hf_models.CONFIGS, "rope", lambda: LlamaConfig(
+        vocab_size=hf_models.VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=12, max_position_embeddings=128, rope_scaling=dict(rope, rope_theta=5000.0)))
+    model = tiny_model("rope", tmp_path)
+    assert model.config.rope_parameters["rope_type"] == rope["rope_type"]
+    engine = hybrid_engine.wrap(model, max_seq_len=32, max_batch_size=4, kernels="torch")
+    assert_greedy_matches_hugging_face(model, engine.eval(), [7, 3, 5, 1])
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "dynamic", "factor": 2.0},
+    {"rope_type": "longrope", "short_factor": [1.0] * 6, "long_factor": [2.0] * 6,
+     "original_max_position_embeddings": 16},
+], ids=["dynamic", "longrope"])
+def test_rope_depending_on_length_is_refused_at_wrap(rope):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.hf_models import VOCAB
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=1,
+                      num_attention_heads=4, head_dim=12, max_position_embeddings=128,
+                      rope_scaling=dict(rope, rope_theta=5000.0))
+    model = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(NotImplementedError, match=f"rope type '{rope['rope_type']}' of 'llama' is not supported"):
+        hybrid_engine.wrap(model)
+    assert hybrid_engine.wrap(model, allow_fallback=True, force_fallback=True) is not None

@@ -27,6 +27,24 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
+# Rope types whose inv_freq and attention_scaling are fixed at init: the engine reads both from the model's rotary
+# module at each eval(). "dynamic" (NTK) and "longrope" change inv_freq with the sequence length inside Hugging
+# Face's forward, which one table per eval() does not follow.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def check_rope(config) -> None:
+    """Refuse, in one line naming it, a rope type whose frequencies depend on the sequence length."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    variants = rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]  # per layer type
+    for params in variants:
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise NotImplementedError(f"hybrid_engine.wrap: rope type {rope_type!r} of {config.model_type!r} is not "
+                                      f"supported (its frequencies change with the sequence length); supported: "
+                                      f"{', '.join(STATIC_ROPE_TYPES)}")
+
+
 def is_partitioned(param: torch.Tensor) -> bool:
     """A ZeRO-3 parameter whose full data is not on this rank now (DeepSpeed holds only a shard of it)."""
     return hasattr(param, "ds_numel") and param.data.numel() != param.ds_numel
