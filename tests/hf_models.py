@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
@@ -56,6 +57,18 @@ CONFIGS = {
     "olmo2": lambda: Olmo2Config(vocab_size=VOCAB, hidden_size=42, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=128,
                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True),
+    # sliding (window 6, shorter than the prompts) / global / sliding layers, each kind with its own rotary (global:
+    # linear scaling), 3 heads over 1 kv head of dim 10, query_pre_attn_scalar 24, final logit soft-capping, tied
+    "gemma3": lambda: Gemma3TextConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                                       num_attention_heads=3, num_key_value_heads=1, head_dim=10,
+                                       query_pre_attn_scalar=24, sliding_window=6,
+                                       layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                       rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                           "rope_theta": 50000.0},
+                                                        "sliding_attention": {"rope_type": "default",
+                                                                              "rope_theta": 5000.0}},
+                                       final_logit_softcapping=30.0, max_position_embeddings=128, pad_token_id=0,
+                                       bos_token_id=1, eos_token_id=2),
     # word_embed_proj_dim != hidden_size (project_in/out), learned positions offset by 2
     "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
                              word_embed_proj_dim=32, max_position_embeddings=128, pad_token_id=1, bos_token_id=2,
@@ -84,10 +97,13 @@ def tiny_model(name: str, tmp_path, seed: int = 0, dtype=torch.float32):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(CONFIGS[name]())
     # larger-than-default init spreads the logits, so greedy choices are not near-ties
+    # and norm weights moved off their init (ones, or zeros for Gemma's 1 + w), so a norm read wrongly shows
     with torch.no_grad():
-        for p in model.parameters():
+        for param_name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
+            elif param_name.endswith("weight"):  # 1-D weights are the norms'
+                p.add_(torch.randn_like(p), alpha=0.1)
     path = tmp_path / name
     model.save_pretrained(path)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()

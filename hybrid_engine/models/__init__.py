@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from .base import InferenceModel, ModelWeights
 from .common import Relayer
+from .gemma3 import gemma3_weights
 from .gpt2 import gpt2_weights
 from .gpt_neox import gpt_neox_weights
 from .llama import llama_weights
@@ -40,6 +41,7 @@ FAMILIES = {
     "qwen3": qwen3_weights,
     "phi3": phi3_weights,
     "olmo2": olmo2_weights,
+    "gemma3_text": gemma3_weights,
     "opt": opt_weights,
     "gpt2": gpt2_weights,
     "gpt_neox": gpt_neox_weights,

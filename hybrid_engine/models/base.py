@@ -66,6 +66,8 @@ class LayerWeights:
     down: Linear
     q_norm: Norm | None = None   # RMSNorm on q and on k before rotary, where Architecture.qk_norm is set
     k_norm: Norm | None = None
+    post_norm1: Norm | None = None  # residual="sandwich" (Gemma 3): on the attention output, before its add
+    post_norm2: Norm | None = None  # and on the MLP output
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class Architecture:
     qkv_layout: str = "blocked"                   # [q heads | k heads | v heads], or "per_head" [q | k | v] (NeoX)
     residual: str = "pre_norm"                    # "pre_norm", "parallel" (NeoX), "post_norm" (OPT-350m) or
                                                   # "norm_after" (OLMo 2: h + norm1(attn(h)), h + norm2(mlp(h)))
+                                                  # or "sandwich" (Gemma 3: h + post_norm1(attn(norm1(h))), ...)
     qk_norm: str | None = None                    # RMSNorm on q and k before rotary: "head" (Qwen3, over each
                                                   # head's D) or "projection" (OLMo 2, over all heads' H*D)
     positions: str = "rotary"                     # "rotary" or "learned" (absolute, OPT and GPT-2)
@@ -87,6 +90,9 @@ class Architecture:
     rope_scaling: float = 1.0                     # the model's attention_scaling applied to cos and sin
     embed_scale: float = 1.0
     sliding_windows: tuple[int | None, ...] = ()  # per layer (Mistral, Qwen2 where configured); () = none
+    local_rope_scaling: float = 1.0               # attention_scaling of the sliding layers' own rotary (Gemma 3)
+    attn_scale: float | None = None               # softmax scale; None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar)
+    final_softcap: float | None = None            # logits = cap * tanh(logits / cap) (Gemma 2/3 where configured)
 
 
 @dataclass
@@ -99,6 +105,7 @@ class ModelWeights:
     lm_head: Linear                          # (V, E), no bias
     pos_embed: torch.Tensor | None = None    # learned absolute positions (P_max, E_h); None for rotary
     inv_freq: torch.Tensor | None = None     # rotary frequencies (R/2,), read from the model's buffer
+    local_inv_freq: torch.Tensor | None = None  # the sliding-window layers' own rotary, where a family has two
     project_in: Linear | None = None         # OPT when word_embed_proj_dim != hidden_size
     project_out: Linear | None = None
 
@@ -116,13 +123,14 @@ class InferenceModel:
         self.w = weights
         self.arch = arch
         self.ops = ops
-        self.scale = arch.head_dim ** -0.5
+        self.scale = arch.attn_scale if arch.attn_scale is not None else arch.head_dim ** -0.5
         # {(dtype, positions): (cos, sin)}; the engine passes the same dict at every eval(), so a captured CUDA
         # graph keeps reading the same table (it depends on inv_freq and the scaling, which training never moves)
         self.rotary_tables = {} if rotary_tables is None else rotary_tables
         self.norm, self.add_norm = (self._rms, self._rms_add) if arch.norm == "rms" else (self._ln, self._ln_add)
         self.block = {"pre_norm": self._pre_norm_block, "parallel": self._parallel_block,
-                      "post_norm": self._post_norm_block, "norm_after": self._norm_after_block}[arch.residual]
+                      "post_norm": self._post_norm_block, "norm_after": self._norm_after_block,
+                      "sandwich": self._sandwich_block}[arch.residual]
         self.mlp = self._gated_mlp if arch.gated_mlp else self._plain_mlp
         self.split_qkv = self._split_per_head if arch.qkv_layout == "per_head" else self._split_blocked
         if arch.qk_norm is not None and arch.qkv_layout != "blocked":
@@ -132,6 +140,9 @@ class InferenceModel:
         windows = arch.sliding_windows or (None,) * len(weights.layers)
         self.windows = windows
         self.distinct_windows = tuple(sorted({w for w in windows if w is not None}))
+        # per layer, which (cos, sin) of _embed's it reads: 1, the local rotary, on sliding layers where there is one
+        local = weights.local_inv_freq is not None
+        self.layer_rope = tuple(int(local and window is not None) for window in windows)
 
     # -- norms: `norm` returns the normed tensor, `add_norm` (normed, x + residual) ---------------------
     def _rms(self, norm: Norm, x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +182,11 @@ class InferenceModel:
         h = h + self.norm(layer.norm1, attend(layer, i, h))
         return h + self.norm(layer.norm2, self.mlp(layer, h)), None
 
+    def _sandwich_block(self, layer: LayerWeights, i: int, h, residual, attend: Attend):
+        """Gemma 3: a norm before and after each sublayer, the residual add after both."""
+        h = h + self.norm(layer.post_norm1, attend(layer, i, self.norm(layer.norm1, h)))
+        return h + self.norm(layer.post_norm2, self.mlp(layer, self.norm(layer.norm2, h))), None
+
     # -- q, k, v of a layer's input x (B, T, E): each (B, T, H|Hkv, D), q and k normed where the family does ----
     def _qkv(self, layer: LayerWeights, x: torch.Tensor):
         return self.split_qkv(layer.qkv(x))
@@ -207,8 +223,8 @@ class InferenceModel:
         q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
         return q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
 
-    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype, max_positions: int):
-        """cos, sin: (B, T, R) for integer positions (B, T).
+    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype, max_positions: int, local: bool = False):
+        """cos, sin: (B, T, R) for integer positions (B, T); of the sliding layers' own rotary where `local`.
 
         Looked up in a table of every position the cache can hold, built once per eval() with Hugging Face's
         arithmetic (fp32 position * inv_freq, then cos/sin, then the scaling): the same values bit for bit,
@@ -216,18 +232,20 @@ class InferenceModel:
         """
         if not self.rotary:
             return None, None
-        key = (dtype, max_positions)
+        key = (dtype, max_positions, "local") if local else (dtype, max_positions)
         table = self.rotary_tables.get(key)
         if table is None:  # built by the first (eager) prefill, before any compiled step reads it
+            inv_freq = self.w.local_inv_freq if local else self.w.inv_freq
             pos = torch.arange(max_positions, device=positions.device, dtype=torch.float32)
-            freqs = pos[:, None] * self.w.inv_freq.float()[None, :]       # (S, R/2)
+            freqs = pos[:, None] * inv_freq.float()[None, :]              # (S, R/2)
             emb = torch.cat((freqs, freqs), dim=-1)                       # (S, R)
-            s = self.arch.rope_scaling
+            s = self.arch.local_rope_scaling if local else self.arch.rope_scaling
             table = self.rotary_tables[key] = ((emb.cos() * s).to(dtype), (emb.sin() * s).to(dtype))
         return F.embedding(positions, table[0]), F.embedding(positions, table[1])  # (B, T, R) each
 
     def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor, max_positions: int):
-        """Hidden states (B, T, E) and the rotary cos, sin (B, T, R) (None, None for learned positions)."""
+        """Hidden states (B, T, E) and the rotary tables: ((cos, sin),) each (B, T, R), a second pair for the
+        sliding layers where the family has their own rotary (Gemma 3); ((None, None),) for learned positions."""
         w, arch = self.w, self.arch
         h = F.embedding(input_ids, w.embed)                                # (B, T, E)
         if arch.embed_scale != 1.0:
@@ -236,8 +254,10 @@ class InferenceModel:
             h = w.project_in(h)
         if not self.rotary:  # learned absolute positions
             h = h + F.embedding(positions + arch.pos_offset, w.pos_embed)
-        cos, sin = self._rotary(positions, h.dtype, max_positions)
-        return h, cos, sin
+        ropes = (self._rotary(positions, h.dtype, max_positions),)
+        if self.w.local_inv_freq is not None:
+            ropes += (self._rotary(positions, h.dtype, max_positions, local=True),)
+        return h, ropes
 
     def _layers_and_head(self, h: torch.Tensor, attend: Attend, keep: int) -> torch.Tensor:
         residual = None
@@ -254,7 +274,11 @@ class InferenceModel:
             h = self.norm(w.final_norm, h)
         if w.project_out is not None:
             h = w.project_out(h)
-        return w.lm_head(h).float()
+        logits = w.lm_head(h)
+        cap = self.arch.final_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
 
     # -- the forwards ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -266,13 +290,14 @@ class InferenceModel:
         input_ids, positions: (B, T); key_mask: (B, S_max) bool, True on slots holding real tokens.
         A block of T > 1 tokens (or one at slot 0) is a prefill; one token at a later slot an eager decode step.
         """
-        h, cos, sin = self._embed(input_ids, positions, cache.max_seq_len)
+        h, ropes = self._embed(input_ids, positions, cache.max_seq_len)
         B, T = input_ids.shape
         ops, scale = self.ops, self.scale
 
         def attend(layer: LayerWeights, i: int, x: torch.Tensor) -> torch.Tensor:
             q, k, v = self.qkv(layer, x)                                      # (B, T, H|Hkv, D)
             k_cache, v_cache = cache.layer(i)
+            cos, sin = ropes[self.layer_rope[i]]
             q = ops.rotary_kv_append(q, k, v, cos, sin, k_cache, v_cache, start)  # (B, T, H, D)
             window = self.windows[i]
             if T > 1 or start == 0:
@@ -300,7 +325,7 @@ class InferenceModel:
         S_max slots with the slots after `slot` masked: a fixed length, for the price of attending to the whole
         cache (masked slots hold zeros or finite stale keys, see KVCache) instead of the filled part.
         """
-        h, cos, sin = self._embed(input_ids, positions, cache.max_seq_len)
+        h, ropes = self._embed(input_ids, positions, cache.max_seq_len)
         B = input_ids.shape[0]
         S = cache.max_seq_len
         ops, scale, arch = self.ops, self.scale, self.arch
@@ -320,6 +345,7 @@ class InferenceModel:
             # scratch; then one in-place write into the cache at the tensor slot. index_put_ on the cache tensor
             # itself, not on a view of it: inductor writes that in place, where a write through a view of the
             # (L, B_max, ...) cache was functionalised into a copy of the whole cache per layer (8 ms a step here)
+            cos, sin = ropes[self.layer_rope[i]]
             q = ops.rotary_kv_append(q, k, v, cos, sin, k_new, v_new, 0)  # (B, 1, H, D)
             index = (torch.tensor(i, device=slot.device), rows, heads, slot[None, None, :])
             cache.k.index_put_(index, k_new)

@@ -114,6 +114,16 @@ class Relayer:
     def linear(self, key: str, module: nn.Module, transposed: bool = False) -> Linear:
         return Linear(self.weight(key, module), _base(module).bias, transposed)
 
+    def offset_norm(self, key: str, module: nn.Module) -> Norm:
+        """An RMSNorm that scales by (1 + weight) (Gemma), as a Norm of weight 1 + w in a buffer, so the rms_norm op
+        of every backend serves it. 1 + w is computed in fp32, as Hugging Face does, and kept in w's dtype."""
+        weight = module.weight
+        eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", 1e-6)
+        if is_partitioned(weight):  # ZeRO-3 layer not gathered now: a placeholder (zero.py re-describes it)
+            return Norm(weight, None, eps)
+        buf = self._buffer(key, weight, weight.shape)
+        return Norm(buf.copy_(weight.float() + 1.0), None, eps)
+
     def fused(self, key: str, modules: list[nn.Module]) -> Linear:
         """One (sum of out, in) Linear standing for several nn.Linear applied to the same input."""
         bases = [_base(m) for m in modules]
