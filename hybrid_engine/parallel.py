@@ -167,15 +167,18 @@ class TensorParallel:
         if w.arch.qk_norm == "projection":
             raise NotImplementedError("tensor parallelism: q/k norms over the whole projection (OLMo 2) need every "
                                       "head's features on one rank; use tp_size=1")
-        qk_norms = {}
+        extra_norms = {}
         if w.arch.qk_norm == "head":  # one (D,) weight shared by all heads: each rank keeps the whole of it
-            qk_norms = dict(q_norm=self._copy_norm(f"{i}.q_norm", layer.q_norm),
+            extra_norms = dict(q_norm=self._copy_norm(f"{i}.q_norm", layer.q_norm),
                             k_norm=self._copy_norm(f"{i}.k_norm", layer.k_norm))
+        if w.arch.residual == "sandwich":  # the norms after each sublayer act on the all-reduced output: whole
+            extra_norms.update(post_norm1=self._copy_norm(f"{i}.post_norm1", layer.post_norm1),
+                            post_norm2=self._copy_norm(f"{i}.post_norm2", layer.post_norm2))
         return replace(
             layer,
             norm1=self._copy_norm(f"{i}.norm1", layer.norm1),  # ZeRO-3 partitions the layer's own after this
             norm2=self._copy_norm(f"{i}.norm2", layer.norm2),
-            **qk_norms,
+            **extra_norms,
             qkv=col(layer.qkv, "qkv", lambda k, t, d: self._qkv(k, t, w, d)),
             o=row(layer.o, "o", w.arch.num_heads * w.arch.head_dim),
             up=col(layer.up, "up", lambda k, t, d: self._pack(k, t, up_splits, d)),
