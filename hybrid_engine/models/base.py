@@ -124,8 +124,8 @@ class InferenceModel:
         self.arch = arch
         self.ops = ops
         self.scale = arch.attn_scale if arch.attn_scale is not None else arch.head_dim ** -0.5
-        # {(dtype, positions): (cos, sin)}; the engine passes the same dict at every eval(), so a captured CUDA
-        # graph keeps reading the same table (it depends on inv_freq and the scaling, which training never moves)
+        # {(dtype, positions[, "local"]): (cos, sin)}; the engine passes the same dict at every eval(), so a captured
+        # CUDA graph keeps reading the same table (it depends on inv_freq and the scaling, which training never moves)
         self.rotary_tables = {} if rotary_tables is None else rotary_tables
         self.norm, self.add_norm = (self._rms, self._rms_add) if arch.norm == "rms" else (self._ln, self._ln_add)
         self.block = {"pre_norm": self._pre_norm_block, "parallel": self._parallel_block,
