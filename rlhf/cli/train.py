@@ -27,13 +27,17 @@ from rlhf.core.algorithms import ALGORITHMS
 from rlhf.data import Example, build_prompt_dataset, load_step_examples
 from rlhf.data.synthetic import gold_scores, write_synthetic_data
 from rlhf.models import load_tokenizer, require_checkpoint, require_model_source, require_tokenizer_source
+from rlhf.runtime.checkpoint import atomic_write_bytes
 from rlhf.runtime.config import (
     AT_LEAST_1,
     NON_NEGATIVE,
     ArgumentParser,
     add_config_args,
     add_launcher_args,
+    apply_config_file,
     bounded,
+    config_file_text,
+    read_config_file,
     require_output_dir,
     set_option,
 )
@@ -52,6 +56,7 @@ from rlhf.steps.sft import SFTConfig, run_sft, sft_config_from_args
 SHARED = ("model_name_or_path", "tokenizer_name_or_path", "data", "data_split", "output_dir", "metrics_dir", "seed",
           "max_seq_len", "disable_tqdm")
 SFT_PREFIX, RM_PREFIX, DPO_PREFIX = "sft-", "rm-", "dpo-"
+CONFIG_FILE = "config.yaml"  # every run's options, as --config reads them
 
 
 def preset_defaults(preset: Preset | None) -> tuple[SFTConfig, RewardConfig, DPOConfig]:
@@ -185,6 +190,10 @@ def build_parser(preset: Preset | None, algorithm: str = "ppo") -> argparse.Argu
     add_launcher_args(parser)
     parser.add_argument("--step", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
                         help="steps to run (default: 1 2 3)")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="options as YAML, a mapping of option names (actor-learning-rate or "
+                        "actor_learning_rate) to values; flags given here override it. Every run writes "
+                        "OUTPUT_DIR/config.yaml, and --config OUTPUT_DIR/config.yaml runs it again")
     parser.add_argument("--preset", choices=[*PRESETS, "none"], default=None,
                         help="named model + budget preset (default: tiny, or none when --actor-model is given)")
     parser.add_argument("--actor-model", default=None,
@@ -237,11 +246,21 @@ def build_parser(preset: Preset | None, algorithm: str = "ppo") -> argparse.Argu
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Preset | None]:
-    """Two passes: the preset and the algorithm choose the defaults of the full parser."""
-    first, _ = build_parser(None).parse_known_args(argv)
+    """Two passes: the preset and the algorithm (from the flags, else the --config file) choose the defaults of the
+    full parser; the config file's options replace those defaults, and the flags given replace both."""
+    first_parser = build_parser(None)
+    first, _ = first_parser.parse_known_args(argv)
+    from_file = read_config_file(first.config) if first.config else {}
+    if from_file:
+        apply_config_file(first_parser, from_file, first.config)
+        first, _ = first_parser.parse_known_args(argv)
     name = first.preset or ("none" if first.actor_model else "tiny")
     preset = None if name == "none" else get_preset(name)
-    args = build_parser(preset, first.algorithm).parse_args(argv)
+    parser = build_parser(preset, first.algorithm)
+    if from_file:
+        apply_config_file(parser, from_file, first.config)
+    args = parser.parse_args(argv)
+    args.config_text = config_file_text(parser, args)  # as parsed, before main() fills in what it derives
     return args, preset
 
 
@@ -319,6 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = MetricsLogger(out, enabled=dist.is_main, report_to=args.report_to)
     run = open_run(out, [names[s] for s in args.step] + (["dpo"] if with_dpo else []), outputs, args.resume,
                    args.overwrite, metrics.path, dist.is_main)
+    if dist.is_main:
+        atomic_write_bytes(out / CONFIG_FILE, args.config_text.encode())
     data = args.data
     if synthetic:
         if dist.is_main:  # one writer; the others wait, then read the same files
