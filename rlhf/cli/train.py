@@ -111,7 +111,9 @@ def step3_config(args: argparse.Namespace, paths: dict[str, str]) -> RLConfig:
     algo = cfg.validate()
     require_sft_model(args, actor)
     if not no_reward_model and 2 not in args.step and (cfg.reward_fn is None or algo.needs_critic):
-        require_checkpoint(reward, "give --reward-model a step-2 checkpoint, or run --step 2 first", reward=True)
+        # named both ways of scoring, whatever the algorithm: a new user of GRPO looks for --reward-fn
+        require_checkpoint(reward, "give --reward-model a step-2 checkpoint or --reward-fn FILE.py:FUNCTION, or run "
+                           "--step 2 first", reward=True)
     require_tp_split(args, cfg)
     return cfg
 

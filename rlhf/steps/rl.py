@@ -49,7 +49,8 @@ def require_step3_models(cfg: RLConfig, algo: Algorithm) -> None:
     function) a step-2 checkpoint with its value head; with a reward function PPO's critic starts from any model."""
     require_model_source(cfg.actor.model_name_or_path, "--actor-model-name-or-path")
     if cfg.reward_fn is None:
-        require_checkpoint(cfg.critic.model_name_or_path, "--critic-model-name-or-path expects step 2's output",
+        require_checkpoint(cfg.critic.model_name_or_path, "--critic-model-name-or-path expects step 2's output, "
+                           "or give --reward-fn FILE.py:FUNCTION",
                            reward=True)
     elif algo.needs_critic:
         require_model_source(cfg.critic.model_name_or_path, "--critic-model-name-or-path")
