@@ -12,8 +12,8 @@ def test_malformed_record_is_one_line_naming_file_line_and_field(tmp_path, capsy
     assert main(["train", "--data", str(bad), "--output-dir", str(tmp_path / "run"), "--disable-tqdm"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (f"rlhf train: error: {bad}:2: field 'chosen' missing (expected prompt+chosen+rejected, "
-                       "prompt+response, hh-rlhf chosen/rejected, or conversational messages / chosen+rejected "
-                       "message lists)")
+                       "prompt+response, prompt alone (step 3), hh-rlhf chosen/rejected, or conversational messages / "
+                       "chosen+rejected message lists)")
     assert not (tmp_path / "run" / "actor").exists()  # nothing half-written
 
 

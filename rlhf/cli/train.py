@@ -24,6 +24,7 @@ import torch
 
 from rlhf.cli.presets import PRESETS, Preset, apply_budget, get_preset
 from rlhf.core.algorithms import ALGORITHMS
+from rlhf.core.rewards import RewardFunction
 from rlhf.data import Example, build_prompt_dataset, load_step_examples
 from rlhf.data.synthetic import gold_scores, write_synthetic_data
 from rlhf.models import load_tokenizer, require_checkpoint, require_model_source, require_tokenizer_source
@@ -311,6 +312,9 @@ def main(argv: list[str] | None = None) -> dict:
         choose_reward_fn(args, synthetic)
     if 3 in args.step:
         step3_config(args, paths)  # a bad option or missing checkpoint ends the run before any step starts
+        if args.reward_fn is not None and not synthetic:  # so does a record without a field the function takes
+            RewardFunction(args.reward_fn).check_fields(
+                load_step_examples(args.data, step=3, split=args.data_split or "2,4,4", seed=args.seed))
     if synthetic and preset is None:
         raise ValueError("--data is required without a preset (the synthetic task needs the preset's tokenizer)")
     # each step's name in metrics.jsonl, run_state.json and checkpoints/, and its final output

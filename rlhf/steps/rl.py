@@ -67,11 +67,15 @@ class PromptData:
     ptx_batches: object | None
 
 
-def prompt_data(cfg: RLConfig, tokenizer) -> PromptData:
-    """Step 3's slice of cfg.data as prompts, a held-out share of at most cfg.loop.eval_prompts, and the PTX data."""
+def prompt_data(cfg: RLConfig, tokenizer, reward_fn: RewardFunction | None = None) -> PromptData:
+    """Step 3's prompts (a source of prompts whole, step 3's slice of a pair source), a held-out share of at most
+    cfg.loop.eval_prompts, and the PTX data. Every record must hold the fields ``reward_fn`` takes."""
     if not cfg.data:
-        raise ValueError("step 3 needs --data (pair records: the prompts of step 3's slice are used)")
+        raise ValueError("step 3 needs --data (prompt records, or pair records: the prompts of step 3's slice are "
+                         "used)")
     examples = load_step_examples(cfg.data, step=3, split=cfg.data_split, seed=cfg.seed)
+    if reward_fn is not None:
+        reward_fn.check_fields(examples)
     eval_fraction = min(0.5, cfg.loop.eval_prompts / max(len(examples), 1)) if cfg.loop.eval_prompts else 0.0
     train_examples, eval_examples = train_eval_split(examples, eval_fraction, cfg.seed)
     train_set = build_prompt_dataset(tokenizer, train_examples, cfg.sampling.max_prompt_seq_len)
@@ -184,7 +188,7 @@ def run_ppo(cfg: RLConfig, tokenizer=None, metrics: MetricsLogger | None = None,
     reward_fn = RewardFunction(cfg.reward_fn) if cfg.reward_fn else None
     if gold_fn is None and cfg.gold_task == "synthetic":
         gold_fn = gold_scores
-    data = prompt_data(cfg, tokenizer)
+    data = prompt_data(cfg, tokenizer, reward_fn)
 
     rounds = len(data.loader) * cfg.loop.num_train_epochs // cfg.loop.generation_batches
     rounds = min(rounds, cfg.loop.max_steps) if cfg.loop.max_steps else rounds
