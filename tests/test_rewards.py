@@ -188,3 +188,17 @@ def test_a_record_without_a_field_the_reward_function_takes_is_refused_before_tr
         from rlhf.steps.rl import main as rl_main
         rl_main(["--actor-model-name-or-path", str(actor), "--algorithm", "grpo", "--reward-fn", f"{fn}:exact_number",
                  "--data", str(data), "--output-dir", str(tmp_path / "rl")])
+
+
+def test_a_run_that_failed_before_training_anything_is_rerun_without_overwrite(actor, tmp_path, capsys):
+    """The reward function raised in the first rollout: nothing trained, nothing saved, so the retry runs."""
+    (tmp_path / "bad.py").write_text("def f(prompts, responses, **fields):\n    raise KeyError('answer')\n")
+    (tmp_path / "good.py").write_text("def f(prompts, responses, **fields):\n    return [0.0] * len(prompts)\n")
+    argv = ["train", "--step", "3", "--algorithm", "grpo", "--actor-model", str(actor), "--data",
+            str(prompt_file(tmp_path, 8)), "--output-dir", str(tmp_path / "run"), "--max-steps", "1",
+            "--per-device-generation-batch-size", "4", "--per-device-training-batch-size", "8",
+            "--max-answer-seq-len", "4", "--eval-prompts", "0", "--disable-tqdm"]
+    assert cli_main([*argv, "--reward-fn", f"{tmp_path / 'bad.py'}:f"]) == 2
+    assert "raised KeyError" in capsys.readouterr().err
+    assert cli_main([*argv, "--reward-fn", f"{tmp_path / 'good.py'}:f"]) == 0
+    assert (tmp_path / "run" / "grpo" / "actor").is_dir()
