@@ -70,3 +70,12 @@ def test_tokenizer_given_with_the_preset_sets_the_new_models_vocabulary(tmp_path
     actor = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "actor")
     saved = AutoTokenizer.from_pretrained(tmp_path / "out" / "actor")
     assert actor.config.vocab_size == len(tokenizer) == len(saved) == len(build_word_tokenizer()) + 3
+
+
+def test_disable_tqdm_prints_a_line_per_logged_step(tmp_path, capsys):
+    """No bar, but not silence: step name, step/total and the loss, every --sft-log-interval steps and the last."""
+    main(["train", "--step", "1", "--sft-max-steps", "3", "--sft-log-interval", "2", "--disable-tqdm",
+          "--output-dir", str(tmp_path / "run")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 1 SFT ")]
+    assert [line.split(":")[0] for line in lines] == ["step 1 SFT 2/3", "step 1 SFT 3/3"], lines
+    assert all(line.split(": ")[1].startswith("loss ") for line in lines)

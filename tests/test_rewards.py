@@ -150,7 +150,7 @@ def prompt_file(tmp_path, n: int, drop_answer_at: int | None = None):
     return path
 
 
-def test_grpo_trains_on_a_file_of_prompts_and_answers(actor, tmp_path, monkeypatch):
+def test_grpo_trains_on_a_file_of_prompts_and_answers(actor, tmp_path, monkeypatch, capsys):
     """`rlhf train --step 3 --algorithm grpo --reward-fn f.py:fn --data prompts.jsonl`: the file goes to step 3 whole
     (no --data-split), and each row's fields reach the function."""
     fn = tmp_path / "rewards.py"
@@ -163,6 +163,7 @@ def test_grpo_trains_on_a_file_of_prompts_and_answers(actor, tmp_path, monkeypat
                         "--per-device-training-batch-size", "8", "--n-samples-per-prompt", "2",
                         "--max-answer-seq-len", "4", "--eval-prompts", "4", "--disable-tqdm"])
     assert summary == 0
+    assert "step 3 grpo 1/1: reward 0.000 kl " in capsys.readouterr().out  # --disable-tqdm: a line per logged round
     calls = [json.loads(line) for line in (tmp_path / "seen.jsonl").read_text().splitlines()]
     records = {r["prompt"]: r for r in map(json.loads, data.read_text().splitlines())}
     seen = {p for call in calls for p in call["prompts"]}

@@ -130,7 +130,8 @@ def run_loop(update: Callable[[object, int], list[dict] | None], batches: Batche
              generators: dict[str, torch.Generator] | None = None,
              summarize: Callable[[list[dict]], dict] = window_means, log_last: bool = True,
              postfix: Callable[[dict], dict] = lambda r: {"loss": f"{r['loss']:.3f}"},
-             evaluate: Callable[[], dict] | None = None, eval_interval: int = 0) -> tuple[int, dict]:
+             evaluate: Callable[[], dict] | None = None, eval_interval: int = 0,
+             print_lines: bool = False) -> tuple[int, dict]:
     """The training loop of every step: `total` optimizer updates (steps 1-2 and DPO) or rounds (step 3) from
     `batches`; returns (updates made, the record of the last window).
 
@@ -142,6 +143,8 @@ def run_loop(update: Callable[[object, int], list[dict] | None], batches: Batche
     and at the end. A checkpoint holds the loop's position, `guard`'s counts, the RNG streams (torch, numpy,
     python and `generators`) and `saved()`, the step's own state (back as resumed["saved"]); from `resumed`, such
     a checkpoint's state, the loop replays the data order to it, restores the streams and continues bit for bit.
+    With `print_lines` (no bar: --disable-tqdm, on the main rank) every update logged, and the last, prints one
+    line instead, "`desc` step/total: " and `postfix`'s values, so a long run without a bar still shows it moves.
     """
     step, window, last = 0, [], {}
     if resumed is not None:
@@ -166,6 +169,9 @@ def run_loop(update: Callable[[object, int], list[dict] | None], batches: Batche
         if step % log_interval == 0 or (log_last and step == total):
             last, window = summarize(window), []
             metrics.log(name, step, **last)
+        if print_lines and (step % log_interval == 0 or step == total):
+            shown = " ".join(f"{key} {value}" for key, value in postfix(records[-1]).items())
+            print(f"{desc} {step}/{total}: {shown}", flush=True)
         if evaluate is not None and eval_interval and step % eval_interval == 0:
             metrics.log(f"{name}_eval", step, **evaluate())
         control.after_update(step, engines, checkpoint_state, guard)
@@ -208,6 +214,7 @@ def train_loop(s: Step, cfg: StepConfig, desc: str, loss_fn: Callable, evaluate:
     step, last = run_loop(update, batches, s.total_steps, name=s.name, desc=desc, metrics=s.metrics,
                           control=s.control, engines={"model": engine}, guard=guard, resumed=s.resumed,
                           log_interval=cfg.log_interval, show_bar=not cfg.disable_tqdm and s.dist.is_main,
+                          print_lines=cfg.disable_tqdm and s.dist.is_main,
                           saved=lambda: saved, summarize=lambda w: {**window_means(w), "lr": engine.get_lr()[0]},
                           evaluate=(lambda: evaluate(engine)) if evaluate is not None else None,
                           eval_interval=eval_interval)

@@ -166,7 +166,7 @@ def fit(trainer: RLTrainer, data: PromptData, cfg: RLConfig, rounds: int, tally:
     steps, _ = run_loop(update, Batches(data.loader, cfg.loop.num_train_epochs), rounds, name=name,
                         desc=f"step 3 {name}", metrics=metrics, control=control, engines=trainer.engines(),
                         guard=trainer.guard, resumed=resumed, log_interval=cfg.loop.log_interval,
-                        show_bar=not cfg.disable_tqdm and is_main,
+                        show_bar=not cfg.disable_tqdm and is_main, print_lines=cfg.disable_tqdm and is_main,
                         saved=lambda: {**dataclasses.asdict(tally), "trainer": trainer.state()},
                         generators={"sampling": generator}, summarize=lambda window: window[-1], log_last=False,
                         postfix=postfix)
