@@ -207,7 +207,8 @@ def build_parser(preset: Preset | None, algorithm: str = "ppo") -> argparse.Argu
     parser.add_argument("--seed", type=int, default=1234, help="seed of splits, shuffles and initialisation")
     parser.add_argument("--max-seq-len", type=bounded(int, AT_LEAST_1), default=None,
                         help="max prompt+answer tokens for steps 1-2 (default: 512, or the preset's)")
-    parser.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
+    parser.add_argument("--disable-tqdm", action="store_true",
+                        help="no progress bars: one line per logged step instead")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir: finished steps are skipped, the step it was in goes "
                         "on from its newest checkpoint (OUTPUT_DIR/checkpoints) with the same data order and RNG "

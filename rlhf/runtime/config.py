@@ -224,7 +224,7 @@ class StepConfig:
     lora_learning_rate: float = opt(5e-4, "learning rate of the LoRA weights", bounds=POSITIVE)
     print_loss: bool = opt(False, "print the loss of every step")
     log_interval: int = opt(10, "optimizer steps between metrics.jsonl records", bounds=AT_LEAST_1)
-    disable_tqdm: bool = opt(False, "no progress bars")
+    disable_tqdm: bool = opt(False, "no progress bars: one line per logged step instead")
 
     def __post_init__(self) -> None:
         check_bounds(self)

@@ -169,7 +169,7 @@ class RLConfig:
     gold_task: str = opt("none", "score answers with a rule too: 'synthetic' (the built-in task) or 'none'",
                          choices=["none", "synthetic"])
     seed: int = opt(1234, "seed of data order and sampling")
-    disable_tqdm: bool = opt(False, "no progress bars")
+    disable_tqdm: bool = opt(False, "no progress bars: one line per logged step instead")
 
     def validate(self) -> Algorithm:
         """Check the options together (one line for the first problem); returns the resolved algorithm."""
