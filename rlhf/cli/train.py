@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = steps.summary
     if not dist.is_main:
         return summary
-    plot(out)
+    plot(out, reward_source="reward function" if args.reward_fn else "reward model")
     summary["run"] = {"output_dir": str(out), "seconds": time.time() - start}
     print(format_summary(summary), flush=True)
     return summary
