@@ -79,3 +79,19 @@ def test_disable_tqdm_prints_a_line_per_logged_step(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 1 SFT ")]
     assert [line.split(":")[0] for line in lines] == ["step 1 SFT 2/3", "step 1 SFT 3/3"], lines
     assert all(line.split(": ")[1].startswith("loss ") for line in lines)
+
+
+def test_warmup_ratio_sets_the_warmup_steps_of_steps_1_and_2(tmp_path):
+    """--sft-warmup-ratio 0.5 of 4 optimizer steps is --sft-num-warmup-steps 2: the same learning rates."""
+    import json
+
+    def lrs(out, *flags):
+        main(["train", "--step", "1", "--sft-max-steps", "4", "--sft-log-interval", "1", "--disable-tqdm",
+              "--output-dir", str(out), *flags])
+        return [r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                if r["step_name"] == "sft"]
+
+    ratio = lrs(tmp_path / "ratio", "--sft-warmup-ratio", "0.5")
+    assert ratio == lrs(tmp_path / "steps", "--sft-num-warmup-steps", "2", "--sft-warmup-ratio", "0.5")
+    assert ratio == lrs(tmp_path / "steps2", "--sft-num-warmup-steps", "2")
+    assert ratio[0] == pytest.approx(ratio[1] / 2) and ratio != lrs(tmp_path / "none")

@@ -203,3 +203,21 @@ def test_a_run_that_failed_before_training_anything_is_rerun_without_overwrite(a
     assert "raised KeyError" in capsys.readouterr().err
     assert cli_main([*argv, "--reward-fn", f"{tmp_path / 'good.py'}:f"]) == 0
     assert (tmp_path / "run" / "grpo" / "actor").is_dir()
+
+
+def test_step3_warmup_ratio_is_a_fraction_of_the_runs_optimizer_steps(actor, tmp_path, monkeypatch):
+    """--warmup-ratio 0.5 over 2 rounds of 4 minibatches each (4 prompts, GRPO's 4 answers each, 4 rows a minibatch):
+    4 warm-up steps for the actor; without --warmup-ratio, --num-warmup-steps as before."""
+    import rlhf.steps.rl_trainer as rl_trainer
+
+    seen = []
+    initialize = rl_trainer.initialize
+    monkeypatch.setattr(rl_trainer, "initialize", lambda *a, **k: seen.append(a[4:6]) or initialize(*a, **k))
+    (tmp_path / "zero.py").write_text("def f(prompts, responses, **fields):\n    return [0.0] * len(prompts)\n")
+    argv = ["train", "--step", "3", "--algorithm", "grpo", "--actor-model", str(actor), "--data",
+            str(prompt_file(tmp_path, 8)), "--reward-fn", f"{tmp_path / 'zero.py'}:f", "--max-steps", "2",
+            "--per-device-generation-batch-size", "4", "--per-device-training-batch-size", "4",
+            "--max-answer-seq-len", "2", "--eval-prompts", "0", "--disable-tqdm", "--num-warmup-steps", "3"]
+    assert cli_main([*argv, "--output-dir", str(tmp_path / "a"), "--warmup-ratio", "0.5"]) == 0
+    assert cli_main([*argv, "--output-dir", str(tmp_path / "b")]) == 0
+    assert seen == [(8, 4), (8, 3)]  # (optimizer steps, warm-up steps)

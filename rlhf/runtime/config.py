@@ -208,6 +208,8 @@ class StepConfig:
                                  choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                                           "constant_with_warmup"])
     num_warmup_steps: int = opt(0, "optimizer steps of linear warmup", bounds=NON_NEGATIVE)
+    warmup_ratio: float | None = opt(None, "linear warmup over this fraction of the run's optimizer steps, in place "
+                                     "of --num-warmup-steps (default: use the steps)", bounds=UNIT)
     max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs)", bounds=NON_NEGATIVE)
     eval_fraction: float = opt(0.1, "share of this step's records held out for evaluation", bounds=PROBABILITY)
     seed: int = opt(1234, "seed of the data split, shuffling and initialisation")

@@ -15,7 +15,7 @@ from rlhf.data import load_step_examples, train_eval_split
 from rlhf.models import load_tokenizer
 from rlhf.runtime.config import StepConfig, num_update_steps
 from rlhf.runtime.distributed import DistInfo, init_distributed, make_dataloader, to_device
-from rlhf.runtime.engines import ds_config, initialize
+from rlhf.runtime.engines import ds_config, initialize, warmup_steps
 from rlhf.runtime.guards import NonFiniteGuard, guarded_update
 from rlhf.runtime.metrics import MetricsLogger
 from rlhf.runtime.resume import RunControl, capture_rng, restore_rng
@@ -72,7 +72,8 @@ def prepare_step(cfg: StepConfig, step: int, name: str, what: str, build_dataset
     total_steps = num_update_steps(len(train_loader), cfg)
     config = ds_config(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.zero_stage,
                        cfg.offload, cfg.dtype, world_size=dist.world_size)
-    engine = initialize(model, config, cfg.learning_rate, cfg.weight_decay, total_steps, cfg.num_warmup_steps,
+    warmup = warmup_steps(total_steps, cfg.num_warmup_steps, cfg.warmup_ratio)
+    engine = initialize(model, config, cfg.learning_rate, cfg.weight_decay, total_steps, warmup,
                         cfg.lr_scheduler_type, lora_lr=cfg.lora_learning_rate if cfg.lora_dim else None)
     control = control or RunControl()
     resumed = control.load({"model": engine})
