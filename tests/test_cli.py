@@ -95,3 +95,12 @@ def test_warmup_ratio_sets_the_warmup_steps_of_steps_1_and_2(tmp_path):
     assert ratio == lrs(tmp_path / "steps", "--sft-num-warmup-steps", "2", "--sft-warmup-ratio", "0.5")
     assert ratio == lrs(tmp_path / "steps2", "--sft-num-warmup-steps", "2")
     assert ratio[0] == pytest.approx(ratio[1] / 2) and ratio != lrs(tmp_path / "none")
+
+
+def test_steps_1_and_2_on_a_file_of_prompts_say_it_is_step_3s(tmp_path, capsys):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "review: pizza", "answer": "great"}\n' * 4)
+    assert main(["train", "--data", str(data), "--output-dir", str(tmp_path / "run"), "--disable-tqdm"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"rlhf train: error: SFT: no training examples for step 1 in ['{data}'] with --data-split 2,4,4 "
+        "(prompts without answers are step 3's data alone: run --step 3)")

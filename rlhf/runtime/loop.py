@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.data import load_step_examples, train_eval_split
+from rlhf.data import load_examples, load_step_examples, parse_data_spec, train_eval_split
 from rlhf.models import load_tokenizer
 from rlhf.runtime.config import StepConfig, num_update_steps
 from rlhf.runtime.distributed import DistInfo, init_distributed, make_dataloader, to_device
@@ -63,8 +63,10 @@ def prepare_step(cfg: StepConfig, step: int, name: str, what: str, build_dataset
     train_set = build_dataset(tokenizer, train_examples, cfg.max_seq_len)
     eval_set = build_dataset(tokenizer, eval_examples, cfg.max_seq_len)
     if len(train_set) == 0:
+        only_prompts = all(e.is_prompt for source in cfg.data for e in load_examples(parse_data_spec(source).path))
         raise ValueError(f"{what}: no training examples for step {step} in {cfg.data} with --data-split "
-                         f"{cfg.data_split}")
+                         f"{cfg.data_split}" + (" (prompts without answers are step 3's data alone: run --step 3)"
+                                                if only_prompts else ""))
     train_loader = make_dataloader(train_set, cfg.per_device_train_batch_size, shuffle=True, seed=cfg.seed)
     eval_loader = make_dataloader(eval_set, cfg.per_device_eval_batch_size, shuffle=False)
 
