@@ -24,6 +24,7 @@ import torch
 
 from rlhf.cli.presets import PRESETS, Preset, apply_budget, get_preset
 from rlhf.core.algorithms import ALGORITHMS
+from rlhf.core.rewards import RewardFunction
 from rlhf.data import Example, build_prompt_dataset, load_step_examples
 from rlhf.data.synthetic import gold_scores, write_synthetic_data
 from rlhf.models import load_tokenizer, require_checkpoint, require_model_source, require_tokenizer_source
@@ -116,7 +117,9 @@ def step3_config(args: argparse.Namespace, paths: dict[str, str]) -> RLConfig:
     algo = cfg.validate()
     require_sft_model(args, actor)
     if not no_reward_model and 2 not in args.step and (cfg.reward_fn is None or algo.needs_critic):
-        require_checkpoint(reward, "give --reward-model a step-2 checkpoint, or run --step 2 first", reward=True)
+        # named both ways of scoring, whatever the algorithm: a new user of GRPO looks for --reward-fn
+        require_checkpoint(reward, "give --reward-model a step-2 checkpoint or --reward-fn FILE.py:FUNCTION, or run "
+                           "--step 2 first", reward=True)
     require_tp_split(args, cfg)
     return cfg
 
@@ -213,7 +216,8 @@ def build_parser(preset: Preset | None, algorithm: str = "ppo") -> argparse.Argu
     parser.add_argument("--seed", type=int, default=1234, help="seed of splits, shuffles and initialisation")
     parser.add_argument("--max-seq-len", type=bounded(int, AT_LEAST_1), default=None,
                         help="max prompt+answer tokens for steps 1-2 (default: 512, or the preset's)")
-    parser.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
+    parser.add_argument("--disable-tqdm", action="store_true",
+                        help="no progress bars: one line per logged step instead")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir: finished steps are skipped, the step it was in goes "
                         "on from its newest checkpoint (OUTPUT_DIR/checkpoints) with the same data order and RNG "
@@ -328,6 +332,9 @@ def main(argv: list[str] | None = None) -> dict:
         choose_reward_fn(args, synthetic)
     if 3 in args.step:
         step3_config(args, paths)  # a bad option or missing checkpoint ends the run before any step starts
+        if args.reward_fn is not None and not synthetic:  # so does a record without a field the function takes
+            RewardFunction(args.reward_fn).check_fields(
+                load_step_examples(args.data, step=3, split=args.data_split or "2,4,4", seed=args.seed))
     if synthetic and preset is None:
         raise ValueError("--data is required without a preset (the synthetic task needs the preset's tokenizer)")
     # each step's name in metrics.jsonl, run_state.json and checkpoints/, and its final output
@@ -395,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = steps.summary
     if not dist.is_main:
         return summary
-    plot(out)
+    plot(out, reward_source="reward function" if args.reward_fn else "reward model")
     summary["run"] = {"output_dir": str(out), "seconds": time.time() - start}
     print(format_summary(summary), flush=True)
     return summary

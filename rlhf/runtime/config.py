@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import sys
 import tempfile
@@ -69,10 +70,31 @@ def check_bounds(cfg: Any) -> None:
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line through ``run_cli`` (a ValueError: "prog: error: ..., exit status 2), not
-    the usage block, which for ``rlhf train`` is 120 lines."""
+    the usage block, which for ``rlhf train`` is 120 lines. Flags are never abbreviated (``--lr 1e-5`` would be taken
+    as ``--lr-scheduler-type``); an unknown flag close to a known one is named ("did you mean --actor-model?")."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        raise ValueError(f"{message} ({self.prog} --help lists the options)")
+        raise ValueError(f"{message}{self._suggestion(message)} ({self.prog} --help lists the options)")
+
+    def _suggestion(self, message: str) -> str:
+        """"; did you mean --x?" for the unknown flags of an "unrecognized arguments" message that are close to a
+        known flag (difflib's ratio at least 0.7: ``--model`` -> ``--actor-model``, not ``--lr`` -> ``--lam``)."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [s for s in self._option_string_actions if s.startswith("--")]
+        hints = {}
+        for token in message.split(":", 1)[1].split():
+            flag = token.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.7) if flag.startswith("--") else []
+            if close:
+                hints[flag] = close[0]
+        if len(hints) == 1:
+            return f"; did you mean {next(iter(hints.values()))}?"
+        return "; did you mean " + ", ".join(f"{v} for {k}" for k, v in hints.items()) + "?" if hints else ""
 
 
 def opt(default: Any, help: str, bounds: Bounds | None = None, **kwargs) -> Any:
@@ -186,6 +208,8 @@ class StepConfig:
                                  choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                                           "constant_with_warmup"])
     num_warmup_steps: int = opt(0, "optimizer steps of linear warmup", bounds=NON_NEGATIVE)
+    warmup_ratio: float | None = opt(None, "linear warmup over this fraction of the run's optimizer steps, in place "
+                                     "of --num-warmup-steps (default: use the steps)", bounds=UNIT)
     max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs)", bounds=NON_NEGATIVE)
     eval_fraction: float = opt(0.1, "share of this step's records held out for evaluation", bounds=PROBABILITY)
     seed: int = opt(1234, "seed of the data split, shuffling and initialisation")
@@ -202,7 +226,7 @@ class StepConfig:
     lora_learning_rate: float = opt(5e-4, "learning rate of the LoRA weights", bounds=POSITIVE)
     print_loss: bool = opt(False, "print the loss of every step")
     log_interval: int = opt(10, "optimizer steps between metrics.jsonl records", bounds=AT_LEAST_1)
-    disable_tqdm: bool = opt(False, "no progress bars")
+    disable_tqdm: bool = opt(False, "no progress bars: one line per logged step instead")
 
     def __post_init__(self) -> None:
         check_bounds(self)
