@@ -25,6 +25,7 @@ setup(
         "ninja",
         "tqdm",
         "matplotlib",
+        "pyyaml",  # --config files
     ],
     # datasets: the dataset-dir format; gguf: tests/real_model.py converts SmolLM2 from its GGUF file;
     # tensorboard, wandb: --report-to, optional for users (large dependency trees few runs need), tested here

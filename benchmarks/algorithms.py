@@ -34,7 +34,7 @@ show = print  # builtins.print is muted during the runs
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS),
                         help="algorithms to run")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2], help="seeds of step 3")

@@ -77,7 +77,7 @@ def full_run(out: Path, save_interval: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="saves timed per model (median)")
     parser.add_argument("--runs", type=int, default=3, help="interleaved full tiny runs with and without "
                         "--save-interval 10 (0: skip)")

@@ -145,7 +145,8 @@ def toy_models(args) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="a Llama-family checkpoint directory with a chat template (default: "
                    "SmolLM2-135M-Instruct, converted on first use)")
     p.add_argument("--toy", action="store_true", help="measure the tiny configs of tests/hf_models.py instead")

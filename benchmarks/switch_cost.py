@@ -177,7 +177,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3, help="eval()/train() pairs timed per row, median kept")
     p.add_argument("--no-distributed", action="store_true", help="only the single-process rows")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of the single-process rows (default 1, "

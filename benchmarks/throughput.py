@@ -266,7 +266,8 @@ def print_row(row: dict, header: bool) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run both (default cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="weights and cache dtype (default fp32 on cpu, bf16 on cuda)")

@@ -30,7 +30,7 @@ def learn(tiny_run, out, algorithm: str, seed: int) -> dict:
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_algorithm_raises_the_gold_score(tiny_run, tmp_path, monkeypatch, algorithm, seed):
-    monkeypatch.setattr("rlhf.cli.train.plot", lambda out: None)  # drawn and tested with the full run
+    monkeypatch.setattr("rlhf.cli.train.plot", lambda out, **kwargs: None)  # drawn and tested with the full run
     summary = learn(tiny_run, tmp_path, algorithm, seed)
     assert summary["steps"] == ROUNDS
     assert summary["gold_after"] >= summary["gold_before"] + 0.10, summary

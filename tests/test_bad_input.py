@@ -300,3 +300,32 @@ def test_the_console_script_exits_2_without_a_traceback_unless_asked(tmp_path):
     loud = subprocess.run(argv, cwd=tmp_path, env={**env, "RLHF_TRACEBACK": "1"}, capture_output=True, text=True,
                           timeout=120)
     assert loud.returncode != 0 and "Traceback" in loud.stderr and "ModelError" in loud.stderr
+
+
+def test_flags_are_never_abbreviated(tmp_path, capsys):
+    """`--lr 1e-5` used to be taken as `--lr-scheduler-type` (argparse's allow_abbrev)."""
+    assert main(["train", "--lr", "1e-5", "--output-dir", str(tmp_path / "run")]) == 2
+    assert "unrecognized arguments: --lr 1e-5" in one_error_line(capsys)
+    with pytest.raises(ValueError, match="unrecognized arguments: --actor-learning-r 1e-5"):  # the step scripts'
+        ppo_main(["--actor-learning-r", "1e-5"])
+
+
+def test_a_near_miss_flag_is_named(tmp_path, capsys):
+    assert main(["train", "--model", "x", "--output-dir", str(tmp_path / "run")]) == 2
+    assert one_error_line(capsys) == ("rlhf train: error: unrecognized arguments: --model x; did you mean "
+                                      "--actor-model? (rlhf train --help lists the options)")
+    assert main(["train", "--actor-modle", "x", "--sft-learning-rat=3", "--output-dir", str(tmp_path / "run")]) == 2
+    assert ("did you mean --actor-model for --actor-modle, --sft-learning-rate for --sft-learning-rat?"
+            in one_error_line(capsys))
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_step3_without_a_reward_model_names_reward_model_and_reward_fn(models, tmp_path, algorithm, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    out = tmp_path / "run"
+    assert main(["train", "--step", "3", "--algorithm", algorithm, "--actor-model", str(models["actor"]),
+                 "--data", str(data), "--output-dir", str(out)]) == 2
+    line = one_error_line(capsys)
+    assert "--reward-model" in line and "--reward-fn" in line, line
+    assert not out.exists()

@@ -12,8 +12,8 @@ def test_malformed_record_is_one_line_naming_file_line_and_field(tmp_path, capsy
     assert main(["train", "--data", str(bad), "--output-dir", str(tmp_path / "run"), "--disable-tqdm"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (f"rlhf train: error: {bad}:2: field 'chosen' missing (expected prompt+chosen+rejected, "
-                       "prompt+response, hh-rlhf chosen/rejected, or conversational messages / chosen+rejected "
-                       "message lists)")
+                       "prompt+response, prompt alone (step 3), hh-rlhf chosen/rejected, or conversational messages / "
+                       "chosen+rejected message lists)")
     assert not (tmp_path / "run" / "actor").exists()  # nothing half-written
 
 
@@ -70,3 +70,37 @@ def test_tokenizer_given_with_the_preset_sets_the_new_models_vocabulary(tmp_path
     actor = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "actor")
     saved = AutoTokenizer.from_pretrained(tmp_path / "out" / "actor")
     assert actor.config.vocab_size == len(tokenizer) == len(saved) == len(build_word_tokenizer()) + 3
+
+
+def test_disable_tqdm_prints_a_line_per_logged_step(tmp_path, capsys):
+    """No bar, but not silence: step name, step/total and the loss, every --sft-log-interval steps and the last."""
+    main(["train", "--step", "1", "--sft-max-steps", "3", "--sft-log-interval", "2", "--disable-tqdm",
+          "--output-dir", str(tmp_path / "run")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 1 SFT ")]
+    assert [line.split(":")[0] for line in lines] == ["step 1 SFT 2/3", "step 1 SFT 3/3"], lines
+    assert all(line.split(": ")[1].startswith("loss ") for line in lines)
+
+
+def test_warmup_ratio_sets_the_warmup_steps_of_steps_1_and_2(tmp_path):
+    """--sft-warmup-ratio 0.5 of 4 optimizer steps is --sft-num-warmup-steps 2: the same learning rates."""
+    import json
+
+    def lrs(out, *flags):
+        main(["train", "--step", "1", "--sft-max-steps", "4", "--sft-log-interval", "1", "--disable-tqdm",
+              "--output-dir", str(out), *flags])
+        return [r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                if r["step_name"] == "sft"]
+
+    ratio = lrs(tmp_path / "ratio", "--sft-warmup-ratio", "0.5")
+    assert ratio == lrs(tmp_path / "steps", "--sft-num-warmup-steps", "2", "--sft-warmup-ratio", "0.5")
+    assert ratio == lrs(tmp_path / "steps2", "--sft-num-warmup-steps", "2")
+    assert ratio[0] == pytest.approx(ratio[1] / 2) and ratio != lrs(tmp_path / "none")
+
+
+def test_steps_1_and_2_on_a_file_of_prompts_say_it_is_step_3s(tmp_path, capsys):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "review: pizza", "answer": "great"}\n' * 4)
+    assert main(["train", "--data", str(data), "--output-dir", str(tmp_path / "run"), "--disable-tqdm"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"rlhf train: error: SFT: no training examples for step 1 in ['{data}'] with --data-split 2,4,4 "
+        "(prompts without answers are step 3's data alone: run --step 3)")

@@ -111,8 +111,10 @@ def test_conversational_records(tmp_path):
 @pytest.mark.parametrize("record,message", [
     ({"messages": [msg("user", "q"), msg("bot", "a")]},
      "field 'messages'[1]: role 'bot', expected one of system, user, assistant"),
-    ({"messages": [msg("user", "q"), msg("assistant", "a"), msg("user", "thanks")]},
-     "field 'messages' must end with the assistant's answer, ends with a 'user' message"),
+    ({"messages": [msg("user", "q"), msg("assistant", "a"), msg("system", "thanks")]},
+     "field 'messages' must end with the assistant's answer, ends with a 'system' message"),
+    ({"prompt": [msg("user", "q"), msg("assistant", "a")]},
+     "field 'prompt' must end with a user message (a step-3 prompt awaiting the answer), ends with a 'assistant'"),
     ({"messages": [msg("assistant", "a")]}, "the conversation has no user message before the answer"),
     ({"chosen": [msg("user", "q"), msg("assistant", "a")], "rejected": [msg("user", "other"), msg("assistant", "b")]},
      "fields 'chosen' and 'rejected' differ before their last message"),
@@ -128,6 +130,61 @@ def test_conversational_errors_name_file_line_and_field(tmp_path, record, messag
     with pytest.raises(DataError) as err:
         load_examples(path)
     assert str(err.value).startswith(f"{path}:2: ") and message in str(err.value), str(err.value)
+
+
+def test_prompt_records_are_step_3_data_with_their_fields(tmp_path):
+    """A prompt without an answer (a string, or messages ending in a user turn) is a step-3 prompt; its other fields
+    are the reward function's."""
+    (flat, conversation, turns) = load_examples(write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "What is 6+20?", "answer": "26", "tests": [1, 2]},
+        {"messages": [msg("system", "Be brief."), msg("user", "2+2?")], "answer": "4"},
+        {"prompt": [msg("user", "a"), msg("assistant", "b"), msg("user", "3+3?")], "answer": "6"},
+    ]))
+    assert flat.is_prompt and not flat.is_pair and flat.chosen is None
+    assert (flat.prompt, flat.fields, flat.where) == ("What is 6+20?", {"answer": "26", "tests": [1, 2]},
+                                                      f"{tmp_path / 'p.jsonl'}:1")
+    assert conversation.messages == (("system", "Be brief."), ("user", "2+2?")) and conversation.is_prompt
+    assert conversation.prompt == "Be brief.\n\nHuman: 2+2?\n\nAssistant:" and conversation.fields == {"answer": "4"}
+    assert turns.messages[-1] == ("user", "3+3?") and turns.fields == {"answer": "6"}
+
+
+def test_a_prompt_source_goes_to_step_3_whole(tmp_path):
+    """--data-split cuts pair sources only; a pair source blended with it is split as before."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"q{i}", "answer": str(i)} for i in range(10)])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"r{i}", "chosen": "c", "rejected": "r"}
+                                                    for i in range(10)])
+    for step in (1, 2):
+        assert load_step_examples([str(prompts)], step=step, split="2,4,4") == []
+    step3 = load_step_examples([str(prompts), str(pairs)], step=3, split="2,4,4", seed=5)
+    assert sorted(e.prompt for e in step3 if e.is_prompt) == sorted(f"q{i}" for i in range(10))
+    alone = load_step_examples([str(pairs)], step=3, split="2,4,4", seed=5)
+    assert len(alone) == 4 and sorted(e.prompt for e in step3 if e.is_pair) == sorted(e.prompt for e in alone)
+
+
+@pytest.mark.parametrize("records,line,message", [
+    ([PAIRS[0], {"prompt": "q", "chosn": "typo", "rejected": "r"}], 2, "field 'chosen' missing"),
+    ([PAIRS[0], {"prompt": "q", "answer": "1"}], 2, "field 'chosen' missing (a prompt alone in a file of records "
+     "with answers; step-3 prompts go in a file of their own)"),
+    ([{"prompt": "q", "answer": "1"}, {"prompt": "q", "response": "1"}], 2, "a record with an answer in a file of "
+     "step-3 prompts"),
+])
+def test_prompts_and_answered_records_do_not_mix_in_one_file(tmp_path, records, line, message):
+    path = write_jsonl(tmp_path / "m.jsonl", records)
+    with pytest.raises(DataError) as err:
+        load_examples(path)
+    assert str(err.value).startswith(f"{path}:{line}: ") and message in str(err.value), str(err.value)
+
+
+def test_conversational_step3_prompts_go_through_the_chat_template(tmp_path):
+    templated = build_word_tokenizer()
+    templated.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    (ex,) = load_examples(write_jsonl(tmp_path / "c.jsonl", [
+        {"messages": [msg("system", "be kind"), msg("user", "review: pizza")], "answer": "great"}]))
+    dataset = build_prompt_dataset(templated, [ex], max_prompt_len=64)
+    text = "system: be kind user: review: pizza assistant:"
+    assert dataset.rows[0] == templated(text, add_special_tokens=False)["input_ids"]
+    assert dataset.fields == [{"answer": "great"}] and dataset.prompts == [ex.prompt]
 
 
 def test_conversational_prompts_go_through_the_chat_template(tokenizer, tmp_path):
@@ -212,6 +269,13 @@ def test_empty_field(tmp_path):
         load_examples(write_jsonl(tmp_path / "d.jsonl", [{"prompt": " ", "response": "b"}]))
 
 
+def test_a_pair_without_prompt_or_dialogue_is_blamed_on_the_prompt(tmp_path):
+    """It used to be blamed on 'chosen' ("has no '\\n\\nAssistant:' turn")."""
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'prompt' missing \(without one, 'chosen' and 'rejected' "
+                       "must be hh-rlhf dialogues"):
+        load_examples(write_jsonl(tmp_path / "d.jsonl", [{"chosen": "26", "rejected": "25", "answer": "26"}]))
+
+
 def test_hh_without_assistant_turn(tmp_path):
     record = {"chosen": "\n\nHuman: hi\n\nAssistant: yo", "rejected": "\n\nHuman: hi"}
     with pytest.raises(DataError, match=r"hh\.jsonl:1: field 'rejected' has no"):
@@ -239,7 +303,7 @@ def test_missing_file(tmp_path):
 
 def test_data_error_is_value_error_and_one_line(tmp_path):
     with pytest.raises(ValueError) as info:
-        load_examples(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p"}]))
+        load_examples(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "rejected": "r"}]))
     assert "\n" not in str(info.value)
 
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from rlhf.runtime.metrics import MetricsLogger, collect_series, panels_to_draw, plot, read_metrics
+from rlhf.runtime.metrics import STEP, MetricsLogger, collect_series, figure, panels_to_draw, plot, read_metrics
 
 # What a short run logs: steps 1 and 2, then two RL algorithms under their own step names with the same keys.
 RECORDS = [
@@ -161,6 +161,30 @@ def test_plot_draws_the_curated_panels_by_metric_key_and_nothing_flat(tmp_path):
     }
     png = plot(tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob(".*.tmp.png"))
+
+
+def test_plot_titles_follow_the_reward_source_and_every_panel_has_axis_labels(tmp_path):
+    """A reward-function run's panels used to say "reward model vs gold rule", and no panel had axis labels."""
+    log_all(MetricsLogger(tmp_path))
+    series = collect_series(read_metrics(tmp_path))
+    titles = [panel.title for panel, _, _ in panels_to_draw(series, "reward function")]
+    assert titles[:2] == ["held out: reward function (left) vs gold rule (right)",
+                          "rollouts: reward function (left) vs gold rule (right)"]
+    assert not any("reward model (left)" in t for t in titles)
+    no_gold = {key: points for key, points in series.items() if key[1] != "gold"}  # a user's data: no gold rule
+    titles = [panel.title for panel, _, _ in panels_to_draw(no_gold, "reward function")]
+    assert titles[:2] == ["held out: reward function", "rollouts: reward function"]
+    fig = figure(series, "reward function")
+    drawn = [ax for ax in fig.axes if ax.axison and ax.get_title()]
+    assert len(drawn) == len(panels_to_draw(series))
+    for ax in drawn:
+        assert ax.get_xlabel() and ax.get_ylabel(), ax.get_title()
+    by_title = {ax.get_title(): ax for ax in drawn}
+    assert by_title["policy loss"].get_xlabel() == "round" and by_title["reward-model loss"].get_xlabel() == STEP
+    twins = [ax for ax in fig.axes if not ax.get_title() and ax.get_ylabel()]
+    assert {ax.get_ylabel() for ax in twins} == {"gold score"}
+    with pytest.raises(ValueError, match="reward_source 'gold'"):
+        panels_to_draw(series, "gold")
 
 
 def test_a_rerun_into_the_same_directory_plots_its_own_curve(tmp_path):

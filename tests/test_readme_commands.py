@@ -54,7 +54,12 @@ def test_the_readme_has_the_commands_this_test_checks():
 
 
 @pytest.mark.parametrize("name,argv", COMMANDS, ids=[" ".join([n, *a])[:60] for n, a in COMMANDS])
-def test_readme_command_parses(name, argv, monkeypatch, capsys):
+def test_readme_command_parses(name, argv, monkeypatch, capsys, tmp_path):
+    if "--config" in argv:  # the README's ```yaml block is the file its `--config FILE` commands read
+        monkeypatch.chdir(tmp_path)
+        config = tmp_path / argv[argv.index("--config") + 1]
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.S)[0])
     if name == "train":
         from rlhf.cli.train import parse_args
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf.runtime.resume import Checkpointer, RunState
+from rlhf.runtime.resume import Checkpointer, RunState, open_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
@@ -212,6 +212,32 @@ def test_resume_cuts_metrics_back_to_the_checkpoint(tmp_path):
     assert metrics.read_text() == '{"step": 1}\n{"step_name": "sft", "step": 1}\n'
     RunState(tmp_path, metrics).begin("sft")  # starting the step over without a checkpoint: back to its start
     assert metrics.read_text() == '{"step": 1}\n'
+
+
+def test_a_step_that_saved_nothing_runs_again_without_overwrite(tmp_path):
+    """A run that failed before any checkpoint or saved model (a reward function raising in the first rollout) used
+    to block its retry: "already holds this run's grpo ... add --resume or --overwrite"."""
+    metrics = tmp_path / "metrics.jsonl"
+    run = RunState(tmp_path, metrics)
+    run.begin("sft")
+    metrics.write_text('{"step_name": "sft", "step": 1}\n')
+    run.finish("sft", {"loss": 1.0})
+    run.begin("grpo")
+    with open(metrics, "a") as f:
+        f.write('{"step_name": "grpo_eval", "step": 0}\n')  # the evaluation before training, then the failure
+    (tmp_path / "checkpoints" / "grpo" / ".tmp-step-000001").mkdir(parents=True)  # a save cut short
+    outputs = {"sft": str(tmp_path / "actor"), "grpo": str(tmp_path / "grpo")}
+    state = open_run(tmp_path, ["grpo"], outputs, resume=False, overwrite=False, metrics_path=metrics, is_main=True)
+    assert state.begun() == ["sft"] and state.summary("sft") == {"loss": 1.0}
+    assert metrics.read_text() == '{"step_name": "sft", "step": 1}\n'
+    assert not (tmp_path / "checkpoints" / "grpo").exists()
+    # a step with something to continue from is still refused: a checkpoint, a saved model, a finished step
+    for name, saved in (("grpo", lambda: Checkpointer(tmp_path, "grpo").save(1, {}, {})),
+                        ("grpo", lambda: (tmp_path / "grpo").mkdir()), ("sft", lambda: None)):
+        state.begin(name)
+        saved()
+        with pytest.raises(ValueError, match=f"already holds this run's {name} "):
+            open_run(tmp_path, [name], outputs, resume=False, overwrite=False, metrics_path=metrics, is_main=True)
 
 
 def torchrun(out: Path, uninterrupted: Path, stage: int, *extra: str) -> list[str]:

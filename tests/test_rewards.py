@@ -1,5 +1,7 @@
 """Reward functions: the three ways to name one, the record fields they receive, and a one-line error naming the
 function and the row for each way they can fail."""
+import json
+
 import pytest
 import torch
 
@@ -98,3 +100,124 @@ def test_group_algorithms_need_two_samples(tmp_path, capsys):
     assert cli_main(argv) == 2
     assert "--algorithm rloo compares the answers to one prompt: --n-samples-per-prompt 1, expected at least 2" \
         in capsys.readouterr().err
+
+
+def test_declared_parameters_are_the_fields_a_record_must_hold(module, tmp_path):
+    path = tmp_path / "fields.py"
+    path.write_text("def f(prompts, responses, answer, *args, tests=None, **fields):\n    return [0.0]\n"
+                    "def g(p, r, /, *, answer):\n    return [0.0]\n")
+    assert RewardFunction(f"{path}:f").required_fields() == ["answer", "tests"]
+    assert RewardFunction(f"{path}:g").required_fields() == ["answer"]
+    assert RewardFunction(f"{module}:broken").required_fields() == []
+    assert RewardFunction("synthetic").required_fields() == []
+
+
+@pytest.fixture(scope="module")
+def actor(tmp_path_factory):
+    """A tiny saved actor with the preset's word tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from rlhf.cli.presets import build_word_tokenizer
+
+    root = tmp_path_factory.mktemp("actor")
+    tokenizer = build_word_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+EXACT = '''
+import json, os
+
+def exact_number(prompts, responses, answer, **fields):
+    with open(os.environ["SEEN"], "a") as f:
+        f.write(json.dumps({"prompts": prompts, "answer": answer, "fields": sorted(fields)}) + "\\n")
+    return [float(r.strip() == a) for r, a in zip(responses, answer)]
+'''
+
+
+def prompt_file(tmp_path, n: int, drop_answer_at: int | None = None):
+    words = ("pizza", "movie", "book", "hotel")
+    records = [{"prompt": f"review: {words[i % 4]} {i}", "answer": words[i % 4], "id": i}
+               for i in range(n)]
+    if drop_answer_at is not None:
+        del records[drop_answer_at - 1]["answer"]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_grpo_trains_on_a_file_of_prompts_and_answers(actor, tmp_path, monkeypatch, capsys):
+    """`rlhf train --step 3 --algorithm grpo --reward-fn f.py:fn --data prompts.jsonl`: the file goes to step 3 whole
+    (no --data-split), and each row's fields reach the function."""
+    fn = tmp_path / "rewards.py"
+    fn.write_text(EXACT)
+    monkeypatch.setenv("SEEN", str(tmp_path / "seen.jsonl"))
+    data = prompt_file(tmp_path, 12)
+    summary = cli_main(["train", "--step", "3", "--algorithm", "grpo", "--actor-model", str(actor), "--reward-fn",
+                        f"{fn}:exact_number", "--data", str(data), "--output-dir", str(tmp_path / "run"),
+                        "--max-steps", "1", "--per-device-generation-batch-size", "4",
+                        "--per-device-training-batch-size", "8", "--n-samples-per-prompt", "2",
+                        "--max-answer-seq-len", "4", "--eval-prompts", "4", "--disable-tqdm"])
+    assert summary == 0
+    assert "step 3 grpo 1/1: reward 0.000 kl " in capsys.readouterr().out  # --disable-tqdm: a line per logged round
+    calls = [json.loads(line) for line in (tmp_path / "seen.jsonl").read_text().splitlines()]
+    records = {r["prompt"]: r for r in map(json.loads, data.read_text().splitlines())}
+    seen = {p for call in calls for p in call["prompts"]}
+    # 4 held out (evaluated before and after) and one round's batch of 4 of the other 8: the file is step 3's whole
+    # (the default --data-split 2,4,4 would have left it 5 prompts)
+    assert len(seen) == 8 and seen <= set(records)
+    for call in calls:
+        assert call["answer"] == [records[p]["answer"] for p in call["prompts"]] and call["fields"] == ["id"]
+
+
+def test_a_record_without_a_field_the_reward_function_takes_is_refused_before_training(actor, tmp_path, capsys):
+    fn = tmp_path / "rewards.py"
+    fn.write_text(EXACT)
+    data = prompt_file(tmp_path, 6, drop_answer_at=5)
+    out = tmp_path / "run"
+    assert cli_main(["train", "--step", "3", "--algorithm", "grpo", "--actor-model", str(actor), "--reward-fn",
+                     f"{fn}:exact_number", "--data", str(data), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"rlhf train: error: {data}:5: field 'answer' missing (the reward function exact_number "
+                       "takes answer)")
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"prompts\.jsonl:5: field 'answer' missing"):  # python -m rlhf.steps.rl
+        from rlhf.steps.rl import main as rl_main
+        rl_main(["--actor-model-name-or-path", str(actor), "--algorithm", "grpo", "--reward-fn", f"{fn}:exact_number",
+                 "--data", str(data), "--output-dir", str(tmp_path / "rl")])
+
+
+def test_a_run_that_failed_before_training_anything_is_rerun_without_overwrite(actor, tmp_path, capsys):
+    """The reward function raised in the first rollout: nothing trained, nothing saved, so the retry runs."""
+    (tmp_path / "bad.py").write_text("def f(prompts, responses, **fields):\n    raise KeyError('answer')\n")
+    (tmp_path / "good.py").write_text("def f(prompts, responses, **fields):\n    return [0.0] * len(prompts)\n")
+    argv = ["train", "--step", "3", "--algorithm", "grpo", "--actor-model", str(actor), "--data",
+            str(prompt_file(tmp_path, 8)), "--output-dir", str(tmp_path / "run"), "--max-steps", "1",
+            "--per-device-generation-batch-size", "4", "--per-device-training-batch-size", "8",
+            "--max-answer-seq-len", "4", "--eval-prompts", "0", "--disable-tqdm"]
+    assert cli_main([*argv, "--reward-fn", f"{tmp_path / 'bad.py'}:f"]) == 2
+    assert "raised KeyError" in capsys.readouterr().err
+    assert cli_main([*argv, "--reward-fn", f"{tmp_path / 'good.py'}:f"]) == 0
+    assert (tmp_path / "run" / "grpo" / "actor").is_dir()
+
+
+def test_step3_warmup_ratio_is_a_fraction_of_the_runs_optimizer_steps(actor, tmp_path, monkeypatch):
+    """--warmup-ratio 0.5 over 2 rounds of 4 minibatches each (4 prompts, GRPO's 4 answers each, 4 rows a minibatch):
+    4 warm-up steps for the actor; without --warmup-ratio, --num-warmup-steps as before."""
+    import rlhf.steps.rl_trainer as rl_trainer
+
+    seen = []
+    initialize = rl_trainer.initialize
+    monkeypatch.setattr(rl_trainer, "initialize", lambda *a, **k: seen.append(a[4:6]) or initialize(*a, **k))
+    (tmp_path / "zero.py").write_text("def f(prompts, responses, **fields):\n    return [0.0] * len(prompts)\n")
+    argv = ["train", "--step", "3", "--algorithm", "grpo", "--actor-model", str(actor), "--data",
+            str(prompt_file(tmp_path, 8)), "--reward-fn", f"{tmp_path / 'zero.py'}:f", "--max-steps", "2",
+            "--per-device-generation-batch-size", "4", "--per-device-training-batch-size", "4",
+            "--max-answer-seq-len", "2", "--eval-prompts", "0", "--disable-tqdm", "--num-warmup-steps", "3"]
+    assert cli_main([*argv, "--output-dir", str(tmp_path / "a"), "--warmup-ratio", "0.5"]) == 0
+    assert cli_main([*argv, "--output-dir", str(tmp_path / "b")]) == 0
+    assert seen == [(8, 4), (8, 3)]  # (optimizer steps, warm-up steps)

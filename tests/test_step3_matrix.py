@@ -38,7 +38,8 @@ def check_row(out: Path, tiny_run: Path, summary: dict, gap: float) -> None:
 
 @pytest.mark.parametrize("row", list(SINGLE_PROCESS_ROWS))
 def test_step3_row(row, tiny_run, tmp_path, monkeypatch):
-    monkeypatch.setattr("rlhf.cli.train.plot", lambda out: None)  # 3 s per row; the plot is tested with the full run
+    # 3 s per row; the plot is tested with the full run
+    monkeypatch.setattr("rlhf.cli.train.plot", lambda out, **kwargs: None)
     flags = list(SINGLE_PROCESS_ROWS[row])
     if row == "ema-ptx":
         flags += ["--unsupervised-data", str(tiny_run / "data" / "sft.jsonl")]

@@ -24,16 +24,21 @@ import torch
 
 from rlhf.cli.presets import PRESETS, Preset, apply_budget, get_preset
 from rlhf.core.algorithms import ALGORITHMS
+from rlhf.core.rewards import RewardFunction
 from rlhf.data import Example, build_prompt_dataset, load_step_examples
 from rlhf.data.synthetic import gold_scores, write_synthetic_data
 from rlhf.models import load_tokenizer, require_checkpoint, require_model_source, require_tokenizer_source
+from rlhf.runtime.checkpoint import atomic_write_bytes
 from rlhf.runtime.config import (
     AT_LEAST_1,
     NON_NEGATIVE,
     ArgumentParser,
     add_config_args,
     add_launcher_args,
+    apply_config_file,
     bounded,
+    config_file_text,
+    read_config_file,
     require_output_dir,
     set_option,
 )
@@ -52,6 +57,7 @@ from rlhf.steps.sft import SFTConfig, run_sft, sft_config_from_args
 SHARED = ("model_name_or_path", "tokenizer_name_or_path", "data", "data_split", "output_dir", "metrics_dir", "seed",
           "max_seq_len", "disable_tqdm")
 SFT_PREFIX, RM_PREFIX, DPO_PREFIX = "sft-", "rm-", "dpo-"
+CONFIG_FILE = "config.yaml"  # every run's options, as --config reads them
 
 
 def preset_defaults(preset: Preset | None) -> tuple[SFTConfig, RewardConfig, DPOConfig]:
@@ -111,7 +117,9 @@ def step3_config(args: argparse.Namespace, paths: dict[str, str]) -> RLConfig:
     algo = cfg.validate()
     require_sft_model(args, actor)
     if not no_reward_model and 2 not in args.step and (cfg.reward_fn is None or algo.needs_critic):
-        require_checkpoint(reward, "give --reward-model a step-2 checkpoint, or run --step 2 first", reward=True)
+        # named both ways of scoring, whatever the algorithm: a new user of GRPO looks for --reward-fn
+        require_checkpoint(reward, "give --reward-model a step-2 checkpoint or --reward-fn FILE.py:FUNCTION, or run "
+                           "--step 2 first", reward=True)
     require_tp_split(args, cfg)
     return cfg
 
@@ -185,6 +193,10 @@ def build_parser(preset: Preset | None, algorithm: str = "ppo") -> argparse.Argu
     add_launcher_args(parser)
     parser.add_argument("--step", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
                         help="steps to run (default: 1 2 3)")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="options as YAML, a mapping of option names (actor-learning-rate or "
+                        "actor_learning_rate) to values; flags given here override it. Every run writes "
+                        "OUTPUT_DIR/config.yaml, and --config OUTPUT_DIR/config.yaml runs it again")
     parser.add_argument("--preset", choices=[*PRESETS, "none"], default=None,
                         help="named model + budget preset (default: tiny, or none when --actor-model is given)")
     parser.add_argument("--actor-model", default=None,
@@ -204,7 +216,8 @@ def build_parser(preset: Preset | None, algorithm: str = "ppo") -> argparse.Argu
     parser.add_argument("--seed", type=int, default=1234, help="seed of splits, shuffles and initialisation")
     parser.add_argument("--max-seq-len", type=bounded(int, AT_LEAST_1), default=None,
                         help="max prompt+answer tokens for steps 1-2 (default: 512, or the preset's)")
-    parser.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
+    parser.add_argument("--disable-tqdm", action="store_true",
+                        help="no progress bars: one line per logged step instead")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir: finished steps are skipped, the step it was in goes "
                         "on from its newest checkpoint (OUTPUT_DIR/checkpoints) with the same data order and RNG "
@@ -237,11 +250,21 @@ def build_parser(preset: Preset | None, algorithm: str = "ppo") -> argparse.Argu
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Preset | None]:
-    """Two passes: the preset and the algorithm choose the defaults of the full parser."""
-    first, _ = build_parser(None).parse_known_args(argv)
+    """Two passes: the preset and the algorithm (from the flags, else the --config file) choose the defaults of the
+    full parser; the config file's options replace those defaults, and the flags given replace both."""
+    first_parser = build_parser(None)
+    first, _ = first_parser.parse_known_args(argv)
+    from_file = read_config_file(first.config) if first.config else {}
+    if from_file:
+        apply_config_file(first_parser, from_file, first.config)
+        first, _ = first_parser.parse_known_args(argv)
     name = first.preset or ("none" if first.actor_model else "tiny")
     preset = None if name == "none" else get_preset(name)
-    args = build_parser(preset, first.algorithm).parse_args(argv)
+    parser = build_parser(preset, first.algorithm)
+    if from_file:
+        apply_config_file(parser, from_file, first.config)
+    args = parser.parse_args(argv)
+    args.config_text = config_file_text(parser, args)  # as parsed, before main() fills in what it derives
     return args, preset
 
 
@@ -309,6 +332,9 @@ def main(argv: list[str] | None = None) -> dict:
         choose_reward_fn(args, synthetic)
     if 3 in args.step:
         step3_config(args, paths)  # a bad option or missing checkpoint ends the run before any step starts
+        if args.reward_fn is not None and not synthetic:  # so does a record without a field the function takes
+            RewardFunction(args.reward_fn).check_fields(
+                load_step_examples(args.data, step=3, split=args.data_split or "2,4,4", seed=args.seed))
     if synthetic and preset is None:
         raise ValueError("--data is required without a preset (the synthetic task needs the preset's tokenizer)")
     # each step's name in metrics.jsonl, run_state.json and checkpoints/, and its final output
@@ -319,6 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = MetricsLogger(out, enabled=dist.is_main, report_to=args.report_to)
     run = open_run(out, [names[s] for s in args.step] + (["dpo"] if with_dpo else []), outputs, args.resume,
                    args.overwrite, metrics.path, dist.is_main)
+    if dist.is_main:
+        atomic_write_bytes(out / CONFIG_FILE, args.config_text.encode())
     data = args.data
     if synthetic:
         if dist.is_main:  # one writer; the others wait, then read the same files
@@ -374,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = steps.summary
     if not dist.is_main:
         return summary
-    plot(out)
+    plot(out, reward_source="reward function" if args.reward_fn else "reward model")
     summary["run"] = {"output_dir": str(out), "seconds": time.time() - start}
     print(format_summary(summary), flush=True)
     return summary

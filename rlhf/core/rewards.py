@@ -3,9 +3,13 @@
 ``--reward-fn SPEC`` names a function as ``synthetic`` (the built-in task's rule), ``path/to/file.py:name`` or
 ``package.module:name``. It is called on a batch, Hugging Face TRL's way::
 
-    def reward(prompts: list[str], responses: list[str], **fields) -> list[float]:
-        # fields: each other column of the data records, as a list aligned with the rows (None where absent)
-        return [1.0 if ref in r else 0.0 for r, ref in zip(responses, fields["answer"])]
+    def reward(prompts: list[str], responses: list[str], answer: list[str], **fields) -> list[float]:
+        # answer, fields: each other column of the data records, as a list aligned with the rows
+        return [1.0 if ref in r else 0.0 for r, ref in zip(responses, answer)]
+
+A parameter the function names after ``prompts`` and ``responses`` (``answer`` above, written without a default)
+is a field every record must hold: a step-3 record without it is refused before training, naming its file and
+line; a field read from ``**fields`` is optional (None where absent).
 
 A function that cannot be imported, raises, or returns the wrong number of values or a non-number ends the run
 with one line naming the function and the row. A NaN or infinite reward is passed on: the trainer skips that
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import numbers
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -62,6 +67,29 @@ class RewardFunction:
     def __init__(self, spec: str):
         self.spec = spec
         self.fn = _import_function(spec)
+
+    def required_fields(self) -> list[str]:
+        """The record fields the function names as parameters: those after the first two positional ones
+        (prompts, responses), *args and **fields excepted."""
+        try:
+            params = list(inspect.signature(self.fn).parameters.values())
+        except (TypeError, ValueError):  # a builtin or C function: nothing declared to check
+            return []
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        named = [p for p in params if p.kind in (*positional, inspect.Parameter.KEYWORD_ONLY)]
+        leading = [p for p in named if p.kind in positional][:2]
+        return [p.name for p in named if p not in leading]
+
+    def check_fields(self, examples) -> None:
+        """One-line ValueError naming the first record (its ``where``, "file:line") that lacks a field the function
+        takes: found before training, not as a None in the middle of it."""
+        required = self.required_fields()
+        for example in examples if required else ():
+            missing = next((name for name in required if name not in example.fields), None)
+            if missing is not None:
+                name = getattr(self.fn, "__name__", self.spec)
+                raise ValueError(f"{example.where or '--data'}: field '{missing}' missing (the reward function {name} "
+                                 f"takes {missing})")
 
     def _call(self, prompts: list[str], responses: list[str], fields: list[dict]) -> list:
         columns = {key: [f.get(key) for f in fields] for key in sorted({k for f in fields for k in f})}

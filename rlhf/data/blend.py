@@ -3,7 +3,8 @@
 Split (``--data-split 2,4,4``): each source is shuffled once with the seed (the same permutation on every
 rank, since it depends only on the seed and the source's size) and cut into disjoint slices in the
 normalised proportions; step k uses slice k. A source with no preference pairs (SFT-only) gives all of its
-records to step 1 and nothing to steps 2 and 3.
+records to step 1 and nothing to steps 2 and 3; a source of prompts without answers (step-3 prompts) gives all of
+them to step 3: the split cuts pair sources only.
 
 Blend: a source's weight multiplies its share of a step: weight 2 repeats the slice twice, 0.5 keeps a
 seeded half. The blended list is shuffled with the seed.
@@ -73,6 +74,8 @@ def step_slice(examples: list[Example], step: int, split: tuple[float, float, fl
     """The records of one source that ``step`` (1, 2 or 3) uses."""
     if step not in STEPS:
         raise ValueError(f"step must be 1, 2 or 3, got {step}")
+    if examples and all(e.is_prompt for e in examples):  # step-3 prompts: all of them are step 3's
+        return list(examples) if step == 3 else []
     if not any(e.is_pair for e in examples):  # SFT-only source: all of it is step 1's
         return list(examples) if step == 1 else []
     return [examples[i] for i in split_indices(len(examples), split, seed)[step - 1]]
@@ -97,8 +100,8 @@ def load_step_examples(
         if isinstance(source, str):
             source = parse_data_spec(source)
         examples = step_slice(load_examples(source.path), step, fractions, seed)
-        if step > 1:  # the reward model and PPO need pairs (step 2) or prompts from pair sources (step 3)
-            examples = [e for e in examples if e.is_pair]
+        if step > 1:  # the reward model needs pairs; step 3 the prompts of pair sources, or a source of prompts
+            examples = [e for e in examples if e.is_pair or (step == 3 and e.is_prompt)]
         blended += _apply_weight(examples, source.weight, rng)
     rng.shuffle(blended)
     return blended

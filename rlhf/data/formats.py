@@ -1,10 +1,14 @@
-"""Read preference, SFT and hh-rlhf records from JSON / JSONL / .jsonl.gz files or a `datasets` directory.
+"""Read preference, SFT, step-3 prompt and hh-rlhf records from JSON / JSONL / .jsonl.gz files or a `datasets`
+directory.
 
 Every format is normalised to one record type, ``Example(prompt, chosen, rejected)``; ``rejected`` is None
-for SFT-only records. The format is detected per record from its fields:
+for SFT-only records, and ``chosen`` too for step-3 prompts. The format is detected per record from its fields:
 
 - ``prompt, chosen, rejected``            preference (DeepSpeed-Chat's local json)
 - ``prompt, response`` / ``prompt, chosen`` SFT demonstration
+- ``prompt`` without an answer            a step-3 prompt; its other fields (``answer``, ``tests``, ...) go to the
+                                          reward function. ``prompt`` may be messages ending in a user turn, and
+                                          so may ``messages``.
 - ``chosen, rejected`` (no prompt)        Anthropic hh-rlhf dialogue: the prompt is everything up to and
                                           including the last ``"\\n\\nAssistant:"`` of ``chosen``.
 - conversational (TRL's layout, e.g. UltraFeedback): fields that are lists of ``{"role", "content"}`` messages.
@@ -12,6 +16,9 @@ for SFT-only records. The format is detected per record from its fields:
   prompt either given (``prompt``: a string or messages) or the turns before the answer. The prompt's turns
   are kept (``Example.messages``) for the tokenizer's chat template, and written hh-rlhf style as
   ``Example.prompt`` for tokenizers without one (and for reward functions).
+
+A file holds either step-3 prompts or records with answers, not both: a record that lost its answer field to a
+typo would otherwise leave the pairs for step 3 without a word.
 
 A bad record raises ``DataError`` whose one-line message names the file, the line and the field.
 """
@@ -25,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HH_ASSISTANT = "\n\nAssistant:"
-EXPECTED = ("expected prompt+chosen+rejected, prompt+response, hh-rlhf chosen/rejected, or conversational "
-            "messages / chosen+rejected message lists")
+EXPECTED = ("expected prompt+chosen+rejected, prompt+response, prompt alone (step 3), hh-rlhf chosen/rejected, or "
+            "conversational messages / chosen+rejected message lists")
+ANSWERS = ("chosen", "rejected", "response")
 ROLES = ("system", "user", "assistant")
 
 
@@ -37,17 +45,23 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Example:
     prompt: str
-    chosen: str  # the demonstration for SFT, the preferred answer for the reward model
-    rejected: str | None = None  # None for SFT-only records
+    chosen: str | None  # the demonstration for SFT, the preferred answer for the reward model; None: a step-3 prompt
+    rejected: str | None = None  # None for SFT-only records and step-3 prompts
     # The record's other fields (a reference answer, a task id, ...), handed to a step-3 reward function.
     fields: dict = field(default_factory=dict, compare=False)
     # A conversational record's prompt as turns ((role, content), ...), for the tokenizer's chat template;
     # ``prompt`` then holds the same turns written hh-rlhf style.
     messages: tuple = field(default=(), compare=False)
+    where: str = field(default="", compare=False)  # "file:line" of the record, for errors found after parsing
 
     @property
     def is_pair(self) -> bool:
         return self.rejected is not None
+
+    @property
+    def is_prompt(self) -> bool:
+        """A step-3 prompt: no answer to learn from, only fields for a reward function."""
+        return self.chosen is None
 
 
 def split_hh_dialogue(text: str) -> tuple[str, str] | None:
@@ -109,8 +123,15 @@ def _conversational(record: dict, where: str) -> Example:
     assistant's answer, with ``prompt`` given or the turns before the answer."""
     name = next((n for n in ("messages", "chosen", "response") if n in record), None)
     if name is None:
-        raise DataError(f"{where}: field 'chosen' missing ({EXPECTED})")
+        if "rejected" in record or not isinstance(record.get("prompt"), list):
+            raise DataError(f"{where}: field 'chosen' missing ({EXPECTED})")
+        name = "prompt"
     turns = _messages(record, name, where)
+    if name in ("messages", "prompt") and not any(k in record for k in ANSWERS) and turns[-1][0] == "user":
+        return _prompt_example(turns, record, where)  # a conversation awaiting the assistant: a step-3 prompt
+    if name == "prompt":
+        raise DataError(f"{where}: field 'prompt' must end with a user message (a step-3 prompt awaiting the answer), "
+                        f"ends with a '{turns[-1][0]}' message")
     answer, prompt_turns, rejected = _answer(turns, name, where), turns[:-1], None
     if name != "messages":  # a "messages" record is an SFT demonstration
         if "rejected" in record:
@@ -126,7 +147,11 @@ def _conversational(record: dict, where: str) -> Example:
                             else (("user", _field(record, "prompt", where)),))
     if not any(role == "user" for role, _ in prompt_turns):
         raise DataError(f"{where}: the conversation has no user message before the answer")
-    return Example(render_dialogue(prompt_turns), answer, rejected, _other_fields(record), prompt_turns)
+    return Example(render_dialogue(prompt_turns), answer, rejected, _other_fields(record), prompt_turns, where)
+
+
+def _prompt_example(turns: tuple, record: dict, where: str) -> Example:
+    return Example(render_dialogue(turns), None, None, _other_fields(record), turns, where)
 
 
 def parse_record(record: object, where: str) -> Example:
@@ -141,21 +166,22 @@ def parse_record(record: object, where: str) -> Example:
             if "chosen" not in record:
                 raise DataError(f"{where}: field 'chosen' missing ({EXPECTED})")
             return Example(prompt, _field(record, "chosen", where), _field(record, "rejected", where),
-                           _other_fields(record))
+                           _other_fields(record), where=where)
         for answer in ("response", "chosen"):
             if answer in record:
-                return Example(prompt, _field(record, answer, where), fields=_other_fields(record))
-        raise DataError(f"{where}: field 'chosen' missing ({EXPECTED})")
+                return Example(prompt, _field(record, answer, where), fields=_other_fields(record), where=where)
+        return Example(prompt, None, fields=_other_fields(record), where=where)  # a step-3 prompt
     if "chosen" in record and "rejected" in record:
         chosen, rejected = _field(record, "chosen", where), _field(record, "rejected", where)
         chosen_split, rejected_split = split_hh_dialogue(chosen), split_hh_dialogue(rejected)
-        if chosen_split is None:
-            raise DataError(f"{where}: field 'chosen' has no '\\n\\nAssistant:' turn (hh-rlhf dialogue expected)")
+        if chosen_split is None:  # no dialogue to take the prompt from: the prompt is what is missing
+            raise DataError(f"{where}: field 'prompt' missing (without one, 'chosen' and 'rejected' must be hh-rlhf "
+                            "dialogues, and 'chosen' has no '\\n\\nAssistant:' turn)")
         if rejected_split is None:
             raise DataError(
                 f"{where}: field 'rejected' has no '\\n\\nAssistant:' turn (hh-rlhf dialogue expected)"
             )
-        return Example(chosen_split[0], chosen_split[1], rejected_split[1], _other_fields(record))
+        return Example(chosen_split[0], chosen_split[1], rejected_split[1], _other_fields(record), where=where)
     missing = "chosen" if "rejected" in record else "prompt"
     raise DataError(f"{where}: field '{missing}' missing ({EXPECTED})")
 
@@ -238,4 +264,19 @@ def load_examples(path: str | Path) -> list[Example]:
         examples = [parse_record(record, f"{path}:{lineno}") for lineno, record in _iter_json_records(path)]
     if not examples:
         raise DataError(f"{path}: no records")
+    _require_one_kind(examples)
     return examples
+
+
+def _require_one_kind(examples: list[Example]) -> None:
+    """A file of step-3 prompts holds only prompts, and a file of answered records no bare prompt (a typo in
+    'chosen' would otherwise make a pair a prompt, silently)."""
+    first_is_prompt = examples[0].is_prompt
+    odd = next((e for e in examples if e.is_prompt != first_is_prompt), None)
+    if odd is None:
+        return
+    if first_is_prompt:
+        raise DataError(f"{odd.where}: a record with an answer in a file of step-3 prompts (from {examples[0].where}); "
+                        "expected prompts only (a file of their own for SFT or pair records)")
+    raise DataError(f"{odd.where}: field 'chosen' missing (a prompt alone in a file of records with answers; "
+                    "step-3 prompts go in a file of their own)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import sys
 import tempfile
@@ -69,10 +70,31 @@ def check_bounds(cfg: Any) -> None:
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line through ``run_cli`` (a ValueError: "prog: error: ..., exit status 2), not
-    the usage block, which for ``rlhf train`` is 120 lines."""
+    the usage block, which for ``rlhf train`` is 120 lines. Flags are never abbreviated (``--lr 1e-5`` would be taken
+    as ``--lr-scheduler-type``); an unknown flag close to a known one is named ("did you mean --actor-model?")."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        raise ValueError(f"{message} ({self.prog} --help lists the options)")
+        raise ValueError(f"{message}{self._suggestion(message)} ({self.prog} --help lists the options)")
+
+    def _suggestion(self, message: str) -> str:
+        """"; did you mean --x?" for the unknown flags of an "unrecognized arguments" message that are close to a
+        known flag (difflib's ratio at least 0.7: ``--model`` -> ``--actor-model``, not ``--lr`` -> ``--lam``)."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [s for s in self._option_string_actions if s.startswith("--")]
+        hints = {}
+        for token in message.split(":", 1)[1].split():
+            flag = token.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.7) if flag.startswith("--") else []
+            if close:
+                hints[flag] = close[0]
+        if len(hints) == 1:
+            return f"; did you mean {next(iter(hints.values()))}?"
+        return "; did you mean " + ", ".join(f"{v} for {k}" for k, v in hints.items()) + "?" if hints else ""
 
 
 def opt(default: Any, help: str, bounds: Bounds | None = None, **kwargs) -> Any:
@@ -186,6 +208,8 @@ class StepConfig:
                                  choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                                           "constant_with_warmup"])
     num_warmup_steps: int = opt(0, "optimizer steps of linear warmup", bounds=NON_NEGATIVE)
+    warmup_ratio: float | None = opt(None, "linear warmup over this fraction of the run's optimizer steps, in place "
+                                     "of --num-warmup-steps (default: use the steps)", bounds=UNIT)
     max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs)", bounds=NON_NEGATIVE)
     eval_fraction: float = opt(0.1, "share of this step's records held out for evaluation", bounds=PROBABILITY)
     seed: int = opt(1234, "seed of the data split, shuffling and initialisation")
@@ -202,7 +226,7 @@ class StepConfig:
     lora_learning_rate: float = opt(5e-4, "learning rate of the LoRA weights", bounds=POSITIVE)
     print_loss: bool = opt(False, "print the loss of every step")
     log_interval: int = opt(10, "optimizer steps between metrics.jsonl records", bounds=AT_LEAST_1)
-    disable_tqdm: bool = opt(False, "no progress bars")
+    disable_tqdm: bool = opt(False, "no progress bars: one line per logged step instead")
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -310,3 +334,78 @@ def num_update_steps(num_batches: int, cfg: StepConfig) -> int:
     """Optimizer steps the run will take (what the learning-rate schedule spans)."""
     total = math.ceil(num_batches / cfg.gradient_accumulation_steps) * cfg.num_train_epochs
     return min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+
+
+# -- config files: every option of a parser as YAML, flags on the command line overriding it
+NOT_IN_CONFIG_FILES = ("help", "config", "local_rank", "resume", "overwrite")  # per launch, not per run
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The options of a YAML config file (a mapping of option names, ``actor-learning-rate`` or
+    ``actor_learning_rate``, to values), keyed by their argparse dest."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ValueError(f"--config {path}: cannot read it ({err.strerror})") from err
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value, got a {type(values).__name__}")
+    return {str(key).replace("-", "_"): value for key, value in values.items()}
+
+
+def _from_file(action: argparse.Action, value: Any, where: str) -> Any:
+    """A config file's value for ``action``, converted and checked as the flag's own text would be; None (YAML's
+    null) is the unset value of options that default to None."""
+    if value is None:
+        return None
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # --x / --no-x
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    many = action.nargs in ("+", "*")
+    if isinstance(value, list) and not many:
+        raise ValueError(f"{where}: expected one value, got a list")
+    parsed = []
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, (dict, list)):
+            raise ValueError(f"{where}: expected a number or a string, got {item!r}")
+        try:  # YAML reads 1e-5 as a string and 0.1 as a float: the flag's own type decides either way
+            item = action.type(str(item)) if action.type is not None else str(item)
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+            raise ValueError(f"{where}: {err}") from err
+        if action.choices is not None and item not in action.choices:
+            raise ValueError(f"{where}: {item!r}, expected one of {', '.join(map(str, action.choices))}")
+        parsed.append(item)
+    return parsed if many else parsed[0]
+
+
+def apply_config_file(parser: argparse.ArgumentParser, values: dict[str, Any], path: str | Path) -> None:
+    """Make a config file's values ``parser``'s defaults, each checked as its flag is: a flag given on the command
+    line still wins. An unknown option is one line naming the file and the nearest option."""
+    import difflib
+
+    actions = {action.dest: action for action in parser._actions if action.dest not in NOT_IN_CONFIG_FILES}
+    defaults = {}
+    for key, value in values.items():
+        if key not in actions:
+            near = difflib.get_close_matches(key, list(actions), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else f" ({parser.prog} --help lists the options)"
+            raise ValueError(f"{path}: unknown option '{key}'{hint}")
+        defaults[key] = _from_file(actions[key], value, f"{path}: {key}")
+    parser.set_defaults(**defaults)
+
+
+def config_file_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """``args`` as a config file that ``apply_config_file`` reads back to the same options, in the parser's order."""
+    import yaml
+
+    values = {action.dest: getattr(args, action.dest) for action in parser._actions
+              if action.dest not in NOT_IN_CONFIG_FILES and hasattr(args, action.dest)}
+    return yaml.safe_dump(values, sort_keys=False, default_flow_style=None)

@@ -10,6 +10,7 @@ state to the CPU (it is ~5x faster there than torch's, and DeepSpeed expects it 
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -84,6 +85,13 @@ def make_optimizer(groups: list[dict], lr: float, offload: bool, betas=(0.9, 0.9
 
         return DeepSpeedCPUAdam(groups, lr=lr, betas=betas)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available() and not offload)
+
+
+def warmup_steps(total_steps: int, num_warmup_steps: int, warmup_ratio: float | None = None) -> int:
+    """Optimizer steps of linear warmup: ``warmup_ratio`` of the run's ``total_steps`` (rounded up, as Hugging Face
+    does) when it is given, else ``num_warmup_steps``. A fixed count suits no run length: 100 steps (step 3's
+    default) is the whole of a short run, spent at a tiny learning rate."""
+    return math.ceil(warmup_ratio * total_steps) if warmup_ratio is not None else num_warmup_steps
 
 
 def initialize(

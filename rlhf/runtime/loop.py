@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.data import load_step_examples, train_eval_split
+from rlhf.data import load_examples, load_step_examples, parse_data_spec, train_eval_split
 from rlhf.models import load_tokenizer
 from rlhf.runtime.config import StepConfig, num_update_steps
 from rlhf.runtime.distributed import DistInfo, init_distributed, make_dataloader, to_device
-from rlhf.runtime.engines import ds_config, initialize
+from rlhf.runtime.engines import ds_config, initialize, warmup_steps
 from rlhf.runtime.guards import NonFiniteGuard, guarded_update
 from rlhf.runtime.metrics import MetricsLogger
 from rlhf.runtime.resume import RunControl, capture_rng, restore_rng
@@ -63,8 +63,10 @@ def prepare_step(cfg: StepConfig, step: int, name: str, what: str, build_dataset
     train_set = build_dataset(tokenizer, train_examples, cfg.max_seq_len)
     eval_set = build_dataset(tokenizer, eval_examples, cfg.max_seq_len)
     if len(train_set) == 0:
+        only_prompts = all(e.is_prompt for source in cfg.data for e in load_examples(parse_data_spec(source).path))
         raise ValueError(f"{what}: no training examples for step {step} in {cfg.data} with --data-split "
-                         f"{cfg.data_split}")
+                         f"{cfg.data_split}" + (" (prompts without answers are step 3's data alone: run --step 3)"
+                                                if only_prompts else ""))
     train_loader = make_dataloader(train_set, cfg.per_device_train_batch_size, shuffle=True, seed=cfg.seed)
     eval_loader = make_dataloader(eval_set, cfg.per_device_eval_batch_size, shuffle=False)
 
@@ -72,7 +74,8 @@ def prepare_step(cfg: StepConfig, step: int, name: str, what: str, build_dataset
     total_steps = num_update_steps(len(train_loader), cfg)
     config = ds_config(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.zero_stage,
                        cfg.offload, cfg.dtype, world_size=dist.world_size)
-    engine = initialize(model, config, cfg.learning_rate, cfg.weight_decay, total_steps, cfg.num_warmup_steps,
+    warmup = warmup_steps(total_steps, cfg.num_warmup_steps, cfg.warmup_ratio)
+    engine = initialize(model, config, cfg.learning_rate, cfg.weight_decay, total_steps, warmup,
                         cfg.lr_scheduler_type, lora_lr=cfg.lora_learning_rate if cfg.lora_dim else None)
     control = control or RunControl()
     resumed = control.load({"model": engine})
@@ -130,7 +133,8 @@ def run_loop(update: Callable[[object, int], list[dict] | None], batches: Batche
              generators: dict[str, torch.Generator] | None = None,
              summarize: Callable[[list[dict]], dict] = window_means, log_last: bool = True,
              postfix: Callable[[dict], dict] = lambda r: {"loss": f"{r['loss']:.3f}"},
-             evaluate: Callable[[], dict] | None = None, eval_interval: int = 0) -> tuple[int, dict]:
+             evaluate: Callable[[], dict] | None = None, eval_interval: int = 0,
+             print_lines: bool = False) -> tuple[int, dict]:
     """The training loop of every step: `total` optimizer updates (steps 1-2 and DPO) or rounds (step 3) from
     `batches`; returns (updates made, the record of the last window).
 
@@ -142,6 +146,8 @@ def run_loop(update: Callable[[object, int], list[dict] | None], batches: Batche
     and at the end. A checkpoint holds the loop's position, `guard`'s counts, the RNG streams (torch, numpy,
     python and `generators`) and `saved()`, the step's own state (back as resumed["saved"]); from `resumed`, such
     a checkpoint's state, the loop replays the data order to it, restores the streams and continues bit for bit.
+    With `print_lines` (no bar: --disable-tqdm, on the main rank) every update logged, and the last, prints one
+    line instead, "`desc` step/total: " and `postfix`'s values, so a long run without a bar still shows it moves.
     """
     step, window, last = 0, [], {}
     if resumed is not None:
@@ -166,6 +172,9 @@ def run_loop(update: Callable[[object, int], list[dict] | None], batches: Batche
         if step % log_interval == 0 or (log_last and step == total):
             last, window = summarize(window), []
             metrics.log(name, step, **last)
+        if print_lines and (step % log_interval == 0 or step == total):
+            shown = " ".join(f"{key} {value}" for key, value in postfix(records[-1]).items())
+            print(f"{desc} {step}/{total}: {shown}", flush=True)
         if evaluate is not None and eval_interval and step % eval_interval == 0:
             metrics.log(f"{name}_eval", step, **evaluate())
         control.after_update(step, engines, checkpoint_state, guard)
@@ -208,6 +217,7 @@ def train_loop(s: Step, cfg: StepConfig, desc: str, loss_fn: Callable, evaluate:
     step, last = run_loop(update, batches, s.total_steps, name=s.name, desc=desc, metrics=s.metrics,
                           control=s.control, engines={"model": engine}, guard=guard, resumed=s.resumed,
                           log_interval=cfg.log_interval, show_bar=not cfg.disable_tqdm and s.dist.is_main,
+                          print_lines=cfg.disable_tqdm and s.dist.is_main,
                           saved=lambda: saved, summarize=lambda w: {**window_means(w), "lr": engine.get_lr()[0]},
                           evaluate=(lambda: evaluate(engine)) if evaluate is not None else None,
                           eval_interval=eval_interval)

@@ -11,6 +11,7 @@ TensorBoard shows each record once and a new W&B run holds the whole history.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -183,29 +184,39 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
 # -- the plot ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Panel:
-    """One plot: (step group, metric key) series on the left axis, `twin` ones dashed on a right axis of their own.
+    """One plot: (step group, metric key) series on the left axis, `twin` ones dashed on a right axis of their own,
+    each axis labelled (`ylabel`, `twin_label`; `xlabel` the step counter of the groups drawn).
 
     Step groups gather step names: "sft", "rm" (step name "reward") and "rl" (any other: ppo, grpo, rloo, ...),
     each with an "_eval" twin for the held-out records. So a new RL algorithm logging under its own step name with
-    the same keys lands in the same panels."""
+    the same keys lands in the same panels. "{reward}" in a title is where the run's rewards come from (a reward
+    model or a reward function); "{vs}" becomes " (left) vs gold rule (right)" when the gold rule is drawn too."""
     title: str
     series: tuple[tuple[str, str], ...]
     twin: tuple[tuple[str, str], ...] = ()
     log_scale: bool = False
+    ylabel: str = ""
+    twin_label: str = ""
+    xlabel: str = "round"  # step 3 counts rounds (rollouts and their updates); steps 1-2 optimizer steps
 
 
+STEP = "optimizer step"
 PANELS = (
-    Panel("held out: reward model (left) vs gold rule (right)", (("rl_eval", "reward"),), (("rl_eval", "gold"),)),
-    Panel("rollouts: reward model (left) vs gold rule (right)", (("rl", "reward"),), (("rl", "gold"),)),
-    Panel("KL(policy || reference) per answer", (("rl", "kl"),)),
-    Panel("policy loss", (("rl", "actor_loss"),)),
-    Panel("value loss", (("rl", "critic_loss"),)),
-    Panel("answer length (tokens)", (("rl", "answer_len"),)),
-    Panel("max |rollout - training logprob|", (("rl", "logprob_gap"),), log_scale=True),
-    Panel("SFT loss: train, held out", (("sft", "loss"), ("sft_eval", "eval_loss"))),
-    Panel("reward-model loss", (("rm", "loss"),)),
-    Panel("reward-model accuracy: train, held out", (("rm", "train_accuracy"), ("rm_eval", "accuracy"))),
+    Panel("held out: {reward}{vs}", (("rl_eval", "reward"),), (("rl_eval", "gold"),), ylabel="mean reward",
+          twin_label="gold score"),
+    Panel("rollouts: {reward}{vs}", (("rl", "reward"),), (("rl", "gold"),), ylabel="mean reward",
+          twin_label="gold score"),
+    Panel("KL(policy || reference) per answer", (("rl", "kl"),), ylabel="KL (nats)"),
+    Panel("policy loss", (("rl", "actor_loss"),), ylabel="loss"),
+    Panel("value loss", (("rl", "critic_loss"),), ylabel="loss"),
+    Panel("answer length (tokens)", (("rl", "answer_len"),), ylabel="tokens"),
+    Panel("max |rollout - training logprob|", (("rl", "logprob_gap"),), log_scale=True, ylabel="|logprob gap|"),
+    Panel("SFT loss: train, held out", (("sft", "loss"), ("sft_eval", "eval_loss")), ylabel="loss", xlabel=STEP),
+    Panel("reward-model loss", (("rm", "loss"),), ylabel="loss", xlabel=STEP),
+    Panel("reward-model accuracy: train, held out", (("rm", "train_accuracy"), ("rm_eval", "accuracy")),
+          ylabel="accuracy", xlabel=STEP),
 )
+REWARD_SOURCES = ("reward model", "reward function")
 
 
 def step_group(step_name: str) -> str:
@@ -236,16 +247,42 @@ def _lines(series, wanted: tuple[tuple[str, str], ...]) -> list[tuple[str, str, 
             if (step_group(name), key) in wanted and max(v for _, v in points) > min(v for _, v in points)]
 
 
-def panels_to_draw(series: dict) -> list[tuple[Panel, list, list]]:
-    """(panel, left lines, right lines) of each of PANELS with a series that is not flat, in PANELS' order."""
+def _titled(panel: Panel, left: list, right: list, reward_source: str) -> Panel:
+    """The panel with its title for this run: the reward source named, the gold rule only when drawn."""
+    reward = reward_source if left else "gold rule"
+    vs = " (left) vs gold rule (right)" if left and right else ""
+    return dataclasses.replace(panel, title=panel.title.format(reward=reward, vs=vs))
+
+
+def panels_to_draw(series: dict, reward_source: str = "reward model") -> list[tuple[Panel, list, list]]:
+    """(panel, left lines, right lines) of each of PANELS with a series that is not flat, in PANELS' order, titled
+    after ``reward_source`` (one of REWARD_SOURCES: where step 3's rewards came from)."""
+    if reward_source not in REWARD_SOURCES:
+        raise ValueError(f"reward_source {reward_source!r}: expected one of {', '.join(REWARD_SOURCES)}")
     panels = [(panel, _lines(series, panel.series), _lines(series, panel.twin)) for panel in PANELS]
-    return [(panel, left, right) for panel, left, right in panels if left or right]
+    return [(_titled(panel, left, right, reward_source), left, right) for panel, left, right in panels
+            if left or right]
 
 
-def plot(output_dir: str | Path, path: str | Path | None = None) -> Path | None:
-    """Draw the curated panels (PANELS) that have a non-constant series into a PNG; None when none has one."""
-    series = collect_series(read_metrics(output_dir))
-    panels = panels_to_draw(series)
+def plot(output_dir: str | Path, path: str | Path | None = None, reward_source: str = "reward model") -> Path | None:
+    """Draw the curated panels (PANELS) that have a non-constant series into a PNG, titled after ``reward_source``
+    (panels_to_draw); None when none has one."""
+    fig = figure(collect_series(read_metrics(output_dir)), reward_source)
+    if fig is None:
+        return None
+    out = Path(path) if path is not None else Path(output_dir) / PLOT_FILE
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def figure(series: dict, reward_source: str = "reward model"):
+    """The matplotlib figure of ``plot``: one axes per panel to draw (None when there is none)."""
+    panels = panels_to_draw(series, reward_source)
     if not panels:
         return None
     import matplotlib
@@ -259,30 +296,29 @@ def plot(output_dir: str | Path, path: str | Path | None = None) -> Path | None:
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.0 * rows), squeeze=False)
     # fixed margins: tight_layout measured every text box and took ~2 of the old plot's 3 s
-    fig.subplots_adjust(left=0.07, right=0.95, bottom=0.1 / rows, top=1 - 0.18 / rows, wspace=0.32, hspace=0.45)
+    # room for the axis labels: wider gaps than the titles alone needed
+    fig.subplots_adjust(left=0.08, right=0.93, bottom=0.15 / rows, top=1 - 0.18 / rows, wspace=0.45, hspace=0.7)
     for ax, (panel, left, right) in zip(axes.flat, panels):
         # proxy and truth on their own scales: with two evaluations both are straight lines corner to corner,
         # so the legend carries each one's first and last value
         handles = _draw(ax, left, panel.series, colour, "-", with_values=bool(right))
+        ax.set_ylabel(panel.ylabel if left else panel.twin_label, fontsize=7)
         if right:
             twin = ax.twinx() if left else ax
             handles += _draw(twin, right, panel.twin, colour, "--", with_values=True)
             twin.tick_params(labelsize=7)
+            twin.set_ylabel(panel.twin_label, fontsize=7)
         if panel.log_scale and all(v > 0 for _, _, points in left for _, v in points):
             ax.set_yscale("log")
         ax.set_title(panel.title, fontsize=9)
+        ax.set_xlabel(panel.xlabel, fontsize=7)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if len(handles) > 1:
             ax.legend(handles=handles, fontsize=6, loc="best")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    out = Path(path) if path is not None else Path(output_dir) / PLOT_FILE
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return fig
 
 
 def _draw(ax, lines, wanted, colour: dict[str, str], style: str, with_values: bool = False) -> list:

@@ -246,16 +246,25 @@ def open_run(run_dir: str | Path, names: list[str], outputs: dict[str, str], res
 
     A directory that already holds one of these steps (begun, checkpointed or saved) is an error unless ``resume``
     (continue where it stopped) or ``overwrite`` (forget those steps, their checkpoints and metrics records, and
-    the steps begun after them). Call on every rank; rank 0 (``is_main``) changes files.
+    the steps begun after them). A step that began but left nothing to continue from (it failed or was killed
+    before any checkpoint, its model unsaved) is no such step: it is forgotten and runs again, since --resume
+    would start it over too. Call on every rank; rank 0 (``is_main``) changes files.
     """
     if resume and overwrite:
         raise ValueError("--resume and --overwrite: give one (--resume continues the run in --output-dir, "
                          "--overwrite starts its steps over)")
     run_dir = Path(run_dir)
     state = RunState(run_dir, metrics_path, write=is_main)
-    found = [n for n in names if n in state.begun() or (run_dir / CHECKPOINT_DIR / n).exists()
+    saved = [n for n in names if Checkpointer(run_dir, n).latest() is not None or state.summary(n) is not None
              or (n in outputs and Path(outputs[n]).exists())]
+    found = [n for n in names if n in saved or n in state.begun() or (run_dir / CHECKPOINT_DIR / n).exists()]
     barrier()  # every rank has looked before rank 0 writes run_state.json for the first step
+    if found and not saved and not (resume or overwrite):  # begun, nothing saved: nothing to lose by starting over
+        if is_main:
+            for name in {*found, *state.forget(found)}:
+                shutil.rmtree(run_dir / CHECKPOINT_DIR / name, ignore_errors=True)  # a half-written .tmp-step-N
+        barrier()
+        return RunState(run_dir, metrics_path, write=is_main)
     if found and not (resume or overwrite):
         raise ValueError(f"--output-dir {run_dir} already holds this run's {', '.join(found)} (begun or saved "
                          "earlier): add --resume to continue it, or --overwrite to start over")

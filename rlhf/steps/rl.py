@@ -49,7 +49,8 @@ def require_step3_models(cfg: RLConfig, algo: Algorithm) -> None:
     function) a step-2 checkpoint with its value head; with a reward function PPO's critic starts from any model."""
     require_model_source(cfg.actor.model_name_or_path, "--actor-model-name-or-path")
     if cfg.reward_fn is None:
-        require_checkpoint(cfg.critic.model_name_or_path, "--critic-model-name-or-path expects step 2's output",
+        require_checkpoint(cfg.critic.model_name_or_path, "--critic-model-name-or-path expects step 2's output, "
+                           "or give --reward-fn FILE.py:FUNCTION",
                            reward=True)
     elif algo.needs_critic:
         require_model_source(cfg.critic.model_name_or_path, "--critic-model-name-or-path")
@@ -66,11 +67,15 @@ class PromptData:
     ptx_batches: object | None
 
 
-def prompt_data(cfg: RLConfig, tokenizer) -> PromptData:
-    """Step 3's slice of cfg.data as prompts, a held-out share of at most cfg.loop.eval_prompts, and the PTX data."""
+def prompt_data(cfg: RLConfig, tokenizer, reward_fn: RewardFunction | None = None) -> PromptData:
+    """Step 3's prompts (a source of prompts whole, step 3's slice of a pair source), a held-out share of at most
+    cfg.loop.eval_prompts, and the PTX data. Every record must hold the fields ``reward_fn`` takes."""
     if not cfg.data:
-        raise ValueError("step 3 needs --data (pair records: the prompts of step 3's slice are used)")
+        raise ValueError("step 3 needs --data (prompt records, or pair records: the prompts of step 3's slice are "
+                         "used)")
     examples = load_step_examples(cfg.data, step=3, split=cfg.data_split, seed=cfg.seed)
+    if reward_fn is not None:
+        reward_fn.check_fields(examples)
     eval_fraction = min(0.5, cfg.loop.eval_prompts / max(len(examples), 1)) if cfg.loop.eval_prompts else 0.0
     train_examples, eval_examples = train_eval_split(examples, eval_fraction, cfg.seed)
     train_set = build_prompt_dataset(tokenizer, train_examples, cfg.sampling.max_prompt_seq_len)
@@ -161,7 +166,7 @@ def fit(trainer: RLTrainer, data: PromptData, cfg: RLConfig, rounds: int, tally:
     steps, _ = run_loop(update, Batches(data.loader, cfg.loop.num_train_epochs), rounds, name=name,
                         desc=f"step 3 {name}", metrics=metrics, control=control, engines=trainer.engines(),
                         guard=trainer.guard, resumed=resumed, log_interval=cfg.loop.log_interval,
-                        show_bar=not cfg.disable_tqdm and is_main,
+                        show_bar=not cfg.disable_tqdm and is_main, print_lines=cfg.disable_tqdm and is_main,
                         saved=lambda: {**dataclasses.asdict(tally), "trainer": trainer.state()},
                         generators={"sampling": generator}, summarize=lambda window: window[-1], log_last=False,
                         postfix=postfix)
@@ -183,7 +188,7 @@ def run_ppo(cfg: RLConfig, tokenizer=None, metrics: MetricsLogger | None = None,
     reward_fn = RewardFunction(cfg.reward_fn) if cfg.reward_fn else None
     if gold_fn is None and cfg.gold_task == "synthetic":
         gold_fn = gold_scores
-    data = prompt_data(cfg, tokenizer)
+    data = prompt_data(cfg, tokenizer, reward_fn)
 
     rounds = len(data.loader) * cfg.loop.num_train_epochs // cfg.loop.generation_batches
     rounds = min(rounds, cfg.loop.max_steps) if cfg.loop.max_steps else rounds

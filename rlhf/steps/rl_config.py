@@ -133,6 +133,8 @@ class LoopOptions:
     lr_scheduler_type: str = opt("cosine", "learning-rate schedule", choices=["linear", "cosine", "constant",
                                                                                "constant_with_warmup"])
     num_warmup_steps: int = opt(100, "optimizer steps of linear warmup", bounds=NON_NEGATIVE)
+    warmup_ratio: float | None = opt(None, "linear warmup over this fraction of the run's optimizer steps, in place "
+                                     "of --num-warmup-steps (default: use the steps)", bounds=UNIT)
     eval_prompts: int = opt(256, "held-out prompts scored before and after PPO", bounds=NON_NEGATIVE)
     print_answers: bool = opt(False, "print a prompt and its answer every log interval")
     log_interval: int = opt(1, "PPO rounds between metrics.jsonl records", bounds=AT_LEAST_1)
@@ -169,7 +171,7 @@ class RLConfig:
     gold_task: str = opt("none", "score answers with a rule too: 'synthetic' (the built-in task) or 'none'",
                          choices=["none", "synthetic"])
     seed: int = opt(1234, "seed of data order and sampling")
-    disable_tqdm: bool = opt(False, "no progress bars")
+    disable_tqdm: bool = opt(False, "no progress bars: one line per logged step instead")
 
     def validate(self) -> Algorithm:
         """Check the options together (one line for the first problem); returns the resolved algorithm."""

@@ -33,7 +33,7 @@ from rlhf.core.losses import aggregate, kl_divergence, kl_penalized_rewards, mas
 from rlhf.core.rewards import RewardFunction
 from rlhf.models import VALUE_HEAD_FILE, ModelOptions, RewardModel, create_actor, create_critic, create_reward_model
 from rlhf.runtime.distributed import all_reduce_sum, to_device
-from rlhf.runtime.engines import ds_config, init_inference, initialize
+from rlhf.runtime.engines import ds_config, init_inference, initialize, warmup_steps
 from rlhf.runtime.guards import NonFiniteGuard, guarded_update
 
 GoldFn = Callable[[list[str], list[str]], list[float]]  # (prompts, answers) -> a rule's score per row
@@ -80,8 +80,9 @@ class RLTrainer:
         self.reuse_logprobs = reuse_rollout_logprobs(cfg, actor)
         self.rollouts = 0  # rollouts made so far, for the audit interval
         self.timer = PhaseTimer()
+        warmup = warmup_steps(total_steps, cfg.loop.num_warmup_steps, cfg.loop.warmup_ratio)
         self.actor = initialize(actor, ds_config(micro, 1, cfg.actor.zero_stage, cfg.offload, cfg.dtype),
-                                cfg.actor.learning_rate, cfg.actor.weight_decay, total_steps, cfg.loop.num_warmup_steps,
+                                cfg.actor.learning_rate, cfg.actor.weight_decay, total_steps, warmup,
                                 cfg.loop.lr_scheduler_type,
                                 lora_lr=cfg.actor.lora_learning_rate if cfg.actor.lora_dim else None)
         ref = create_actor(cfg.actor.model_name_or_path, ModelOptions())
@@ -103,7 +104,7 @@ class RLTrainer:
             critic = build(path, cfg.critic.model_options(cfg.only_optimize_lora))
             self.critic = initialize(critic, ds_config(micro, 1, cfg.critic.zero_stage, cfg.offload, cfg.dtype),
                                      cfg.critic.learning_rate, cfg.critic.weight_decay, total_steps,
-                                     cfg.loop.num_warmup_steps, cfg.loop.lr_scheduler_type,
+                                     warmup, cfg.loop.lr_scheduler_type,
                                      lora_lr=cfg.critic.lora_learning_rate if cfg.critic.lora_dim else None)
         self.reward_fn, self.reward_model = reward_fn, None
         if reward_fn is None:
