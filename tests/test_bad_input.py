@@ -20,6 +20,7 @@ from rlhf.steps.dpo import DPOConfig
 from rlhf.steps.rl import main as ppo_main
 from rlhf.steps.rl_config import RLConfig
 from rlhf.steps.sft import SFTConfig
+from tests.hf_models import save_word_actor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,12 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def models(tmp_path_factory):
     """A tiny saved actor (with the preset's word tokenizer), a reward model, and broken copies of both."""
     root = tmp_path_factory.mktemp("models")
-    tokenizer = build_word_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "actor")
-    tokenizer.save_pretrained(root / "actor")
+    config, tokenizer = save_word_actor(root / "actor")
     save_reward_model(create_reward_model(config), tokenizer, root / "reward")
     paths = {"actor": root / "actor", "reward": root / "reward", "file": root / "file.txt"}
     paths["file"].write_text("not a model\n")

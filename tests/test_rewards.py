@@ -115,17 +115,10 @@ def test_declared_parameters_are_the_fields_a_record_must_hold(module, tmp_path)
 @pytest.fixture(scope="module")
 def actor(tmp_path_factory):
     """A tiny saved actor with the preset's word tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from rlhf.cli.presets import build_word_tokenizer
+    from tests.hf_models import save_word_actor
 
     root = tmp_path_factory.mktemp("actor")
-    tokenizer = build_word_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    AutoModelForCausalLM.from_config(config).save_pretrained(root)
-    tokenizer.save_pretrained(root)
+    save_word_actor(root)
     return root
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import math
 import sys
 import tempfile
@@ -62,7 +63,7 @@ def bounded(kind: type, bounds: Bounds) -> Callable[[str], Any]:
 def check_bounds(cfg: Any) -> None:
     """One-line ValueError for the first numeric option of ``cfg`` (groups included) outside its field's bounds.
     None (a per-algorithm default, "keep the model's") is always accepted."""
-    for option in options(type(cfg)):
+    for option in _options_by_name(type(cfg)).values():
         value = get_option(cfg, option.name)
         if option.bounds is not None and isinstance(value, (int, float)) and value not in option.bounds:
             raise ValueError(f"--{option.flag} {value}: expected {option.bounds}")
@@ -155,14 +156,21 @@ def option_bounds(config_cls: type, name: str) -> Bounds | None:
     return next(option.bounds for option in options(config_cls) if option.name == name)
 
 
+@functools.cache
+def _options_by_name(config_cls: type) -> dict[str, Option]:
+    """``options(config_cls)`` by flat name, walked once per class (get/set_option and check_bounds look up every
+    option of a 72-option config when one is built)."""
+    return {option.name: option for option in options(config_cls)}
+
+
 def _option(cfg: Any, name: str) -> tuple[Any, str]:
-    for option in options(type(cfg)):
-        if option.name == name:
-            owner = cfg
-            for attr in option.path[:-1]:
-                owner = getattr(owner, attr)
-            return owner, option.path[-1]
-    raise TypeError(f"{type(cfg).__name__} has no option {name!r}")
+    option = _options_by_name(type(cfg)).get(name)
+    if option is None:
+        raise TypeError(f"{type(cfg).__name__} has no option {name!r}")
+    owner = cfg
+    for attr in option.path[:-1]:
+        owner = getattr(owner, attr)
+    return owner, option.path[-1]
 
 
 def get_option(cfg: Any, name: str) -> Any:
