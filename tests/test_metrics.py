@@ -14,10 +14,10 @@ RECORDS = [
     ("reward", 1, dict(loss=0.7, train_accuracy=0.5, lr=5e-5)),
     ("reward", 2, dict(loss=0.5, train_accuracy=0.8, lr=5e-5)),
     ("reward_eval", 0, dict(accuracy=0.5)), ("reward_eval", 2, dict(accuracy=0.9)),
-    ("ppo_eval", 0, dict(reward=0.1, gold=0.2)),
+    ("ppo_eval", 0, dict(greedy_reward=0.2, mean_reward=0.1, gold=0.2)),
     ("ppo", 1, dict(reward=0.1, kl=0.0, actor_loss=0.3, critic_loss=0.0, answer_len=7.0, logprob_gap=1e-6, gold=0.2)),
     ("ppo", 2, dict(reward=0.4, kl=0.2, actor_loss=0.1, critic_loss=0.0, answer_len=9.0, logprob_gap=2e-6, gold=0.3)),
-    ("ppo_eval", 2, dict(reward=0.5, gold=0.4)),
+    ("ppo_eval", 2, dict(greedy_reward=0.6, mean_reward=0.5, gold=0.4)),
     ("grpo", 1, dict(reward=0.2, kl=0.0, actor_loss=0.05, answer_len=8.0, logprob_gap=1e-6, gold=0.2)),
     ("grpo", 2, dict(reward=0.3, kl=0.1, actor_loss=-0.02, answer_len=8.0, logprob_gap=3e-6, gold=0.3)),
 ]
@@ -147,7 +147,8 @@ def test_plot_draws_the_curated_panels_by_metric_key_and_nothing_flat(tmp_path):
     panels = panels_to_draw(collect_series(read_metrics(tmp_path)))
     drawn = {panel.title: sorted(f"{name}:{key}" for name, key, _ in left + right) for panel, left, right in panels}
     assert drawn == {
-        "held out: reward model (left) vs gold rule (right)": ["ppo_eval:gold", "ppo_eval:reward"],
+        "held out: reward model (left) vs gold rule (right)": ["ppo_eval:gold", "ppo_eval:greedy_reward",
+                                                               "ppo_eval:mean_reward"],
         "rollouts: reward model (left) vs gold rule (right)": ["grpo:gold", "grpo:reward", "ppo:gold", "ppo:reward"],
         "KL(policy || reference) per answer": ["grpo:kl", "ppo:kl"],
         "policy loss": ["grpo:actor_loss", "ppo:actor_loss"],

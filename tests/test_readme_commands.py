@@ -1,4 +1,4 @@
-"""The commands in the README's shell blocks parse: every `rlhf train` / `rlhf chat` line (also under
+"""The commands in the README's shell blocks parse: every `rlhf train` / `rlhf eval` / `rlhf chat` line (also under
 `deepspeed --module` and `torchrun -m`) through the CLI's own parser, every `python benchmarks/X.py` line through
 that script's. An option renamed in the code and left in the README fails here, not in a user's terminal."""
 import argparse
@@ -30,7 +30,7 @@ def shell_commands(text: str) -> list[list[str]]:
 
 def cli_argv(words: list[str]) -> tuple[str, list[str]] | None:
     """(which CLI, its arguments) for the commands this test checks; None for the others (pip, pytest)."""
-    if words[:2] in (["rlhf", "train"], ["rlhf", "chat"]):
+    if words[:2] in (["rlhf", "train"], ["rlhf", "eval"], ["rlhf", "chat"]):
         return words[1], words[2:]
     for flag in ("--module", "-m"):  # deepspeed --module rlhf.train ..., torchrun ... -m rlhf.train ...
         if words[0] in ("deepspeed", "torchrun") and flag in words:
@@ -50,7 +50,7 @@ class Parsed(Exception):
 
 def test_the_readme_has_the_commands_this_test_checks():
     kinds = {name for name, _ in COMMANDS}
-    assert {"train", "chat", "benchmarks/throughput.py", "benchmarks/rlhf_step.py"} <= kinds, kinds
+    assert {"train", "eval", "chat", "benchmarks/throughput.py", "benchmarks/rlhf_step.py"} <= kinds, kinds
 
 
 @pytest.mark.parametrize("name,argv", COMMANDS, ids=[" ".join([n, *a])[:60] for n, a in COMMANDS])
@@ -64,6 +64,8 @@ def test_readme_command_parses(name, argv, monkeypatch, capsys, tmp_path):
         from rlhf.cli.train import parse_args
 
         parse = parse_args
+    elif name == "eval":
+        from rlhf.cli.eval import parse_args as parse
     elif name == "chat":
         from rlhf.cli.chat import build_parser
 

@@ -48,6 +48,7 @@ from rlhf.runtime.metrics import MetricsLogger, plot
 from rlhf.runtime.process import run_cli
 from rlhf.runtime.resume import RunControl, StepRunner, open_run
 from rlhf.steps.dpo import DPOConfig, add_dpo_args, dpo_config_from_args, run_dpo
+from rlhf.steps.eval import format_result
 from rlhf.steps.reward import RewardConfig, reward_config_from_args, run_reward
 from rlhf.steps.rl import rl_config_from_args, run_ppo
 from rlhf.steps.rl_config import RLConfig
@@ -294,7 +295,7 @@ def format_summary(summary: dict) -> str:
         for key, value in values.items():
             if value is None:  # e.g. gold scores when the data has no gold rule
                 continue
-            shown = str(value)
+            shown = format_result(value) if isinstance(value, dict) and "pass_at_k" in value else str(value)
             if isinstance(value, float):  # small quantities (the logprob gap) keep their digits
                 shown = f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
             lines.append(f"  {key:<28} {shown}")

@@ -121,22 +121,24 @@ class Sample:
 
 @torch.no_grad()
 def sample(hybrid, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams, max_new_tokens: int,
-           eos_token_id: int, pad_token_id: int, timer: PhaseTimer | None = None) -> Sample:
+           eos_token_id: int, pad_token_id: int, timer: PhaseTimer | None = None, switch: bool = True) -> Sample:
     """Sample answers with the hybrid engine under `params`: switch to inference, generate, switch back to
-    training."""
+    training (`switch=False`: an engine kept in inference mode by the caller, as `rlhf eval` does)."""
     timer = timer or PhaseTimer()
     start = time.perf_counter()
-    with timer.phase("switch"):
-        hybrid.eval()
+    if switch:
+        with timer.phase("switch"):
+            hybrid.eval()
     with timer.phase("generate"):
         out = hybrid.generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                               pad_token_id=pad_token_id, sampling=params)
     gen_s = time.perf_counter() - start
-    switch = hybrid.last_switch
-    with timer.phase("switch"):
-        hybrid.train()
-    stats = RolloutStats(gen_s, int(out.action_mask.sum()), switch.seconds, switch.relaid_bytes, switch.gathered_bytes,
-                         switch.tp_bytes, hybrid.last_train_switch.seconds)
+    switch_stats = hybrid.last_switch
+    if switch:
+        with timer.phase("switch"):
+            hybrid.train()
+    stats = RolloutStats(gen_s, int(out.action_mask.sum()), switch_stats.seconds, switch_stats.relaid_bytes,
+                         switch_stats.gathered_bytes, switch_stats.tp_bytes, hybrid.last_train_switch.seconds)
     attention_mask = torch.cat([prompt_mask, out.action_mask.to(prompt_mask.dtype)], dim=1)
     return Sample(out.sequences, attention_mask, out.action_mask, prompt_ids.shape[1], out.logprobs, stats,
                   params.temperature)

@@ -274,8 +274,8 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
         elif get_origin(kind) is list:
-            parser.add_argument(flag, dest=dest, nargs="+", default=list(default), metavar="PATH[:WEIGHT]",
-                                help=help_text)
+            parser.add_argument(flag, dest=dest, nargs="+", default=list(default),
+                                metavar=extra.get("metavar", "PATH[:WEIGHT]"), help=help_text)
         else:
             bounds = option.bounds
             parser.add_argument(flag, dest=dest, type=bounded(kind, bounds) if bounds else kind, default=default,

@@ -111,6 +111,17 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order ([obj] in a single process)."""
+    import torch.distributed as dist
+
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def make_dataloader(
     dataset,
     batch_size: int,

@@ -202,8 +202,8 @@ class Panel:
 
 STEP = "optimizer step"
 PANELS = (
-    Panel("held out: {reward}{vs}", (("rl_eval", "reward"),), (("rl_eval", "gold"),), ylabel="mean reward",
-          twin_label="gold score"),
+    Panel("held out: {reward}{vs}", (("rl_eval", "greedy_reward"), ("rl_eval", "mean_reward")),
+          (("rl_eval", "gold"),), ylabel="mean reward", twin_label="gold score"),
     Panel("rollouts: {reward}{vs}", (("rl", "reward"),), (("rl", "gold"),), ylabel="mean reward",
           twin_label="gold score"),
     Panel("KL(policy || reference) per answer", (("rl", "kl"),), ylabel="KL (nats)"),

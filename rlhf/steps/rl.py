@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from rlhf.core.algorithms import Algorithm
 from rlhf.core.experience import sequence_kl
@@ -40,6 +41,7 @@ from rlhf.runtime.loop import Batches, run_loop
 from rlhf.runtime.metrics import MetricsLogger
 from rlhf.runtime.process import run_cli
 from rlhf.runtime.resume import RunControl
+from rlhf.steps.eval import flat_metrics, format_result, load_eval_examples, write_eval
 from rlhf.steps.rl_config import RLConfig
 from rlhf.steps.rl_trainer import GoldFn, RLTrainer, records
 
@@ -74,10 +76,13 @@ def prompt_data(cfg: RLConfig, tokenizer, reward_fn: RewardFunction | None = Non
         raise ValueError("step 3 needs --data (prompt records, or pair records: the prompts of step 3's slice are "
                          "used)")
     examples = load_step_examples(cfg.data, step=3, split=cfg.data_split, seed=cfg.seed)
+    if cfg.eval_data:  # the user's own held-out prompts, whole: every prompt of --data trains
+        train_examples, eval_examples = examples, load_eval_examples(cfg.eval_data)
+    else:
+        eval_fraction = min(0.5, cfg.loop.eval_prompts / max(len(examples), 1)) if cfg.loop.eval_prompts else 0.0
+        train_examples, eval_examples = train_eval_split(examples, eval_fraction, cfg.seed)
     if reward_fn is not None:
-        reward_fn.check_fields(examples)
-    eval_fraction = min(0.5, cfg.loop.eval_prompts / max(len(examples), 1)) if cfg.loop.eval_prompts else 0.0
-    train_examples, eval_examples = train_eval_split(examples, eval_fraction, cfg.seed)
+        reward_fn.check_fields(train_examples + eval_examples)
     train_set = build_prompt_dataset(tokenizer, train_examples, cfg.sampling.max_prompt_seq_len)
     eval_set = build_prompt_dataset(tokenizer, eval_examples, cfg.sampling.max_prompt_seq_len)
     if len(train_set) == 0:
@@ -101,7 +106,28 @@ class Tally:
     history: list = field(default_factory=list)  # each round's record
     gen_tokens: int = 0
     gen_seconds: float = 0.0
-    before: dict = field(default_factory=dict)   # the held-out evaluation before training
+    before: dict = field(default_factory=dict)   # the held-out evaluation before training (eval.json's result)
+    gold_before: float | None = None
+
+
+def held_out(trainer: RLTrainer, data: PromptData, gold_fn: GoldFn | None, output_dir: str, when: str,
+             is_main: bool, show_bar: bool) -> tuple[dict, float | None]:
+    """The held-out evaluation (rlhf/steps/eval.py) `when` ("before" or "after" training): written to
+    OUTPUT_DIR/eval_{when}.json and generations_{when}.jsonl, printed in one line; with `gold_fn`, also the
+    rule's mean score of the sampled answers. ({}, None) without held-out prompts."""
+    if not len(data.eval_set):
+        return {}, None
+    with tqdm(total=len(data.eval_set), desc=f"step 3 {trainer.algo.name} held out {when}", unit="prompt",
+              disable=not show_bar) as bar:
+        result, generations = trainer.evaluate(data.eval_loader, data.eval_set, bar.update)
+    sampled = [g for g in generations if g["sample"] is not None]
+    gold = None
+    if gold_fn is not None:
+        gold = sum(gold_fn([g["prompt"] for g in sampled], [g["answer"] for g in sampled])) / len(sampled)
+    if is_main:
+        write_eval(output_dir, result, generations, suffix=f"_{when}")
+        print(f"step 3 {trainer.algo.name}: held out {when} training: {format_result(result)}", flush=True)
+    return result, gold
 
 
 def round_record(exp, stats, prompts: list[str], trainer: RLTrainer, gold_fn: GoldFn | None) -> dict:
@@ -199,9 +225,11 @@ def run_ppo(cfg: RLConfig, tokenizer=None, metrics: MetricsLogger | None = None,
     trainer = RLTrainer(cfg, tokenizer, updates, dist.device, reward_fn, control.max_nonfinite_steps)
     tally = Tally()
     resumed = control.load(trainer.engines())
+    show_bar = dist.is_main and not cfg.disable_tqdm
     if resumed is None:
-        tally.before = trainer.evaluate(data.eval_loader, data.eval_set, gold_fn) if len(data.eval_set) else {}
-        metrics.log(f"{algo.name}_eval", 0, **tally.before)
+        tally.before, tally.gold_before = held_out(trainer, data, gold_fn, cfg.output_dir, "before", dist.is_main,
+                                                    show_bar)
+        metrics.log(f"{algo.name}_eval", 0, **eval_metrics(tally.before, tally.gold_before))
     else:  # step 3's own state, as fit saved it (the loop replays the prompt order and the RNG streams)
         tally = Tally(**{f.name: resumed["saved"][f.name] for f in dataclasses.fields(Tally)})
         for _ in range(tally.ptx):
@@ -211,27 +239,37 @@ def run_ppo(cfg: RLConfig, tokenizer=None, metrics: MetricsLogger | None = None,
     steps = fit(trainer, data, cfg, rounds, tally, generator, metrics, control, resumed, gold_fn, dist.device,
                 dist.is_main)
 
-    after = trainer.evaluate(data.eval_loader, data.eval_set, gold_fn) if len(data.eval_set) else {}
-    metrics.log(f"{algo.name}_eval", steps, **after)
+    after, gold_after = held_out(trainer, data, gold_fn, cfg.output_dir, "after", dist.is_main, show_bar)
+    metrics.log(f"{algo.name}_eval", steps, **eval_metrics(after, gold_after))
     save_actor_checkpoint(trainer.actor.module, tokenizer, f"{cfg.output_dir}/actor")
     if trainer.critic is not None:
         save_reward_checkpoint(trainer.critic.module, tokenizer, f"{cfg.output_dir}/critic")
     if trainer.ema is not None:
         save_actor_checkpoint(trainer.ema, tokenizer, f"{cfg.output_dir}/actor_ema")
-    return summary(trainer, data, steps, tally, after, cfg.output_dir, time.time() - start)
+    return summary(trainer, data, steps, tally, after, gold_after, cfg.output_dir, time.time() - start)
 
 
-def summary(trainer: RLTrainer, data: PromptData, steps: int, tally: Tally, after: dict, output_dir: str,
-            seconds: float) -> dict:
-    """The run's summary: held-out reward (and gold) before and after, the last rounds' means, the largest
+def eval_metrics(result: dict, gold: float | None) -> dict:
+    """A held-out evaluation's metrics.jsonl record: greedy_reward, mean_reward, pass@k (and gold)."""
+    return {**(flat_metrics(result) if result else {}), **({"gold": gold} if gold is not None else {})}
+
+
+def summary(trainer: RLTrainer, data: PromptData, steps: int, tally: Tally, after: dict, gold_after: float | None,
+            output_dir: str, seconds: float) -> dict:
+    """The run's summary: the held-out evaluation (and gold) before and after, the last rounds' means, the largest
     logprob gap, skipped updates."""
     last = tally.history[-min(5, len(tally.history)):] if tally.history else [{}]
     mean = lambda key: sum(r.get(key, float("nan")) for r in last) / len(last)  # noqa: E731
+    before = tally.before
+    score = lambda result, key: result[key]["mean"] if result else None  # noqa: E731
     return {
         "algorithm": trainer.algo.name, "output_dir": output_dir, "steps": steps,
         "prompts": len(data.train_set), "dropped_prompts": data.train_set.num_dropped,
-        "reward_before": tally.before.get("reward"), "reward_after": after.get("reward"),
-        "gold_before": tally.before.get("gold"), "gold_after": after.get("gold"),
+        "eval_prompts": len(data.eval_set),
+        "greedy_reward_before": score(before, "greedy_reward"), "greedy_reward_after": score(after, "greedy_reward"),
+        "reward_before": score(before, "mean_reward"), "reward_after": score(after, "mean_reward"),
+        "eval_before": before or None, "eval_after": after or None,
+        "gold_before": tally.gold_before, "gold_after": gold_after,
         "final_reward": mean("reward"), "final_kl": mean("kl"),
         "max_logprob_gap": max((r["logprob_gap"] for r in tally.history if "logprob_gap" in r), default=0.0),
         "gen_tokens_per_s": tally.gen_tokens / max(tally.gen_seconds, 1e-9),

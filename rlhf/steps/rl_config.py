@@ -135,7 +135,11 @@ class LoopOptions:
     num_warmup_steps: int = opt(100, "optimizer steps of linear warmup", bounds=NON_NEGATIVE)
     warmup_ratio: float | None = opt(None, "linear warmup over this fraction of the run's optimizer steps, in place "
                                      "of --num-warmup-steps (default: use the steps)", bounds=UNIT)
-    eval_prompts: int = opt(256, "held-out prompts scored before and after PPO", bounds=NON_NEGATIVE)
+    eval_prompts: int = opt(256, "prompts of --data held out and evaluated before and after training (without "
+                            "--eval-data)", bounds=NON_NEGATIVE)
+    eval_n_samples: int = opt(4, "sampled answers per held-out prompt (mean reward, pass@k; the greedy answer is "
+                              "extra)", bounds=AT_LEAST_1)
+    eval_pass_threshold: float = opt(1.0, "a held-out answer passes (pass@k) when its reward is at least this")
     print_answers: bool = opt(False, "print a prompt and its answer every log interval")
     log_interval: int = opt(1, "PPO rounds between metrics.jsonl records", bounds=AT_LEAST_1)
 
@@ -155,6 +159,8 @@ class RLConfig:
         model_name_or_path="outputs/reward", learning_rate=5e-6)
     data: list[str] = opt([], "prompt sources, each PATH or PATH:WEIGHT (pair records; step 3's slice is used)")
     data_split: str = opt("2,4,4", "proportions of each pair source for steps 1,2,3")
+    eval_data: list[str] = opt([], "held-out prompt sources evaluated before and after training, whole (default: "
+                               "--eval-prompts of --data)", metavar="PATH")
     unsupervised_data: list[str] = opt([], "pre-training (PTX) data: prompt/response records, LM loss on them")
     output_dir: str = opt("outputs/ppo", "where actor/, critic/ (PPO) and actor_ema/ are written")
     reward_fn: str | None = opt(None, "score answers with a function instead of the reward model: 'synthetic', "

@@ -32,9 +32,10 @@ from rlhf.core.experience import (
 from rlhf.core.losses import aggregate, kl_divergence, kl_penalized_rewards, masked_mean, value_loss
 from rlhf.core.rewards import RewardFunction
 from rlhf.models import VALUE_HEAD_FILE, ModelOptions, RewardModel, create_actor, create_critic, create_reward_model
-from rlhf.runtime.distributed import all_reduce_sum, to_device
+from rlhf.runtime.distributed import to_device
 from rlhf.runtime.engines import ds_config, init_inference, initialize, warmup_steps
 from rlhf.runtime.guards import NonFiniteGuard, guarded_update
+from rlhf.steps.eval import EvalSettings, decode_answers, evaluate
 
 GoldFn = Callable[[list[str], list[str]], list[float]]  # (prompts, answers) -> a rule's score per row
 
@@ -121,7 +122,7 @@ class RLTrainer:
                                          gather_partition_size=engine.tp_gather_partition_size)
 
     def answers(self, exp: Experience | Sample) -> list[str]:
-        return self.tokenizer.batch_decode(exp.sequences[:, exp.prompt_len:], skip_special_tokens=True)
+        return decode_answers(self.tokenizer, exp)
 
     def score(self, exp: Experience | Sample, prompts: list[str], fields: list[dict]) -> torch.Tensor:
         """(B,) the reward of each row: the reward function on the decoded text, else the reward model."""
@@ -213,25 +214,23 @@ class RLTrainer:
         for ema_p, p in zip(self.ema.parameters(), self.actor.module.parameters()):
             ema_p.mul_(self.cfg.algo.ema_decay).add_(p.detach().to(ema_p.dtype), alpha=1 - self.cfg.algo.ema_decay)
 
-    @torch.no_grad()
-    def evaluate(self, loader, dataset, gold_fn: GoldFn | None = None) -> dict:
-        """Mean reward (and `gold_fn` rule score) of one sampled answer per held-out prompt, fixed seed; the
-        means are over every rank's rows. Only the engine and the reward run: no training forward."""
-        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 7)
-        totals = [0.0, 0.0, 0.0]  # reward sum, gold sum, rows
-        for batch in loader:
-            batch = to_device(batch, self.device)
-            prompts, fields = records(dataset, batch)
-            exp = self.sample(batch["input_ids"], batch["attention_mask"], generator)
-            totals[0] += self.score(exp, prompts, fields).sum().item()
-            if gold_fn is not None:
-                totals[1] += sum(gold_fn(prompts, self.answers(exp)))
-            totals[2] += exp.sequences.shape[0]
-        reward, gold, rows = all_reduce_sum(totals, self.device)
-        out = {"reward": reward / max(rows, 1)}
-        if gold_fn is not None:
-            out["gold"] = gold / max(rows, 1)
-        return out
+    def evaluate(self, loader, dataset, progress=None) -> tuple[dict, list[dict]]:
+        """eval.json's result and the generations (rlhf/steps/eval.py) on held-out prompts: the greedy answer and
+        --eval-n-samples at the rollouts' sampling settings, fixed seed, in one switch to inference. Only the
+        engine and the reward run. `progress(n)` is told of each batch's prompts."""
+        cfg = self.cfg
+        settings = EvalSettings(cfg.loop.eval_n_samples, cfg.sampling.temperature, cfg.sampling.top_k,
+                                cfg.sampling.top_p, cfg.loop.eval_pass_threshold, cfg.seed + 7)
+        sampler = lambda ids, mask, params: sample(  # noqa: E731
+            self.hybrid, ids, mask, params, cfg.sampling.max_answer_seq_len, self.tokenizer.eos_token_id,
+            self.tokenizer.pad_token_id, self.timer, switch=False)
+        rows = cfg.loop.per_device_generation_batch_size * self.algo.n_samples_per_prompt  # the engine's batch
+        self.hybrid.eval()
+        try:
+            return evaluate(sampler, self.score, self.tokenizer, dataset, loader, settings, self.device, rows,
+                            progress)
+        finally:
+            self.hybrid.train()
 
 
 def records(dataset, batch: dict) -> tuple[list[str], list[dict]]:
