@@ -68,12 +68,13 @@ def broadcast(per_row: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """(B, N) ``G_t = sum_{k >= t} gamma^(k - t) r_k m_k``, by a backward scan."""
+    """(B, N) ``G_t = sum_{k >= t} gamma^(j(k) - j(t)) r_k m_k`` over the action positions, j counting them (the
+    environment's tokens between a multi-turn trajectory's turns are not steps), by a backward scan."""
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     masked = rewards * mask
     for t in reversed(range(rewards.shape[1])):
-        running = masked[:, t] + gamma * running
+        running = torch.where(mask[:, t].bool(), masked[:, t] + gamma * running, running)
         returns[:, t] = running
     return returns * mask
 

@@ -71,9 +71,11 @@ def gae(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response positions; returns (advantages, returns), each (B, N).
 
-    Backwards over t: ``delta_t = r_t + gamma * V_{t+1} - V_t``, ``A_t = delta_t + gamma * lam * A_{t+1}``,
-    ``R_t = A_t + V_t``; rewards and values past the end of the response are zero, so A and R are zero
-    there too. Advantages are not whitened (as DeepSpeed-Chat). Both outputs are detached.
+    Backwards over the action positions t (mask 1): ``delta_t = r_t + gamma * V_{t'} - V_t``,
+    ``A_t = delta_t + gamma * lam * A_{t'}``, ``R_t = A_t + V_t``, with t' the row's next action position (none
+    past the end: V and A zero there). Positions off the mask are skipped: past the end of the response, and in a
+    multi-turn trajectory the environment's tokens between the model's turns, which are no actions of the policy.
+    A and R are zero off the mask. Advantages are not whitened (as DeepSpeed-Chat). Both outputs are detached.
     Source: Schulman et al. 2016; DeepSpeed-Chat ``get_advantages_and_returns``.
     """
     mask = action_mask.to(values.dtype)  # (B, N)
@@ -83,9 +85,10 @@ def gae(
     next_advantage = torch.zeros_like(values[:, 0])  # (B,)
     for t in reversed(range(values.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_advantage = delta + gamma * lam * next_advantage
+        act = action_mask[:, t].bool()
+        next_advantage = torch.where(act, delta + gamma * lam * next_advantage, next_advantage)
         advantages[:, t] = next_advantage
-        next_value = values[:, t]
+        next_value = torch.where(act, values[:, t], next_value)
     advantages = advantages * mask
     return advantages, advantages + values
 
