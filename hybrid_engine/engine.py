@@ -106,9 +106,10 @@ class HybridEngine:
         self.zero = ZeroParams(self.hf_model) if self.supported and ZeroParams.present(self.hf_model) else None
         self.tp = None
         if config.tp_size > 1:
-            from .parallel import TensorParallel, check_tp_heads
+            from .parallel import TensorParallel, check_tp_family, check_tp_heads
 
             # here, not at the first eval(), which may come after a training step
+            check_tp_family(model_type, config.tp_size)
             check_tp_heads(self.hf_model.config.num_attention_heads, config.tp_size, f"the {model_type} model")
             self.tp = TensorParallel(config.tp_size, config.tp_group, self.ops)
         self.static = self._static_decoder()
