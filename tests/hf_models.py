@@ -181,15 +181,20 @@ def assert_logprobs_match_forward(model, out, attention_mask, temperature: float
     torch.testing.assert_close(out.logprobs, ref.masked_fill(~out.action_mask, 0.0), atol=1e-5, rtol=0)
 
 
-def save_word_actor(path):
-    """A tiny one-layer Llama with the tiny preset's word tokenizer, saved to `path` (bad-input and reward-function
-    tests need a real checkpoint, not a good one). Returns (config, tokenizer)."""
+def save_word_actor(path, config=None):
+    """A tiny actor with the tiny preset's word tokenizer, saved to `path` (bad-input, reward-function and CLI tests
+    need a real checkpoint, not a good one): a one-layer Llama, or `config` (a tiny config of any family, e.g. one of
+    CONFIGS) with its vocabulary and special ids made the tokenizer's. Returns (config, tokenizer)."""
     from rlhf.cli.presets import build_word_tokenizer
 
     tokenizer = build_word_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if config is None:
+        config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, max_position_embeddings=64)
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return config, tokenizer
