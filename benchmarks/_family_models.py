@@ -1,6 +1,6 @@
 """Random-initialised models of each family the engine serves, for `throughput.py --family NAME`: one shape for
 all (hidden 256, 4 layers, 8 query heads over 2 kv heads of dim 32 where the family has GQA, an 8192-token
-vocabulary; 5-7M parameters), plus what makes each family itself (the features tests/hf_models.py's tiny configs
+vocabulary; 4.9-7.4M parameters), plus what makes each family itself (the features tests/hf_models.py's tiny configs
 hold to Hugging Face): sliding windows shorter than prompt + answer, q/k norms, soft-capping, fused projections,
 learned positions, partial rotary. Small enough for a 2-core CPU to time every family in about a minute.
 

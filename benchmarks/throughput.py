@@ -10,7 +10,7 @@
 
 Prints a table (the model and its parameter count, tokens/s of each, the speedup, whether both produced identical
 tokens) and, on CUDA, the achieved memory bandwidth of a decode step against the H200's ~4.3 TB/s copy ceiling.
-`--family` runs a random model of each family named (benchmarks/_family_models.py: one shape, 5-7M parameters,
+`--family` runs a random model of each family named (benchmarks/_family_models.py: one shape, 4.9-7.4M parameters,
 with each family's own features), one table per family;
 `--model` takes any Hugging Face checkpoint directory of a family the engine supports; `--prompts` a JSONL file
 of `{"prompt": "..."}` (one user turn) or `{"messages": [{"role": ..., "content": ...}, ...]}` records, written
