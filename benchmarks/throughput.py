@@ -4,10 +4,14 @@
     python benchmarks/throughput.py --device cuda --dtype bf16 --model-size 1b --batch-sizes 1 16 64 \
         --prompt-len 256 --new-tokens 256 --json throughput.json
     python benchmarks/throughput.py --model path/to/checkpoint --prompts prompts.jsonl   # your model, your prompts
+    python benchmarks/throughput.py --family gemma2 qwen3 --batch-sizes 1 8   # random models of those families
+    python benchmarks/throughput.py --family all                # every family of benchmarks/_family_models.py
     python benchmarks/throughput.py --compile --hf-static   # + the compiled engine, + HF's static-cache baseline
 
 Prints a table (the model and its parameter count, tokens/s of each, the speedup, whether both produced identical
 tokens) and, on CUDA, the achieved memory bandwidth of a decode step against the H200's ~4.3 TB/s copy ceiling.
+`--family` runs a random model of each family named (benchmarks/_family_models.py: one shape, 4.9-7.4M parameters,
+with each family's own features), one table per family;
 `--model` takes any Hugging Face checkpoint directory of a family the engine supports; `--prompts` a JSONL file
 of `{"prompt": "..."}` (one user turn) or `{"messages": [{"role": ..., "content": ...}, ...]}` records, written
 with the checkpoint's chat template (a plain `prompt` is used as is without one). Batch b takes the first b
@@ -33,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hybrid_engine  # noqa: E402
+from benchmarks._family_models import FAMILY_CONFIGS  # noqa: E402
 
 SIZES = {
     # ~15.6M parameters: big enough that matmuls matter, small enough for a 2-core CPU
@@ -46,10 +51,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PEAK_BYTES_PER_S = 4.3e12  # H200 device-memory copy ceiling measured on the reference machine (GPU.md)
 
 
-def build_model(size: str, dtype: torch.dtype, device: str, seq_len: int):
+def build_model(size: str, dtype: torch.dtype, device: str, seq_len: int, family: str | None = None):
+    """A random model: the Llama-style one of `size`, or with `family` that family's of _family_models.py."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=max(seq_len, 512), bos_token_id=None,
-                      eos_token_id=None, pad_token_id=0)
+    if family is not None:
+        cfg = FAMILY_CONFIGS[family](max(seq_len, 512))
+    else:
+        cfg = LlamaConfig(**SIZES[size], max_position_embeddings=max(seq_len, 512), bos_token_id=None,
+                          eos_token_id=None, pad_token_id=0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.generation_config.eos_token_id = None
@@ -156,14 +165,24 @@ def left_padded(rows: list[list[int]], batch: int, pad_id: int, device: str):
 
 
 def run(args) -> list[dict]:
+    """Every model asked for (a checkpoint, each --family, or the random Llama-style one): its rows."""
     dtype = DTYPES[args.dtype]
-    pad_id = 0
     if args.model:
-        model = load_model(args.model, dtype, args.device)
         name = os.path.basename(os.path.normpath(args.model))
-    else:
-        model = build_model(args.model_size, dtype, args.device, args.prompt_len + args.new_tokens)
-        name = f"random Llama-style {args.model_size}"
+        return run_model(args, load_model(args.model, dtype, args.device), name)
+    seq_len = args.prompt_len + args.new_tokens
+    if not args.family:
+        return run_model(args, build_model(args.model_size, dtype, args.device, seq_len),
+                         f"random Llama-style {args.model_size}")
+    rows = []
+    for family in args.family:
+        rows += run_model(args, build_model(args.model_size, dtype, args.device, seq_len, family), f"random {family}")
+    return rows
+
+
+def run_model(args, model, name: str) -> list[dict]:
+    """The engine against Hugging Face generate on `model`, one row per batch size (printed as it comes)."""
+    pad_id = 0
     if args.prompts:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
@@ -275,6 +294,9 @@ def main(argv=None) -> int:
                    help="a Hugging Face checkpoint directory to run instead of a random model (any supported family)")
     p.add_argument("--model-size", default="15m", choices=sorted(SIZES),
                    help="without --model: random-initialised Llama-style model, 15m (default) or 1b")
+    p.add_argument("--family", nargs="+", default=None, metavar="NAME", choices=["all", *FAMILY_CONFIGS],
+                   help="instead: a random model of each family named, or all (benchmarks/_family_models.py): "
+                   f"{', '.join(FAMILY_CONFIGS)}")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="JSONL of {\"prompt\"} or {\"messages\"} records, chat-templated (needs --model)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="batch sizes to run (default 1 8 32)")
@@ -294,6 +316,10 @@ def main(argv=None) -> int:
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.prompts and not args.model:
         p.error("--prompts needs --model (the checkpoint's tokenizer and chat template write them)")
+    if args.family and args.model:
+        p.error("--family builds a random model: give it or --model, not both")
+    if args.family and "all" in args.family:
+        args.family = list(FAMILY_CONFIGS)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args)

@@ -90,7 +90,7 @@ at::Tensor rotary_kv_append(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& key_mask_in, int64_t length, double scale) {
+                            const at::Tensor& key_mask_in, int64_t length, double scale, double softcap) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k_cache, &v_cache}) {
     HE_CHECK_CUDA(*t);
     HE_CHECK_LAST(*t);
@@ -108,6 +108,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   TORCH_CHECK(key_mask_in.scalar_type() == at::kBool && key_mask_in.dim() == 2 && key_mask_in.size(0) >= B &&
                   key_mask_in.size(1) >= length, "key_mask must be bool (>= ", B, ", >= ", length, "), got ",
               key_mask_in.scalar_type(), " ", key_mask_in.sizes());
+  TORCH_CHECK(softcap >= 0, "softcap must be >= 0 (0: off), got ", softcap);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor key_mask = key_mask_in.stride(1) == 1 ? key_mask_in : key_mask_in.contiguous();
   at::Tensor out = at::empty({B, H, D}, q.options());
@@ -129,6 +130,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   a.q_stride[0] = q.stride(0), a.q_stride[1] = q.stride(1);
   for (int i = 0; i < 3; ++i) a.k_stride[i] = k_cache.stride(i), a.v_stride[i] = v_cache.stride(i);
   a.scale = static_cast<float>(scale);
+  a.softcap = static_cast<float>(softcap);
   HE_CHECK_CALL(launch_decode_attention(dtype_of(q), a, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
@@ -201,7 +203,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_kv_append", &ops::rotary_kv_append, "rotary on q, k and the KV-cache write", arg("q"), arg("k"),
         arg("v"), arg("cos"), arg("sin"), arg("k_cache"), arg("v_cache"), arg("start"));
   m.def("decode_attention", &ops::decode_attention, "one query per row against the KV cache (split-K)", arg("q"),
-        arg("k_cache"), arg("v_cache"), arg("key_mask"), arg("length"), arg("scale"));
+        arg("k_cache"), arg("v_cache"), arg("key_mask"), arg("length"), arg("scale"), arg("softcap") = 0.0);
   m.def("tp_pack", &ops::tp_pack, "copy rank's slice of every segment of full into shard", arg("full"),
         arg("shard"), arg("rank"), arg("world"), arg("splits"), arg("dim") = 0);
   m.def("tp_unpack", &ops::tp_unpack, "copy shard back into rank's slice of every segment of full", arg("shard"),

@@ -16,7 +16,7 @@ from .cache import KVCache, available_bytes
 from .generation import GenerationOutput, SamplingParams, generate, prompt_masks
 from .logprobs import token_logprobs
 from .models import FAMILIES, InferenceModel, Relayer
-from .models.common import can_pack, check_rope, pack_linears
+from .models.common import can_pack, check_rope, pack_linears, unserved_rope
 from .static import StaticDecoder
 from .zero import StreamedLayers, ZeroParams, build_weights
 
@@ -94,11 +94,17 @@ class HybridEngine:
                 f"hybrid_engine.wrap: architecture {model_type!r} ({type(self.hf_model).__name__}) is not supported; "
                 f"supported families: {', '.join(sorted(FAMILIES))} (pass allow_fallback=True to use Hugging Face "
                 "generate for it)")
+        # why generate() delegates to Hugging Face (the fallback's warning says it), where it does unasked
+        self.unserved = "" if model_type in FAMILIES else "has no inference path of its own"
+        rope_type = unserved_rope(self.hf_model.config) if self.supported else None
+        if rope_type is not None:
+            if not config.allow_fallback:
+                check_rope(self.hf_model.config)  # raises, naming the rope type
+            self.supported = False
+            self.unserved = f"has rope type {rope_type!r}, whose frequencies change with the sequence length"
         if config.tp_size > 1 and not self.supported:
             raise NotImplementedError(f"tp_size={config.tp_size}: tensor parallelism needs the engine's own "
                                       f"inference path; {model_type!r} has none")
-        if self.supported:
-            check_rope(self.hf_model.config)
         self.model_type = model_type
         self.ops = ops_lib.select(config.kernels, self._device().type)
         self.relayer = Relayer()
@@ -106,9 +112,10 @@ class HybridEngine:
         self.zero = ZeroParams(self.hf_model) if self.supported and ZeroParams.present(self.hf_model) else None
         self.tp = None
         if config.tp_size > 1:
-            from .parallel import TensorParallel, check_tp_heads
+            from .parallel import TensorParallel, check_tp_family, check_tp_heads
 
             # here, not at the first eval(), which may come after a training step
+            check_tp_family(model_type, config.tp_size)
             check_tp_heads(self.hf_model.config.num_attention_heads, config.tp_size, f"the {model_type} model")
             self.tp = TensorParallel(config.tp_size, config.tp_group, self.ops)
         self.static = self._static_decoder()
@@ -354,9 +361,10 @@ class HybridEngine:
     @torch.no_grad()
     def _hf_generate(self, input_ids, attention_mask, max_new_tokens, params: SamplingParams, eos_token_id,
                      pad_token_id) -> GenerationOutput:
-        if not self._warned_fallback and not self.config.force_fallback:  # asked for, it needs no warning
-            warnings.warn(f"hybrid_engine: {self.model_type} has no inference path of its own; generate() delegates "
-                          "to Hugging Face generate", stacklevel=3)
+        if not self._warned_fallback and self.unserved and not self.config.force_fallback:  # asked for: no warning
+            warnings.warn(f"hybrid_engine: architecture {self.model_type!r} ({type(self.hf_model).__name__}) "
+                          f"{self.unserved}; generate() delegates to Hugging Face generate, slower: the engine "
+                          "generated 1.7-3x faster on the CPU benchmarks of benchmarks/RESULTS.md", stacklevel=3)
             self._warned_fallback = True
         kwargs = dict(do_sample=params.do_sample, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                       pad_token_id=pad_token_id, output_scores=False, output_logits=True, return_dict_in_generate=True)

@@ -63,6 +63,23 @@ def tp_group(tp_size: int, group=None):
     return mine
 
 
+# Families whose inference path tensor parallelism cannot split, and why: refused by wrap(tp_size > 1) and by
+# `rlhf train --inference-tp-size` before anything runs. (shard_layer refuses the Architecture behind each too.)
+TP_REFUSED = {
+    # an RMSNorm over all H*D features of q (and of k) needs the sum of squares of every rank's heads; serving it
+    # would take an all-reduce inside the norm, which the rms_norm op does not have
+    "olmo2": "its q/k norms are RMSNorms over the whole q and k projections (all heads' features), which tensor "
+             "parallelism splits across ranks",
+}
+
+
+def check_tp_family(model_type: str, tp_size: int) -> None:
+    """One-line NotImplementedError when ``tp_size`` > 1 and the family is one TP cannot serve."""
+    if tp_size > 1 and model_type in TP_REFUSED:
+        raise NotImplementedError(f"tensor parallelism (tp_size={tp_size}) cannot serve {model_type!r}: "
+                                  f"{TP_REFUSED[model_type]}; use tp_size=1")
+
+
 def check_tp_heads(num_heads: int, tp_size: int, what: str = "the model") -> None:
     """One-line ValueError unless ``tp_size`` ranks can share ``num_heads`` query heads equally."""
     if tp_size > 1 and num_heads % tp_size:

@@ -243,12 +243,13 @@ def scenario_zero3_tp2_straddle(rank):
 def scenario_families_tp2(rank):
     """Every other family under TP 2, without DeepSpeed: Conv1D layout (GPT-2), per-head fused QKV and parallel
     residual (GPT-NeoX), project_in/out and post-norm (OPT), QKV bias (Qwen2), per-head q/k norms (Qwen3), fused
-    qkv_proj and gate_up_proj read in place (Phi-3), norms before and after each sublayer and two rotaries (Gemma 3).
+    qkv_proj and gate_up_proj read in place (Phi-3), norms before and after each sublayer and two rotaries (Gemma 3),
+    attention soft-capping over 3 local heads and 1 kv head (Gemma 2).
     """
     import hybrid_engine
 
     res = {}
-    for name in ("gpt2", "gpt_neox", "opt", "opt_post_norm", "qwen2", "qwen3_tied", "phi3", "gemma3_tp"):
+    for name in ("gpt2", "gpt_neox", "opt", "opt_post_norm", "qwen2", "qwen3_tied", "phi3", "gemma3_tp", "gemma2"):
         model = _model(name)
         res[name] = _greedy_matches(hybrid_engine.wrap(model, max_seq_len=24, max_batch_size=4, tp_size=2), model,
                                     rank)
@@ -257,12 +258,12 @@ def scenario_families_tp2(rank):
 
 def scenario_new_families_zero3(rank):
     """Issue 21's dense families under ZeRO-3: Qwen3's per-head q/k norms, Phi-3's in-place fused projections and
-    Gemma 3's (1 + w) norm buffers gathered and sharded for TP 2; OLMo 2 (whose whole-projection q/k norms TP
-    cannot split) gathered at TP 1."""
+    Gemma 2's and 3's (1 + w) norm buffers gathered and sharded for TP 2; OLMo 2 (whose whole-projection q/k norms
+    TP cannot split) gathered at TP 1."""
     import hybrid_engine
 
     res = {}
-    for name in ("qwen3_tied", "phi3", "gemma3_tp"):
+    for name in ("qwen3_tied", "phi3", "gemma3_tp", "gemma2"):
         res.update({f"{name} {k}": v for k, v in _tp_scenario(rank, name, 3).items()})
     model = _model("olmo2")
     ref = copy.deepcopy(model)

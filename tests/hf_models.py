@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
     GPTNeoXConfig,
@@ -69,6 +70,16 @@ CONFIGS = {
                                                                               "rope_theta": 5000.0}},
                                        final_logit_softcapping=30.0, max_position_embeddings=128, pad_token_id=0,
                                        bos_token_id=1, eos_token_id=2),
+    # attention logit soft-capping low enough to bite (2.5: the scores of these weights reach past it), sliding (window
+    # 5, shorter than the prompts) / global / sliding layers under one rotary, 6 heads over 2 kv heads of dim 10 (not
+    # hidden / heads; 3 and 1 per rank under TP 2), query_pre_attn_scalar 20, final soft-capping, untied head
+    "gemma2": lambda: Gemma2Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=3,
+                                   num_attention_heads=6, num_key_value_heads=2, head_dim=10, query_pre_attn_scalar=20,
+                                   sliding_window=5, layer_types=["sliding_attention", "full_attention",
+                                                                  "sliding_attention"],
+                                   attn_logit_softcapping=2.5, final_logit_softcapping=8.0, rope_theta=20000.0,
+                                   max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                   tie_word_embeddings=False),
     # word_embed_proj_dim != hidden_size (project_in/out), learned positions offset by 2
     "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
                              word_embed_proj_dim=32, max_position_embeddings=128, pad_token_id=1, bos_token_id=2,
@@ -170,15 +181,20 @@ def assert_logprobs_match_forward(model, out, attention_mask, temperature: float
     torch.testing.assert_close(out.logprobs, ref.masked_fill(~out.action_mask, 0.0), atol=1e-5, rtol=0)
 
 
-def save_word_actor(path):
-    """A tiny one-layer Llama with the tiny preset's word tokenizer, saved to `path` (bad-input and reward-function
-    tests need a real checkpoint, not a good one). Returns (config, tokenizer)."""
+def save_word_actor(path, config=None):
+    """A tiny actor with the tiny preset's word tokenizer, saved to `path` (bad-input, reward-function and CLI tests
+    need a real checkpoint, not a good one): a one-layer Llama, or `config` (a tiny config of any family, e.g. one of
+    CONFIGS) with its vocabulary and special ids made the tokenizer's. Returns (config, tokenizer)."""
     from rlhf.cli.presets import build_word_tokenizer
 
     tokenizer = build_word_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if config is None:
+        config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, max_position_embeddings=64)
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return config, tokenizer

@@ -95,20 +95,31 @@ def left_padded_mask(B: int, S: int, real: int, device, gen) -> torch.Tensor:
     return mask.to(device)
 
 
-def check_prefill(ops, device, dtype, B, H, Hkv, T, D, window: int | None = None, seed: int = 0) -> None:
+def assert_softcap_bites(name: str, capped: torch.Tensor, uncapped: torch.Tensor) -> None:
+    """Soft-capping must change the reference's output, or a kernel that ignores it would pass."""
+    moved = (capped - uncapped).nan_to_num().abs().max().item()
+    assert moved > 1e-2, f"{name}: softcap moved the reference by {moved:.1e} only: a weak test"
+
+
+def check_prefill(ops, device, dtype, B, H, Hkv, T, D, window: int | None = None, seed: int = 0,
+                  softcap: float = 0.0) -> None:
+    """softcap > 0: scores soft-capped (scale 2/sqrt(D) spreads them past it: both branches of a tanh are run)."""
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (_rand(B, h, T, D, device=device, gen=gen) for h in (H, Hkv, Hkv))
     mask = left_padded_mask(B, T, T, device, gen)
-    scale = D ** -0.5
+    scale = (2.0 if softcap else 1.0) * D ** -0.5
     poison_allocator(device)
-    out = ops.prefill_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale, window)
-    want32 = reference.prefill_attention(q, k, v, mask, scale, window)
-    wantl = reference.prefill_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale, window)
+    out = ops.prefill_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale, window, softcap=softcap)
+    want32 = reference.prefill_attention(q, k, v, mask, scale, window, softcap=softcap)
+    wantl = reference.prefill_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale, window, softcap=softcap)
+    if softcap and T > 1:
+        assert_softcap_bites("prefill_attention", want32, reference.prefill_attention(q, k, v, mask, scale, window))
     assert_matches("prefill_attention", out, want32, wantl)
 
 
-def check_decode(ops, device, dtype, B, H, Hkv, L, D, seed: int = 0, **kwargs) -> None:
-    """Caches of B + 1 rows and L + 5 slots (the slots past `length` hold NaN: they must not be read)."""
+def check_decode(ops, device, dtype, B, H, Hkv, L, D, seed: int = 0, softcap: float = 0.0, **kwargs) -> None:
+    """Caches of B + 1 rows and L + 5 slots (the slots past `length` hold NaN: they must not be read). softcap > 0:
+    scores soft-capped, at twice the usual scale so that they reach past it."""
     gen = torch.Generator().manual_seed(seed)
     q = _rand(B, H, D, device=device, gen=gen)
     k_cache = torch.full((B + 1, Hkv, L + 5, D), float("nan"), device=device)
@@ -116,11 +127,16 @@ def check_decode(ops, device, dtype, B, H, Hkv, L, D, seed: int = 0, **kwargs) -
     k_cache[:, :, :L] = _rand(B + 1, Hkv, L, D, device=device, gen=gen)
     v_cache[:, :, :L] = _rand(B + 1, Hkv, L, D, device=device, gen=gen)
     mask = left_padded_mask(B, L + 5, L, device, gen)
-    scale = D ** -0.5
+    scale = (2.0 if softcap else 1.0) * D ** -0.5
+    if softcap:
+        kwargs["softcap"] = softcap
     poison_allocator(device)
     out = ops.decode_attention(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), mask, L, scale, **kwargs)
-    want32 = reference.decode_attention(q, k_cache, v_cache, mask, L, scale)
-    wantl = reference.decode_attention(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), mask, L, scale)
+    want32 = reference.decode_attention(q, k_cache, v_cache, mask, L, scale, softcap)
+    wantl = reference.decode_attention(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), mask, L, scale, softcap)
+    if softcap and L > 1:
+        assert_softcap_bites("decode_attention", want32, reference.decode_attention(q, k_cache, v_cache, mask, L,
+                                                                                    scale))
     assert_matches("decode_attention", out, want32, wantl)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py"))
+SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if not p.stem.startswith("_"))  # _x: helpers
 
 
 def test_every_benchmark_is_listed():
@@ -33,3 +33,16 @@ def test_no_project_module_shadows_an_installed_package():
     ours = {p.stem for folder in ("benchmarks", "tests") for p in (ROOT / folder).glob("*.py")}
     ours |= {p.name for p in ROOT.iterdir() if p.is_dir()} - {"hybrid_engine", "rlhf"}
     assert not ours & installed, f"project modules named like installed packages: {sorted(ours & installed)}"
+
+
+def test_throughput_runs_a_random_model_of_a_family():
+    """`throughput.py --family gemma2 opt` at toy sizes: a table per family, and exit 0 only when the engine's tokens
+    equal Hugging Face's (fp32)."""
+    done = subprocess.run([sys.executable, "benchmarks/throughput.py", "--family", "gemma2", "opt", "--batch-sizes",
+                           "2", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--kernels", "torch"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    models = [line for line in done.stdout.splitlines() if line.startswith("model: ")]
+    assert [line.split(" (")[0] for line in models] == ["model: random gemma2", "model: random opt"], done.stdout
+    engine = [line for line in done.stdout.splitlines() if "engine eager" in line]
+    assert len(engine) == 2 and all(line.split()[-1] == "True" for line in engine), done.stdout

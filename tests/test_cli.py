@@ -104,3 +104,17 @@ def test_steps_1_and_2_on_a_file_of_prompts_say_it_is_step_3s(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"rlhf train: error: SFT: no training examples for step 1 in ['{data}'] with --data-split 2,4,4 "
         "(prompts without answers are step 3's data alone: run --step 3)")
+
+
+def test_inference_tp_on_olmo2_is_refused_in_one_line_before_any_step(tmp_path, capsys):
+    """OLMo 2's whole-projection q/k norms cannot be split by tensor parallelism: said before a model is loaded."""
+    actor = tmp_path / "olmo2"
+    AutoModelForCausalLM.from_config(CONFIGS["olmo2"]()).save_pretrained(actor)
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main(["train", "--step", "3", "--actor-model", str(actor), "--inference-tp-size", "2",
+                 "--actor-zero-stage", "3", "--algorithm", "grpo", "--reward-fn", "synthetic",
+                 "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"rlhf train: error: --inference-tp-size 2: {actor}: "), err
+    assert "cannot serve 'olmo2'" in err[0] and not out.exists()

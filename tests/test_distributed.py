@@ -43,6 +43,18 @@ def test_tp_without_process_group_says_so(tmp_path, monkeypatch):
         hybrid_engine.wrap(tiny_model("llama", tmp_path), tp_size=2)
 
 
+def test_olmo2_under_tp_is_refused_at_wrap_naming_the_family_and_why(tmp_path):
+    """Before any process group is touched: TP cannot split OLMo 2's q/k norms over the whole projection."""
+    import hybrid_engine
+    from tests.hf_models import tiny_model
+
+    with pytest.raises(NotImplementedError) as err:
+        hybrid_engine.wrap(tiny_model("olmo2", tmp_path), tp_size=2)
+    message = str(err.value)
+    assert "\n" not in message and "cannot serve 'olmo2'" in message and "whole q and k projections" in message
+    assert hybrid_engine.wrap(tiny_model("olmo2", tmp_path), tp_size=1) is not None
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
@@ -88,7 +100,7 @@ def test_other_families_under_tp2(results):
     _check(results, "families_tp2")
 
 
-def test_qwen3_phi3_olmo2_under_zero3(results):
+def test_qwen3_phi3_gemma_olmo2_under_zero3(results):
     _check(results, "new_families_zero3")
 
 

@@ -243,8 +243,11 @@ def test_cpu_custom_ops_have_fake_implementations():
         (lib.layer_norm, (x, w, b, 1e-5)), (lib.layer_norm_residual, (x, w, None, 1e-5, x + 1)),
         (lib.rotary_kv_append, (q, k, v, cos, sin, cache.clone(), cache.clone(), 3)),
         (lib.kv_append, (q, k, v, cache.clone(), cache.clone(), 4)),
-        (lib.decode_attention, (rand(2, 4, 12), cache, cache, mask, 9, 0.3)),
-        (lib.prefill_attention, (rand(2, 4, 6, 12), rand(2, 2, 6, 12), rand(2, 2, 6, 12), mask[:2, :6], 0.3, None)),
+        (lib.decode_attention, (rand(2, 4, 12), cache, cache, mask, 9, 0.3, 0.0)),
+        (lib.decode_attention, (rand(2, 4, 12), cache, cache, mask, 9, 0.3, 1.5)),  # soft-capped (Gemma 2)
+        (lib.prefill_attention, (rand(2, 4, 6, 12), rand(2, 2, 6, 12), rand(2, 2, 6, 12), mask[:2, :6], 0.3, None,
+                                 0.0)),
+        (lib.prefill_attention, (rand(2, 4, 6, 12), rand(2, 2, 6, 12), rand(2, 2, 6, 12), mask[:2, :6], 0.3, 4, 1.5)),
         (lib.tp_pack, (rand(8, 6), torch.empty(4, 6), 1, 2, [8], 0)),
         (lib.tp_unpack, (rand(4, 6), rand(8, 6), 0, 2, [8], 0)),
     ]

@@ -184,3 +184,10 @@ def test_rope_depending_on_length_is_refused_at_wrap(rope):
     with pytest.raises(NotImplementedError, match=f"rope type '{rope['rope_type']}' of 'llama' is not supported"):
         hybrid_engine.wrap(model)
     assert hybrid_engine.wrap(model, allow_fallback=True, force_fallback=True) is not None
+    # allowed a fallback (as rlhf train is), generate() delegates to Hugging Face after a warning naming the rope type
+    engine = hybrid_engine.wrap(model, allow_fallback=True, max_seq_len=16, max_batch_size=2).eval()
+    ids = torch.randint(3, VOCAB, (2, 4), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=f"rope type '{rope['rope_type']}'.*delegates to Hugging Face generate"):
+        out = engine.generate(ids, max_new_tokens=3, eos_token_id=[], pad_token_id=0)
+    assert not engine.supported and torch.equal(out.sequences, model.generate(
+        input_ids=ids, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0))

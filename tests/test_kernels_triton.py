@@ -72,6 +72,22 @@ def test_decode_attention(backend, D, L, group, splits):
     testing.check_decode(ops, device, dtype, B=3, H=2 * group, Hkv=2, L=L, D=D, seed=L + D, num_splits=splits)
 
 
+@pytest.mark.parametrize("D,T,Hkv,group,window", [(48, 7, 1, 4, None), (40, 37, 2, 3, 5)])
+def test_prefill_attention_softcap(backend, D, T, Hkv, group, window):
+    """Gemma 2's attention logit soft-capping, on odd head dims, GQA and a window (tiny shapes: interpreted)."""
+    ops, device, dtype = backend
+    testing.check_prefill(ops, device, dtype, B=2, H=Hkv * group, Hkv=Hkv, T=T, D=D, window=window, seed=T + D,
+                          softcap=0.9)
+
+
+@pytest.mark.parametrize("D,L,group,splits", [(24, 7, 3, 0), (40, 113, 4, 3)])
+def test_decode_attention_softcap(backend, D, L, group, splits):
+    """Soft-capped decode, one piece and three (each piece's max and sum are of the capped scores)."""
+    ops, device, dtype = backend
+    testing.check_decode(ops, device, dtype, B=3, H=2 * group, Hkv=2, L=L, D=D, seed=L + D, softcap=0.9,
+                         num_splits=splits)
+
+
 @pytest.mark.parametrize("shape,splits,dim,world,rank", [((48, 5), (16, 8, 24), 0, 2, 1),
                                                          ((3, 40, 7), (24, 16), 1, 4, 3)])
 def test_tp_pack_unpack(backend, shape, splits, dim, world, rank):
@@ -119,14 +135,14 @@ ptrs = lambda names: {n: "*fp32" for n in names.split()}
 ints = lambda names, ty="i32": {n: ty for n in names.split()}
 consts = lambda **c: ({n: "constexpr" for n in c}, c)
 bm, bn, bd = A.tile_sizes(dtype, D)
-sig, c = consts(HAS_WINDOW=False, UPCAST=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+sig, c = consts(HAS_WINDOW=False, UPCAST=True, SOFTCAP=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
 prefill = (A._prefill_kernel, {**ptrs("q_ptr k_ptr v_ptr"), "mask_ptr": "*u8", "o_ptr": "*fp32",
-           **ints("T H G D"), "scale": "fp32", "window": "i32",
+           **ints("T H G D"), "scale": "fp32", "window": "i32", "softcap": "fp32",
            **ints("sq_b sq_h sq_t sk_b sk_h sk_t sv_b sv_h sv_t sm_b", "i64"), **sig}, c)
 bg, bn, bd = A.tile_sizes(dtype, D, G)
-sig, c = consts(UPCAST=True, BLOCK_G=bg, BLOCK_N=bn, BLOCK_D=bd)
+sig, c = consts(UPCAST=True, SOFTCAP=True, BLOCK_G=bg, BLOCK_N=bn, BLOCK_D=bd)
 decode = (A._decode_kernel, {**ptrs("q_ptr k_ptr v_ptr"), "mask_ptr": "*u8", **ptrs("o_ptr part_ptr ml_ptr"),
-          **ints("length chunk splits H G D"), "scale": "fp32",
+          **ints("length chunk splits H G D"), "scale": "fp32", "softcap": "fp32",
           **ints("sq_b sq_h sk_b sk_h sk_s sv_b sv_h sv_s sm_b", "i64"), **sig}, c)
 sig, c = consts(BLOCK_S=16, BLOCK_D=bd)
 reduce = (A._decode_reduce_kernel, {**ptrs("part_ptr ml_ptr o_ptr"), **ints("D splits"), **sig}, c)
@@ -162,7 +178,7 @@ def test_ops_are_traceable():
         q = torch.empty(2, 8, 48, dtype=torch.float16)
         cache = torch.empty(3, 2, 20, 48, dtype=torch.float16)
         out = torch.ops.hybrid_engine.decode_attention(q, cache, cache, torch.ones(3, 20, dtype=torch.bool), 9,
-                                                       0.1, 0)
+                                                       0.1, 0.0, 0)
         assert out.shape == (2, 8, 48) and out.dtype == torch.float16
         x = torch.empty(4, 80, dtype=torch.bfloat16)
         out, summed = torch.ops.hybrid_engine.rms_norm_residual(x, torch.empty(80), 1e-6, x)

@@ -54,6 +54,21 @@ def test_prefill_attention_several_kv_heads(backend, D, T, Hkv, group, window):
     testing.check_prefill(ops, device, dtype, B=2, H=Hkv * group, Hkv=Hkv, T=T, D=D, window=window, seed=T + D)
 
 
+@pytest.mark.parametrize("D,T,Hkv,group,window", [(48, 1, 1, 1, None), (80, 7, 1, 4, None), (40, 113, 2, 3, 5),
+                                                  (24, 33, 3, 2, None)])
+def test_prefill_attention_softcap(backend, D, T, Hkv, group, window):
+    """Gemma 2's attention logit soft-capping (0.9, small enough that most scores pass through tanh's flat part)."""
+    ops, device, dtype = backend
+    testing.check_prefill(ops, device, dtype, B=3, H=Hkv * group, Hkv=Hkv, T=T, D=D, window=window, seed=T + D,
+                          softcap=0.9)
+
+
+@pytest.mark.parametrize("D,L,group", [(48, 1, 1), (80, 7, 4), (40, 113, 3), (24, 700, 8)])
+def test_decode_attention_softcap(backend, D, L, group):
+    ops, device, dtype = backend
+    testing.check_decode(ops, device, dtype, B=3, H=2 * group, Hkv=2, L=L, D=D, seed=L + D, softcap=0.9)
+
+
 @pytest.mark.parametrize("D", [48, 80])
 @pytest.mark.parametrize("L", [1, 7, 113, 700])
 @pytest.mark.parametrize("group", [1, 4, 8])

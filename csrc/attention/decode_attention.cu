@@ -1,5 +1,6 @@
 // Decode-path CUDA kernels: rotary embedding fused with the KV-cache append, and split-K ("flash-decoding")
-// attention of one query token per row over the cache. fp32 accumulation for every dtype.
+// attention of one query token per row over the cache. fp32 accumulation for every dtype; scores soft-capped
+// (softcap * tanh(score / softcap), Gemma 2) where softcap > 0.
 #include <cfloat>
 
 #include "attention/decode_attention.h"
@@ -89,6 +90,7 @@ __global__ void decode_kernel(DecodeArgs a) {
         if (d < D) s += q_s[g * D + d] * kv[r];
       }
       s = warp_sum(s);
+      if (a.softcap > 0.f) s = tanhf(s / a.softcap) * a.softcap;
       if (lane == 0) scores[g * a.chunk + j] = real[j] ? s : -FLT_MAX;
     }
   }

@@ -36,6 +36,7 @@ struct DecodeArgs {
   int64_t B, H, Hkv, D, length, mask_stride;
   int64_t q_stride[2], k_stride[3], v_stride[3];
   float scale;
+  float softcap;          // > 0: scores = softcap * tanh(scores / softcap) before the softmax; 0: off
   int chunk;              // cache slots per split (decode_chunk)
   int splits;             // ceil(length / chunk)
 };

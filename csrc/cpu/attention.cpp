@@ -1,6 +1,7 @@
 // Attention on CPU: decode over the KV cache (one call per layer and step, the GQA group folded so each
 // key/value row is read once for all G query heads) and causal prefill over a left-padded prompt block.
-// Scores, softmax and the weighted sum are accumulated in fp32 for every input dtype.
+// Scores, softmax and the weighted sum are accumulated in fp32 for every input dtype. softcap > 0 bounds each
+// score to softcap * tanh(score / softcap) (Gemma 2's attention logit soft-capping) before the softmax.
 #include "common.h"
 
 #include <limits>
@@ -22,6 +23,9 @@ inline void axpy(float a, const T* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * to_float(x[i]);
 }
 
+// A score after the scale, soft-capped where softcap > 0 (as Hugging Face: divide, tanh, multiply).
+inline float soft_cap(float s, float softcap) { return softcap > 0.f ? std::tanh(s / softcap) * softcap : s; }
+
 // Softmax of scores[0, n) in place over the entries with keep[j]; the others become 0. Returns the sum.
 inline float softmax_inplace(float* scores, const bool* keep, int64_t n) {
   float mx = -std::numeric_limits<float>::infinity();
@@ -37,7 +41,8 @@ inline float softmax_inplace(float* scores, const bool* keep, int64_t n) {
 
 template <typename T>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                   const bool* key_mask, int64_t mask_stride, int64_t length, float scale, at::Tensor& out) {
+                   const bool* key_mask, int64_t mask_stride, int64_t length, float scale, float softcap,
+                   at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(1), G = H / Hkv;
   const T* qp = q.data_ptr<T>();
   const T* kp = k_cache.data_ptr<T>();
@@ -59,7 +64,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       for (int64_t s = 0; s < length; ++s) {
         if (!keep[s]) continue;
         const T* krow = kbase + s * k_cache.stride(2);
-        for (int64_t g = 0; g < G; ++g) scores[g * length + s] = dot<T>(&qf[g * D], krow, D);
+        for (int64_t g = 0; g < G; ++g) scores[g * length + s] = soft_cap(dot<T>(&qf[g * D], krow, D), softcap);
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       std::vector<float> sums(G);
@@ -81,7 +86,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
 
 template <typename T>
 void prefill_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* key_mask,
-                    int64_t mask_stride, float scale, int64_t window, at::Tensor& out) {
+                    int64_t mask_stride, float scale, int64_t window, float softcap, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), D = q.size(3), Hkv = k.size(1), G = H / Hkv;
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
@@ -102,7 +107,7 @@ void prefill_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const int64_t n = i + 1 - lo;  // keys lo..i; a pad query attends only to itself
       for (int64_t j = lo; j <= i; ++j) {
         keep[j - lo] = real[j] || j == i;
-        if (keep[j - lo]) scores[j - lo] = dot<T>(qf.data(), kbase + j * k.stride(2), D);
+        if (keep[j - lo]) scores[j - lo] = soft_cap(dot<T>(qf.data(), kbase + j * k.stride(2), D), softcap);
       }
       const float sum = softmax_inplace(scores.data(), reinterpret_cast<const bool*>(keep.data()), n);
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -128,7 +133,7 @@ void check_attention_dtypes(const at::Tensor& q, const at::Tensor& k, const at::
 }  // namespace
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& key_mask_in, int64_t length, double scale) {
+                            const at::Tensor& key_mask_in, int64_t length, double scale, double softcap) {
   check_attention_dtypes(q, k_cache, v_cache, key_mask_in);
   HE_CHECK_DIM(q, 3);
   HE_CHECK_DIM(k_cache, 4);
@@ -142,18 +147,20 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
               "], got ", length);
   TORCH_CHECK(key_mask_in.size(0) >= B && key_mask_in.size(1) >= length, "key_mask must be (>= ", B, ", >= ",
               length, "), got ", key_mask_in.sizes());
+  TORCH_CHECK(softcap >= 0, "softcap must be >= 0 (0: off), got ", softcap);
   const at::Tensor key_mask = key_mask_in.stride(1) == 1 ? key_mask_in : key_mask_in.contiguous();
   at::Tensor out = at::empty({B, H, D}, q.options());
   if (B == 0) return out;  // an empty batch: no (row, kv head) task to run
   HE_DISPATCH_FLOAT(q.scalar_type(), "decode_attention", [&] {
     decode_kernel<scalar_t>(q, k_cache, v_cache, key_mask.data_ptr<bool>(), key_mask.stride(0), length,
-                            static_cast<float>(scale), out);
+                            static_cast<float>(scale), static_cast<float>(softcap), out);
   });
   return out;
 }
 
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const at::Tensor& key_mask_in, double scale, std::optional<int64_t> sliding_window) {
+                             const at::Tensor& key_mask_in, double scale, std::optional<int64_t> sliding_window,
+                             double softcap) {
   check_attention_dtypes(q, k, v, key_mask_in);
   HE_CHECK_DIM(q, 4);
   HE_CHECK_DIM(k, 4);
@@ -165,12 +172,13 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   TORCH_CHECK(key_mask_in.size(0) == B && key_mask_in.size(1) == T_, "key_mask must be (", B, ", ", T_,
               "), got ", key_mask_in.sizes());
   TORCH_CHECK(!sliding_window || *sliding_window > 0, "sliding_window must be positive, got ", *sliding_window);
+  TORCH_CHECK(softcap >= 0, "softcap must be >= 0 (0: off), got ", softcap);
   const at::Tensor key_mask = key_mask_in.stride(1) == 1 ? key_mask_in : key_mask_in.contiguous();
   at::Tensor out = at::empty({B, H, T_, D}, q.options());
   if (out.numel() == 0) return out;  // an empty batch (or prompt): no query row to run
   HE_DISPATCH_FLOAT(q.scalar_type(), "prefill_attention", [&] {
     prefill_kernel<scalar_t>(q, k, v, key_mask.data_ptr<bool>(), key_mask.stride(0), static_cast<float>(scale),
-                             sliding_window ? *sliding_window : 0, out);
+                             sliding_window ? *sliding_window : 0, static_cast<float>(softcap), out);
   });
   return out;
 }

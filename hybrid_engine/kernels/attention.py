@@ -2,6 +2,8 @@
 
 Both take the key_mask convention of reference.py (True on real tokens) and grouped-query attention (query
 head h reads kv head h // G). Online softmax in fp32; a pad query attends only to itself, as the reference.
+With softcap > 0 each score becomes softcap * tanh(score / softcap) before the mask (Gemma 2), a compile-time
+branch (SOFTCAP) so the kernels without it are unchanged.
 """
 
 import torch
@@ -20,6 +22,30 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh in fp32 from tl.exp (the interpreter runs no libdevice): (1 - e) / (1 + e) with e = exp(-2|x|), and
+    below |x| 0.4, where 1 - e cancels (a relative error up to ~1e-6 near 0), its Taylor series to x^13 (the
+    next term, 0.0015 x^15, is < 4e-9 of tanh there)."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    small = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (
+        62.0 / 2835.0 + a2 * (-1382.0 / 155925.0 + a2 * (21844.0 / 6081075.0)))))))
+    t = tl.where(a < 0.4, small, big)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _scores(q, k, scale, softcap, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr):
+    """(M, N) scores of query tile q (M, D) against key tile k (N, D): scaled, then soft-capped if SOFTCAP."""
+    s = _dot(q, tl.trans(k), UPCAST) * scale
+    if SOFTCAP:
+        s = _tanh(s / softcap) * softcap
+    return s
+
+
+@triton.jit
 def _online_step(s, allowed, m_i, l_i, acc, v, UPCAST: tl.constexpr):
     """One block of the online softmax: scores s (M, N), value block v (N, D) -> updated m_i, l_i, acc."""
     s = tl.where(allowed, s, float("-inf"))
@@ -33,9 +59,9 @@ def _online_step(s, allowed, m_i, l_i, acc, v, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, T, H, G, D, scale, window,
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, T, H, G, D, scale, window, softcap,
                     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b,
-                    HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
@@ -69,7 +95,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, T, H, G, D, scale, win
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         real = tl.load(mask_ptr + b * sm_b + offs_n, mask=n_live, other=0) != 0
-        s = _dot(q, tl.trans(k), UPCAST) * scale
+        s = _scores(q, k, scale, softcap, UPCAST, SOFTCAP)
         allowed = (offs_n[None, :] <= offs_m[:, None]) & real[None, :] & n_live[None, :]
         if HAS_WINDOW:
             allowed = allowed & (offs_m[:, None] - offs_n[None, :] < window)
@@ -82,8 +108,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, T, H, G, D, scale, win
 
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, part_ptr, ml_ptr, length, chunk, splits, H, G, D, scale,
-                   sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b,
-                   UPCAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   softcap, sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b,
+                   UPCAST: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
     """Program (b, kv head, split): the G query heads of one kv head against slots [split*chunk, +chunk).
 
     `splits` is a run-time argument, not a constexpr: the split count grows with the cache length, and as a
@@ -121,7 +148,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, part_ptr, ml_ptr, lengt
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         real = tl.load(mask_ptr + b * sm_b + offs_n, mask=n_live, other=0) != 0
-        s = _dot(q, tl.trans(k), UPCAST) * scale
+        s = _scores(q, k, scale, softcap, UPCAST, SOFTCAP)
         m_i, l_i, acc = _online_step(s, (real & n_live)[None, :], m_i, l_i, acc, v, UPCAST)
     row = b * H + heads  # (BLOCK_G,) rows of the (B * H) outputs
     if splits == 1:
@@ -213,7 +240,7 @@ def _tiles(dtype: torch.dtype, head_dim: int, group: int | None = None) -> tuple
 
 @triton_op("hybrid_engine::prefill_attention", mutates_args=())
 def prefill_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float,
-                         sliding_window: int | None = None) -> torch.Tensor:
+                         sliding_window: int | None = None, softcap: float = 0.0) -> torch.Tensor:
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     check(k.shape == v.shape and tuple(k.shape) == (B, Hkv, T, D) and Hkv > 0 and H % Hkv == 0,
@@ -221,6 +248,7 @@ def prefill_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
     check(tuple(key_mask.shape) == (B, T) and key_mask.dtype == torch.bool, "prefill_attention",
           f"key_mask must be bool ({B}, {T}), got {key_mask.dtype} {tuple(key_mask.shape)}")
     check(all(t.stride(-1) == 1 for t in (q, k, v)), "prefill_attention", "q, k, v must be contiguous in D")
+    check(softcap >= 0, "prefill_attention", f"softcap must be >= 0 (0: off), got {softcap}")
     out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
@@ -228,10 +256,10 @@ def prefill_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
     block_m, block_n, block_d = _tiles(q.dtype, D)
     grid = (triton.cdiv(T, block_m), B * H)
     launch(_prefill_kernel, grid)(
-        q, k, v, mask, out, T, H, H // Hkv, D, scale, sliding_window or 0,
+        q, k, v, mask, out, T, H, H // Hkv, D, scale, sliding_window or 0, float(softcap),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), mask.stride(0),
-        HAS_WINDOW=sliding_window is not None, UPCAST=upcast(q.dtype),
+        HAS_WINDOW=sliding_window is not None, UPCAST=upcast(q.dtype), SOFTCAP=softcap > 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_stages=NUM_STAGES)
     return out
 
@@ -246,7 +274,7 @@ def decode_splits(batch_kv_heads: int, length: int, device: torch.device) -> int
 
 @triton_op("hybrid_engine::decode_attention", mutates_args=())
 def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
-                        length: int, scale: float, num_splits: int = 0) -> torch.Tensor:
+                        length: int, scale: float, softcap: float = 0.0, num_splits: int = 0) -> torch.Tensor:
     B, H, D = q.shape
     Hkv = k_cache.shape[1]
     check(k_cache.shape == v_cache.shape and k_cache.shape[0] >= B and k_cache.shape[3] == D and H % Hkv == 0,
@@ -256,6 +284,7 @@ def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
           "decode_attention", f"key_mask must be bool (>= {B}, >= {length}), got {tuple(key_mask.shape)}")
     check(all(t.stride(-1) == 1 for t in (q, k_cache, v_cache)), "decode_attention",
           "inputs must be contiguous in D")
+    check(softcap >= 0, "decode_attention", f"softcap must be >= 0 (0: off), got {softcap}")
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     if B == 0:
         return out
@@ -268,10 +297,11 @@ def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     part = torch.empty((B * H * splits, D) if splits > 1 else (0,), dtype=torch.float32, device=q.device)
     ml = torch.empty((B * H * splits * 2,) if splits > 1 else (0,), dtype=torch.float32, device=q.device)
     launch(_decode_kernel, (B, Hkv, splits))(
-        q, k_cache, v_cache, mask, out, part, ml, length, chunk, splits, H, G, D, scale,
+        q, k_cache, v_cache, mask, out, part, ml, length, chunk, splits, H, G, D, scale, float(softcap),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), mask.stride(0),
-        UPCAST=upcast(q.dtype), BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, num_stages=NUM_STAGES)
+        UPCAST=upcast(q.dtype), SOFTCAP=softcap > 0, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_stages=NUM_STAGES)
     if splits > 1:
         launch(_decode_reduce_kernel, (B * H,))(part, ml, out, D, splits, BLOCK_S=_REDUCE_BLOCK_S,
                                                      BLOCK_D=block_d)
@@ -279,15 +309,16 @@ def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float,
-                      sliding_window: int | None = None) -> torch.Tensor:
+                      sliding_window: int | None = None, softcap: float = 0.0) -> torch.Tensor:
     """reference.prefill_attention. q: (B, H, T, D); k, v: (B, Hkv, T, D); key_mask: (B, T). -> (B, H, T, D)."""
-    return torch.ops.hybrid_engine.prefill_attention(q, k, v, key_mask, scale, sliding_window)
+    return torch.ops.hybrid_engine.prefill_attention(q, k, v, key_mask, scale, sliding_window, softcap)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
-                     length: int, scale: float, num_splits: int = 0) -> torch.Tensor:
+                     length: int, scale: float, softcap: float = 0.0, num_splits: int = 0) -> torch.Tensor:
     """reference.decode_attention. q: (B, H, D); caches (B_max, Hkv, S_max, D); key_mask (B, S_max) -> (B, H, D).
 
     num_splits: pieces of the cache reduced separately (flash-decoding); 0 picks from the SM count.
     """
-    return torch.ops.hybrid_engine.decode_attention(q, k_cache, v_cache, key_mask, length, scale, num_splits)
+    return torch.ops.hybrid_engine.decode_attention(q, k_cache, v_cache, key_mask, length, scale, softcap,
+                                                    num_splits)

@@ -12,19 +12,24 @@ of tests/test_engine_*.py then hold it to Hugging Face). The file provides one f
   must become one (a buffer refilled in place at each eval()); never a fresh copy;
 - sets the `Architecture` switches (see models/base.py) where the family differs: norm kind, residual layout,
   q/k norms, activation (by the config's name, via common.activation), gated MLP, positions, qkv layout,
-  per-layer sliding windows, rotary scaling;
+  per-layer sliding windows, rotary scaling, softmax scale, attention and final logit soft-capping;
 - gives the embedding, final norm, LM head and, for rotary families, the rotary module's `inv_freq` (so every
   rope variant Hugging Face computes into inv_freq and attention_scaling is served as it is).
 
 A family built like Llama (model.model with embed_tokens, layers, norm, rotary_emb) passes only its block function
-and switches to `llama.rotary_decoder_weights`, as qwen3.py, phi3.py and olmo2.py do. A feature none of the
-families has yet (a new norm placement, q/k norms, ...) is an `Architecture` option that `InferenceModel`
-resolves once at construction, written with the ops of hybrid_engine/ops so every kernel backend serves it.
+and switches to `llama.rotary_decoder_weights`, as qwen3.py, phi3.py and olmo2.py do; a family close to another
+reuses its block function (gemma2.py takes gemma3.py's). A feature none of the families has yet (a new norm
+placement, q/k norms, ...) is an `Architecture` option that `InferenceModel` resolves once at construction, written
+with the ops of hybrid_engine/ops so every kernel backend serves it. Where the ops cannot express it, the op gains
+an argument in every backend, as `softcap` did for Gemma 2: the reference, the C++ CPU twin, the Triton kernels and
+the CUDA kernel, each tested against the reference (tests/op_testing.py). A family tensor parallelism cannot split
+is named, with the reason, in parallel.TP_REFUSED, so wrap(tp_size > 1) refuses it before any process group.
 """
 from __future__ import annotations
 
 from .base import InferenceModel, ModelWeights
 from .common import Relayer
+from .gemma2 import gemma2_weights
 from .gemma3 import gemma3_weights
 from .gpt2 import gpt2_weights
 from .gpt_neox import gpt_neox_weights
@@ -41,6 +46,7 @@ FAMILIES = {
     "qwen3": qwen3_weights,
     "phi3": phi3_weights,
     "olmo2": olmo2_weights,
+    "gemma2": gemma2_weights,
     "gemma3_text": gemma3_weights,
     "opt": opt_weights,
     "gpt2": gpt2_weights,

@@ -2,10 +2,11 @@
 
 A family file (llama.py, opt.py, gpt2.py, gpt_neox.py, ...) reads a Hugging Face module and describes it twice:
 an `Architecture`, frozen, with the handful of switches where the families differ (norm kind, residual
-layout, q/k norms, activation, positions, qkv layout, sliding windows), and `ModelWeights`: tensors that *are* the
-training parameters (views, no copies), plus the few buffers the engine re-lays on `eval()` (a fused QKV or
-gate/up matrix). `InferenceModel` resolves the switches once, when it is built at `eval()` (which norm, which
-block function, which MLP), so the layer loop runs no string comparison per layer and token.
+layout, q/k norms, activation, positions, qkv layout, sliding windows, soft-capping), and `ModelWeights`:
+tensors that *are* the training parameters (views, no copies), plus the few buffers the engine re-lays on
+`eval()` (a fused QKV or gate/up matrix). `InferenceModel` resolves the switches once, when it is built at
+`eval()` (which norm, which block function, which MLP), so the layer loop runs no string comparison per layer
+and token.
 
 Three entry points share the blocks: `forward` (prefill, and eager decode at an integer cache slot) and
 `decode_static` (one token per row at a cache slot held in a tensor: the step `torch.compile` traces once and
@@ -66,7 +67,7 @@ class LayerWeights:
     down: Linear
     q_norm: Norm | None = None   # RMSNorm on q and on k before rotary, where Architecture.qk_norm is set
     k_norm: Norm | None = None
-    post_norm1: Norm | None = None  # residual="sandwich" (Gemma 3): on the attention output, before its add
+    post_norm1: Norm | None = None  # residual="sandwich" (Gemma 2/3): on the attention output, before its add
     post_norm2: Norm | None = None  # and on the MLP output
 
 
@@ -82,7 +83,7 @@ class Architecture:
     qkv_layout: str = "blocked"                   # [q heads | k heads | v heads], or "per_head" [q | k | v] (NeoX)
     residual: str = "pre_norm"                    # "pre_norm", "parallel" (NeoX), "post_norm" (OPT-350m) or
                                                   # "norm_after" (OLMo 2: h + norm1(attn(h)), h + norm2(mlp(h)))
-                                                  # or "sandwich" (Gemma 3: h + post_norm1(attn(norm1(h))), ...)
+                                                  # or "sandwich" (Gemma 2/3: h + post_norm1(attn(norm1(h))), ...)
     qk_norm: str | None = None                    # RMSNorm on q and k before rotary: "head" (Qwen3, over each
                                                   # head's D) or "projection" (OLMo 2, over all heads' H*D)
     positions: str = "rotary"                     # "rotary" or "learned" (absolute, OPT and GPT-2)
@@ -92,6 +93,8 @@ class Architecture:
     sliding_windows: tuple[int | None, ...] = ()  # per layer (Mistral, Qwen2 where configured); () = none
     local_rope_scaling: float = 1.0               # attention_scaling of the sliding layers' own rotary (Gemma 3)
     attn_scale: float | None = None               # softmax scale; None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar)
+    attn_softcap: float | None = None             # scores = cap * tanh(scores / cap) before the softmax (Gemma 2):
+                                                  # the attention ops' `softcap`, 0 there when None
     final_softcap: float | None = None            # logits = cap * tanh(logits / cap) (Gemma 2/3 where configured)
 
 
@@ -124,6 +127,7 @@ class InferenceModel:
         self.arch = arch
         self.ops = ops
         self.scale = arch.attn_scale if arch.attn_scale is not None else arch.head_dim ** -0.5
+        self.softcap = float(arch.attn_softcap or 0.0)  # the attention ops' argument: 0 = off
         # {(dtype, positions[, "local"]): (cos, sin)}; the engine passes the same dict at every eval(), so a captured
         # CUDA graph keeps reading the same table (it depends on inv_freq and the scaling, which training never moves)
         self.rotary_tables = {} if rotary_tables is None else rotary_tables
@@ -292,7 +296,7 @@ class InferenceModel:
         """
         h, ropes = self._embed(input_ids, positions, cache.max_seq_len)
         B, T = input_ids.shape
-        ops, scale = self.ops, self.scale
+        ops, scale, softcap = self.ops, self.scale, self.softcap
 
         def attend(layer: LayerWeights, i: int, x: torch.Tensor) -> torch.Tensor:
             q, k, v = self.qkv(layer, x)                                      # (B, T, H|Hkv, D)
@@ -303,14 +307,14 @@ class InferenceModel:
             if T > 1 or start == 0:
                 assert start == 0, "prefill starts at slot 0"
                 out = ops.prefill_attention(q.transpose(1, 2), k_cache[:B, :, :T], v_cache[:B, :, :T],
-                                            key_mask[:, :T], scale, window)  # (B, H, T, D)
+                                            key_mask[:, :T], scale, window, softcap)  # (B, H, T, D)
                 return layer.o(out.transpose(1, 2).reshape(B, T, -1))
             length = start + 1
             mask = key_mask
             if window is not None and length > window:
                 mask = key_mask.clone()
                 mask[:, : length - window] = False
-            out = ops.decode_attention(q.view(B, -1, q.shape[-1]), k_cache, v_cache, mask, length, scale)
+            out = ops.decode_attention(q.view(B, -1, q.shape[-1]), k_cache, v_cache, mask, length, scale, softcap)
             return layer.o(out.view(B, 1, -1))                             # (B, 1, H*D)
 
         return self._layers_and_head(h, attend, keep)
@@ -328,7 +332,7 @@ class InferenceModel:
         h, ropes = self._embed(input_ids, positions, cache.max_seq_len)
         B = input_ids.shape[0]
         S = cache.max_seq_len
-        ops, scale, arch = self.ops, self.scale, self.arch
+        ops, scale, softcap, arch = self.ops, self.scale, self.softcap, self.arch
         slots = torch.arange(S, device=key_mask.device)                  # (S_max,)
         filled = key_mask & (slots <= slot)[None, :]                       # (B, S_max)
         rows = torch.arange(B, device=key_mask.device)[:, None, None]     # (B, 1, 1)
@@ -352,7 +356,7 @@ class InferenceModel:
             cache.v.index_put_(index, v_new)
             k_cache, v_cache = cache.layer(i)
             out = ops.decode_attention(q.reshape(B, arch.num_heads, arch.head_dim), k_cache, v_cache,
-                                       masks[self.windows[i]], S, scale)  # (B, H, D)
+                                       masks[self.windows[i]], S, scale, softcap)  # (B, H, D)
             return layer.o(out.view(B, 1, -1))                             # (B, 1, H*D)
 
         return self._layers_and_head(h, attend, keep=1)

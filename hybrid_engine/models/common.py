@@ -33,16 +33,24 @@ def activation(name: str):
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-def check_rope(config) -> None:
-    """Refuse, in one line naming it, a rope type whose frequencies depend on the sequence length."""
+def unserved_rope(config) -> str | None:
+    """The config's first rope type whose frequencies depend on the sequence length, or None."""
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     variants = rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]  # per layer type
     for params in variants:
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type not in STATIC_ROPE_TYPES:
-            raise NotImplementedError(f"hybrid_engine.wrap: rope type {rope_type!r} of {config.model_type!r} is not "
-                                      f"supported (its frequencies change with the sequence length); supported: "
-                                      f"{', '.join(STATIC_ROPE_TYPES)}")
+            return rope_type
+    return None
+
+
+def check_rope(config) -> None:
+    """Refuse, in one line naming it, a rope type whose frequencies depend on the sequence length."""
+    rope_type = unserved_rope(config)
+    if rope_type is not None:
+        raise NotImplementedError(f"hybrid_engine.wrap: rope type {rope_type!r} of {config.model_type!r} is not "
+                                  f"supported (its frequencies change with the sequence length); supported: "
+                                  f"{', '.join(STATIC_ROPE_TYPES)}")
 
 
 def is_partitioned(param: torch.Tensor) -> bool:

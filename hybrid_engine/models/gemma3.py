@@ -1,8 +1,8 @@
 """Gemma 3 (text): embeddings scaled by sqrt(hidden), RMSNorms that scale by (1 + w), a norm before and after each
 sublayer (residual="sandwich"), per-head q/k norms, softmax scale query_pre_attn_scalar ** -0.5, GELU-tanh gated
 MLP, and sliding-window layers alternating with global ones, each kind with its own rotary (base, scaling).
-
-Attention logit soft-capping (Gemma 2's, None in Gemma 3's configs) is not in the attention ops: refused."""
+Attention logit soft-capping where the config sets it (None in Gemma 3's own configs; Gemma 2's, see gemma2.py).
+`gemma3_layer` is Gemma 2's block too: it has the same four norms and no q/k norms."""
 from __future__ import annotations
 
 from .base import Architecture, LayerWeights, Linear, ModelWeights
@@ -20,16 +20,13 @@ def gemma3_layer(i: int, block, relayer: Relayer) -> LayerWeights:
         o=relayer.linear(f"{i}.o", attn.o_proj),
         up=relayer.fused(f"{i}.gate_up", [mlp.gate_proj, mlp.up_proj]),
         down=relayer.linear(f"{i}.down", mlp.down_proj),
-        q_norm=relayer.offset_norm(f"{i}.q_norm", attn.q_norm),
-        k_norm=relayer.offset_norm(f"{i}.k_norm", attn.k_norm),
+        q_norm=relayer.offset_norm(f"{i}.q_norm", attn.q_norm) if hasattr(attn, "q_norm") else None,  # Gemma 2: none
+        k_norm=relayer.offset_norm(f"{i}.k_norm", attn.k_norm) if hasattr(attn, "k_norm") else None,
     )
 
 
 def gemma3_weights(model, relayer: Relayer) -> ModelWeights:
     cfg = model.config
-    if getattr(cfg, "attn_logit_softcapping", None) is not None:
-        raise NotImplementedError(f"{cfg.model_type}: attention logit soft-capping "
-                                  f"({cfg.attn_logit_softcapping}) is not supported by the attention ops")
     core = model.model
     layers = [gemma3_layer(i, block, relayer) for i, block in enumerate(core.layers)]
     windows = tuple(block.self_attn.sliding_window for block in core.layers)
@@ -51,6 +48,7 @@ def gemma3_weights(model, relayer: Relayer) -> ModelWeights:
         embed_scale=float(embed.embed_scale.to(embed.weight.dtype)),  # HF multiplies by it in the weights' dtype
         sliding_windows=windows if any(w is not None for w in windows) else (),
         attn_scale=cfg.query_pre_attn_scalar ** -0.5,
+        attn_softcap=getattr(cfg, "attn_logit_softcapping", None),
         final_softcap=cfg.final_logit_softcapping,
     )
     return ModelWeights(

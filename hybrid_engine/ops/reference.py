@@ -8,6 +8,8 @@ Conventions shared by every backend:
   * KV cache: k_cache, v_cache are (B, Hkv, S_max, D); slot s of row b holds the key at cache position s.
     Prompts are left padded, so every row writes the same slots and a row's pads sit at its first slots.
   * key_mask: (B, S_max) bool, True where a cache slot holds a real (non-pad) token.
+  * softcap: attention logit soft-capping (Gemma 2): scores = softcap * tanh(scores / softcap) after the scale and
+    before the mask and softmax, as Hugging Face computes it; 0 turns it off.
   * Rotary: the "rotate half" (GPT-NeoX / Llama) convention on the first `rotary_dim` features of a head;
     cos and sin are (B, T, rotary_dim) with the two halves repeated, already scaled as the model wants.
 """
@@ -65,12 +67,18 @@ def rotary_kv_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     return q
 
 
+def soft_cap(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    """softcap * tanh(scores / softcap): logits bounded to (-softcap, softcap); softcap 0 leaves them as they are."""
+    return torch.tanh(scores / softcap) * softcap if softcap else scores
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float,
-                      sliding_window: int | None = None) -> torch.Tensor:
+                      sliding_window: int | None = None, softcap: float = 0.0) -> torch.Tensor:
     """Causal attention over a left-padded prompt block.
 
     q: (B, H, T, D); k, v: (B, Hkv, T, D); key_mask: (B, T) bool, True on real tokens. Returns (B, H, T, D).
     A pad query attends only to itself so that no row of the softmax is empty (its output is never used).
+    With softcap (which SDPA cannot apply) the scores are written out: fp32 softmax, as Hugging Face's eager path.
     """
     B, H, T, D = q.shape
     Hkv = k.shape[1]
@@ -83,11 +91,15 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mas
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
+    scores = soft_cap(torch.matmul(q, k.transpose(-1, -2)).float() * scale, softcap)  # (B, H, T, T)
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
-                     length: int, scale: float) -> torch.Tensor:
+                     length: int, scale: float, softcap: float = 0.0) -> torch.Tensor:
     """One query token per row against the first `length` cache slots.
 
     q: (B, H, D); k_cache, v_cache: (B_max, Hkv, S_max, D); key_mask: (B, S_max) bool. Returns (B, H, D).
@@ -98,7 +110,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     k = k_cache[:B, :, :length]  # (B, Hkv, L, D)
     v = v_cache[:B, :, :length]
     qg = q.view(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, Hkv, G, L)
+    scores = soft_cap(torch.matmul(qg, k.transpose(-1, -2)).float() * scale, softcap)  # (B, Hkv, G, L)
     scores = scores.masked_fill(~key_mask[:B, None, None, :length], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v).view(B, H, D)

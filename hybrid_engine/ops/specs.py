@@ -150,10 +150,10 @@ ROTARY_KV_APPEND = OpSpec(
 # -- causal attention over a left-padded prompt: kernels/attention.py, csrc/cpu/attention.cpp
 def _prefill_attention_host(ext, lib):
     def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float,
-                          sliding_window: int | None = None) -> torch.Tensor:
+                          sliding_window: int | None = None, softcap: float = 0.0) -> torch.Tensor:
         if _compiling():
-            return lib["prefill_attention"](q, k, v, key_mask, scale, sliding_window)
-        return ext.prefill_attention(q, k, v, key_mask, scale, sliding_window)
+            return lib["prefill_attention"](q, k, v, key_mask, scale, sliding_window, softcap)
+        return ext.prefill_attention(q, k, v, key_mask, scale, sliding_window, softcap)
     return prefill_attention
 
 
@@ -161,10 +161,11 @@ PREFILL_ATTENTION = OpSpec(
     "prefill_attention", reference.prefill_attention, ("triton", "cpu", "torch"),
     host=_prefill_attention_host, library=(
         LibraryOp("prefill_attention",
-                  "(Tensor q, Tensor k, Tensor v, Tensor key_mask, float scale, SymInt? sliding_window) -> Tensor",
-                  lambda ext, q, k, v, key_mask, scale, sliding_window:
-                  ext.prefill_attention(q, k, v, key_mask, scale, sliding_window),
-                  lambda q, k, v, key_mask, scale, sliding_window: _empty(q)),),  # (B, H, T, D)
+                  "(Tensor q, Tensor k, Tensor v, Tensor key_mask, float scale, SymInt? sliding_window, "
+                  "float softcap) -> Tensor",
+                  lambda ext, q, k, v, key_mask, scale, sliding_window, softcap:
+                  ext.prefill_attention(q, k, v, key_mask, scale, sliding_window, softcap),
+                  lambda q, k, v, key_mask, scale, sliding_window, softcap: _empty(q)),),  # (B, H, T, D)
     # benchmarks/kernel_speed.py: torch's SDPA flash kernel beats the C++ prefill at T=64 (1632 vs 1990 us)
     auto={"cpu": ("torch", "cpu")}, why={"cpu": "measured faster on cpu (benchmarks/kernel_speed.py)"})
 
@@ -172,10 +173,10 @@ PREFILL_ATTENTION = OpSpec(
 # -- one query per row against the KV cache: csrc/attention, kernels/attention.py, csrc/cpu/attention.cpp
 def _decode_attention_host(ext, lib):
     def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
-                         length: int, scale: float) -> torch.Tensor:
+                         length: int, scale: float, softcap: float = 0.0) -> torch.Tensor:
         if _compiling():
-            return lib["decode_attention"](q, k_cache, v_cache, key_mask, length, scale)
-        return ext.decode_attention(q, k_cache, v_cache, key_mask, length, scale)
+            return lib["decode_attention"](q, k_cache, v_cache, key_mask, length, scale, softcap)
+        return ext.decode_attention(q, k_cache, v_cache, key_mask, length, scale, softcap)
     return decode_attention
 
 
@@ -183,10 +184,11 @@ DECODE_ATTENTION = OpSpec(
     "decode_attention", reference.decode_attention, ("cuda", "triton", "cpu", "torch"),
     host=_decode_attention_host, library=(
         LibraryOp("decode_attention",
-                  "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor key_mask, SymInt length, float scale) -> Tensor",
-                  lambda ext, q, k_cache, v_cache, key_mask, length, scale:
-                  ext.decode_attention(q, k_cache, v_cache, key_mask, length, scale),
-                  lambda q, k_cache, v_cache, key_mask, length, scale: _empty(q)),),  # (B, H, D)
+                  "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor key_mask, SymInt length, float scale, "
+                  "float softcap) -> Tensor",
+                  lambda ext, q, k_cache, v_cache, key_mask, length, scale, softcap:
+                  ext.decode_attention(q, k_cache, v_cache, key_mask, length, scale, softcap),
+                  lambda q, k_cache, v_cache, key_mask, length, scale, softcap: _empty(q)),),  # (B, H, D)
     # Unmeasured: the CUDA kernel's inner loop handles one key per warp iteration, the Triton one a 64-key
     # tile per tl.dot, and no run of benchmarks/kernel_speed.py on a GPU shows the CUDA kernel faster. Until one
     # does, auto takes Triton's.

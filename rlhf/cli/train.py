@@ -131,7 +131,7 @@ def require_tp_split(args: argparse.Namespace, cfg: RLConfig) -> None:
     run's processes into TP groups."""
     from transformers import AutoConfig
 
-    from hybrid_engine.parallel import check_tp_heads
+    from hybrid_engine.parallel import check_tp_family, check_tp_heads
 
     if cfg.engine.inference_tp_size <= 1:
         return
@@ -143,9 +143,15 @@ def require_tp_split(args: argparse.Namespace, cfg: RLConfig) -> None:
             heads, what = get_preset(name).model["num_attention_heads"], f"the {name} preset's model"
     else:
         try:
-            heads, what = AutoConfig.from_pretrained(source).num_attention_heads, source
+            config = AutoConfig.from_pretrained(source)
         except (OSError, ValueError):  # a hub id out of reach: the engine checks when step 3 wraps the actor
-            pass
+            config = None
+        if config is not None:
+            try:
+                check_tp_family(config.model_type, cfg.engine.inference_tp_size)
+            except NotImplementedError as err:  # the CLI's one-line errors are ValueErrors
+                raise ValueError(f"--inference-tp-size {cfg.engine.inference_tp_size}: {source}: {err}") from err
+            heads, what = config.num_attention_heads, source
     if heads is not None:
         check_tp_heads(heads, cfg.engine.inference_tp_size, what)
     world = int(os.environ.get("WORLD_SIZE", "1"))

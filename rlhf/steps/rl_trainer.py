@@ -94,8 +94,10 @@ class RLTrainer:
         # ZeRO-3 it stays on the training forward, which gathers its layers one at a time
         self.ref_engine = None
         if cfg.engine.score_reference_with_engine and cfg.actor.zero_stage != 3:
-            self.ref_engine = hybrid_engine.wrap(self.ref.module, max_seq_len=seq_len, max_batch_size=rows,
-                                                 kernels=cfg.engine.kernels, pack_weights=False)
+            ref_engine = hybrid_engine.wrap(self.ref.module, max_seq_len=seq_len, max_batch_size=rows,
+                                            kernels=cfg.engine.kernels, pack_weights=False, allow_fallback=True)
+            # a family the engine does not serve: the reference's own training forward (the fallback's is the same)
+            self.ref_engine = ref_engine if ref_engine.supported else None
         self.critic = None
         if self.algo.needs_critic:
             # from the trained reward model (DeepSpeed-Chat); from a causal LM's backbone with a new value head
@@ -114,9 +116,11 @@ class RLTrainer:
                                                cfg.dtype)
         self.ema = copy.deepcopy(self.actor.module).eval() if cfg.algo.enable_ema else None
         engine = cfg.engine
+        # a family the engine does not serve rolls out with Hugging Face generate, after the engine's one warning
+        # naming it (no dead end for a new architecture; library users of wrap() still get the refusal by default)
         self.hybrid = hybrid_engine.wrap(self.actor, max_seq_len=seq_len, max_batch_size=rows,
                                          tp_size=engine.inference_tp_size, kernels=engine.kernels,
-                                         force_fallback=not engine.enable_hybrid_engine,
+                                         allow_fallback=True, force_fallback=not engine.enable_hybrid_engine,
                                          release_cache_after_generate=engine.release_inference_cache,
                                          pin_parameters=False if engine.unpin_actor_parameters else None,
                                          gather_partition_size=engine.tp_gather_partition_size)
