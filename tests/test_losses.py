@@ -85,6 +85,24 @@ def test_gae_gamma_and_lambda():
     assert not advantages.requires_grad
 
 
+def test_gae_and_returns_skip_environment_tokens_between_turns():
+    """A multi-turn row: model tokens, two environment tokens, model tokens, padding. GAE and the discounted returns
+    are those of the model tokens alone, as if the environment's were not there (not zero-valued steps)."""
+    from rlhf.core.advantages import discounted_returns
+
+    mask = torch.tensor([[1, 1, 0, 0, 1, 0]])
+    rewards, values = t([[0.0, 0.5, 9.0, 9.0, 1.0, 9.0]]), t([[0.5, 0.2, 7.0, 7.0, 0.1, 7.0]])
+    compact = mask[0].bool()
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    adv_c, ret_c = gae(rewards[:, compact], values[:, compact], torch.ones(1, 3), gamma=0.9, lam=0.5)
+    assert adv[0, compact].tolist() == pytest.approx(adv_c[0].tolist()) and adv[0, ~compact].abs().sum() == 0
+    assert ret[0, compact].tolist() == pytest.approx(ret_c[0].tolist()) and ret[0, ~compact].abs().sum() == 0
+    # t1's next step is t4: delta = 0.5 + 0.9 * 0.1 - 0.2 = 0.39 (not 0.5 + 0.9 * 0 - 0.2)
+    assert adv[0, 1].item() == pytest.approx(0.39 + 0.45 * (1.0 - 0.1))
+    returns = discounted_returns(rewards, mask, 0.9)
+    assert returns[0].tolist() == pytest.approx([0.9 * 1.4, 0.5 + 0.9 * 1.0, 0.0, 0.0, 1.0, 0.0])
+
+
 def test_policy_loss_hand_computed():
     # ratios [1, 1.5, 0.5], A [1, 2, -1], clip 0.2:
     # t0: max(-1, -1) = -1; t1: max(-3, -2 * 1.2 = -2.4) = -2.4; t2: max(0.5, 1 * 0.8) = 0.8
