@@ -139,10 +139,10 @@ def test_train_then_eval_on_a_prompt_answer_file_with_smollm2(tmp_path, capsys):
             assert shown[key]["mean"] == pytest.approx(mean, abs=1e-12), key
             assert shown[key]["stderr"] == pytest.approx(stderr, abs=1e-12), key
         results[name] = generations
-        # the same seed gets the same answers: run again, byte-identical files
-        assert cli_main([*argv[:-1], str(tmp_path / f"{name}_again")]) == 0
-        assert (tmp_path / f"{name}_again" / "generations.jsonl").read_bytes() == \
-            (tmp_path / name / "generations.jsonl").read_bytes()
+    # the same seed gets the same answers: run again, byte-identical files
+    assert cli_main([*argv[:-1], str(tmp_path / "again")]) == 0
+    again, after = (tmp_path / name / "generations.jsonl" for name in ("again", "after"))
+    assert again.read_bytes() == after.read_bytes()
     capsys.readouterr()
     # the engine's greedy answers are Hugging Face's
     tokenizer = AutoTokenizer.from_pretrained(model)

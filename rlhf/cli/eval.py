@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         with loading(args.reward_model, "reward model"):
             reward_model = RewardModel.from_pretrained(args.reward_model).to(device=device, dtype=dtype).eval()
         score = lambda s, prompts, fields: reward_model.score(s.sequences, s.attention_mask).float().cpu()  # noqa: E731
-    sampler = lambda ids, mask, params: sample(  # noqa: E731
+    sampler = lambda ids, mask, params, prompts, fields: sample(  # noqa: E731
         engine, ids, mask, params, args.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, switch=False)
     settings = EvalSettings(args.n_samples, args.temperature, 0, args.top_p, args.pass_threshold, args.seed)
     loader = make_dataloader(dataset, max(1, args.batch_size // args.n_samples), shuffle=False)

@@ -35,6 +35,7 @@ class Experience:
     rewards: torch.Tensor | None = None     # (B, N) per-token reward: KL penalty plus the clipped score at the end
     advantages: torch.Tensor | None = None  # (B, N)
     returns: torch.Tensor | None = None     # (B, N) the critic's regression targets
+    env_scores: torch.Tensor | None = None  # (B,) a multi-turn environment's rewards (in `scores` already)
 
     def minibatches(self, size: int):
         """Row slices of this experience with at most `size` rows each."""
@@ -105,6 +106,7 @@ class RolloutStats:
     # largest |rollout - training-forward logprob| over the answer tokens; None when the rollout's logprobs were
     # reused without an audit (the training forward was not run)
     logprob_gap: float | None = None
+    env: dict | None = None  # a multi-turn rollout's counts (turns, tool calls, errors, ...: Trajectories.counts)
 
 
 @dataclass
@@ -117,6 +119,7 @@ class Sample:
     logprobs: torch.Tensor        # (B, N) the engine's, 0 off the action mask
     stats: RolloutStats
     temperature: float = 1.0      # what the logprobs divide the logits by; the training forwards use the same
+    env_scores: torch.Tensor | None = None  # (B,) the rewards a multi-turn environment gave each trajectory
 
 
 @torch.no_grad()

@@ -17,16 +17,14 @@ rollout's update and counts it (rlhf/runtime/guards.py), and stops after ``--max
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import numbers
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
 from rlhf.data.synthetic import gold_scores
+from rlhf.runtime.user_code import import_object
 
 
 def synthetic_reward(prompts: Sequence[str], responses: Sequence[str], **fields) -> list[float]:
@@ -37,26 +35,9 @@ def synthetic_reward(prompts: Sequence[str], responses: Sequence[str], **fields)
 def _import_function(spec: str) -> Callable:
     if spec == "synthetic":
         return synthetic_reward
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise ValueError(f"--reward-fn {spec}: expected 'synthetic', 'path/to/file.py:function' or "
-                         "'package.module:function'")
-    try:
-        if target.endswith(".py"):
-            path = Path(target)
-            if not path.is_file():
-                raise ValueError(f"--reward-fn {spec}: {path}: file not found")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-    except ValueError:
-        raise
-    except Exception as err:  # any failure of the user's module, a SyntaxError included, is its import failing
-        raise ValueError(f"--reward-fn {spec}: cannot import {target}: {type(err).__name__}: {err}") from err
-    fn = getattr(module, name, None)
+    fn = import_object(spec, "--reward-fn", "function", "'synthetic', ")
     if not callable(fn):
+        target, _, name = spec.rpartition(":")
         raise ValueError(f"--reward-fn {spec}: {target} has no function {name!r}")
     return fn
 

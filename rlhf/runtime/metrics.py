@@ -139,11 +139,7 @@ class MetricsLogger:
             record[key] = value.item() if hasattr(value, "item") else value
         if self.enabled:
             self._resync()
-            line = json.dumps(record) + "\n"
-            with open(self.path, "a") as f:  # reopened per line: nothing buffered survives a crash
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
+            append_jsonl(self.path, [record])  # reopened per line: nothing buffered survives a crash
             self.length = self._length()
             self._report(record)
         return record
@@ -161,6 +157,15 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def append_jsonl(path: str | Path, records: list[dict]) -> None:
+    """Append whole JSON lines to `path` in one write, flushed to disk (a crash leaves at most a torn last line,
+    which readers skip, as read_metrics does)."""
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _is_number(value) -> bool:

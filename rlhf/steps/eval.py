@@ -31,7 +31,8 @@ from rlhf.data import Example, load_examples
 from rlhf.runtime.checkpoint import atomic_write_bytes
 from rlhf.runtime.distributed import all_gather_objects, to_device
 
-Sampler = Callable[[torch.Tensor, torch.Tensor, SamplingParams], Sample]  # (prompt ids, mask, params) -> answers
+# (prompt ids, mask, params, prompts, fields) -> answers (a multi-turn sampler starts from the records instead)
+Sampler = Callable[[torch.Tensor, torch.Tensor, SamplingParams, list, list], Sample]
 Scorer = Callable[[Sample, list[str], list[dict]], torch.Tensor]        # (answers, prompts, fields) -> (B,) rewards
 
 
@@ -133,7 +134,7 @@ def answer(sampler: Sampler, score: Scorer, tokenizer, ids: torch.Tensor, mask: 
     answers, rewards = [], []
     for start in range(0, ids.shape[0], max_rows):
         rows = slice(start, start + max_rows)
-        sample = sampler(ids[rows], mask[rows], params)
+        sample = sampler(ids[rows], mask[rows], params, prompts[rows], fields[rows])
         answers += decode_answers(tokenizer, sample)
         rewards += score(sample, prompts[rows], fields[rows]).tolist()
     return answers, rewards

@@ -24,6 +24,7 @@ import itertools
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -33,12 +34,13 @@ from rlhf.core.experience import sequence_kl
 from rlhf.core.rewards import RewardFunction
 from rlhf.data import build_prompt_dataset, build_sft_dataset, load_step_examples, train_eval_split
 from rlhf.data.synthetic import gold_scores
+from rlhf.envs.rollout import trajectory_records
 from rlhf.models import load_tokenizer, require_checkpoint, require_model_source
 from rlhf.runtime.checkpoint import save_actor_checkpoint, save_reward_checkpoint
 from rlhf.runtime.config import config_from_args, step_main
 from rlhf.runtime.distributed import init_distributed, make_dataloader, to_device
 from rlhf.runtime.loop import Batches, run_loop
-from rlhf.runtime.metrics import MetricsLogger
+from rlhf.runtime.metrics import MetricsLogger, append_jsonl
 from rlhf.runtime.process import run_cli
 from rlhf.runtime.resume import RunControl
 from rlhf.steps.eval import flat_metrics, format_result, load_eval_examples, write_eval
@@ -50,7 +52,7 @@ def require_step3_models(cfg: RLConfig, algo: Algorithm) -> None:
     """One line, before any model is loaded, unless the actor is a model and the reward model (without a reward
     function) a step-2 checkpoint with its value head; with a reward function PPO's critic starts from any model."""
     require_model_source(cfg.actor.model_name_or_path, "--actor-model-name-or-path")
-    if cfg.reward_fn is None:
+    if cfg.reward_fn is None and cfg.env.environment is None:  # an environment gives rewards of its own
         require_checkpoint(cfg.critic.model_name_or_path, "--critic-model-name-or-path expects step 2's output, "
                            "or give --reward-fn FILE.py:FUNCTION",
                            reward=True)
@@ -140,6 +142,8 @@ def round_record(exp, stats, prompts: list[str], trainer: RLTrainer, gold_fn: Go
               "train_switch_s": stats.train_switch_s}
     if stats.logprob_gap is not None:  # not measured on a rollout whose logprobs were reused unaudited
         record["logprob_gap"] = stats.logprob_gap
+    if stats.env is not None:  # a multi-turn rollout: turns, tool calls, errors, ...
+        record.update(stats.env)
     if gold_fn is not None:
         n = trainer.algo.n_samples_per_prompt
         golds = gold_fn([p for p in prompts for _ in range(n)], trainer.answers(exp))
@@ -163,6 +167,9 @@ def fit(trainer: RLTrainer, data: PromptData, cfg: RLConfig, rounds: int, tally:
         batch = to_device(batch, device)
         prompts, fields = records(data.train_set, batch)
         exp, stats = trainer.rollout(batch, prompts, fields, generator)
+        if cfg.env.log_rollouts and is_main and trainer.trajectories is not None:
+            append_jsonl(Path(cfg.output_dir) / "rollouts.jsonl",
+                         trajectory_records(trainer.trajectories, trainer.tokenizer, step))
         tally.gen_tokens, tally.gen_seconds = tally.gen_tokens + stats.new_tokens, tally.gen_seconds + stats.seconds
         if not trainer.guard.ok(step, reward=exp.scores, advantage=exp.advantages):
             return None  # this rollout is not trained on
@@ -271,6 +278,8 @@ def summary(trainer: RLTrainer, data: PromptData, steps: int, tally: Tally, afte
         "eval_before": before or None, "eval_after": after or None,
         "gold_before": tally.gold_before, "gold_after": gold_after,
         "final_reward": mean("reward"), "final_kl": mean("kl"),
+        **({"turns": mean("turns"), "tool_calls": sum(r["tool_calls"] for r in tally.history),
+            "env_errors": sum(r["env_errors"] for r in tally.history)} if "turns" in last[0] else {}),
         "max_logprob_gap": max((r["logprob_gap"] for r in tally.history if "logprob_gap" in r), default=0.0),
         "gen_tokens_per_s": tally.gen_tokens / max(tally.gen_seconds, 1e-9),
         "nonfinite_skipped": trainer.guard.skipped,

@@ -11,6 +11,7 @@ from hybrid_engine import SamplingParams
 from rlhf.core.algorithms import ALGORITHMS, Algorithm, per_algorithm_default, resolve
 from rlhf.core.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS
 from rlhf.core.rewards import RewardFunction
+from rlhf.envs import load_environment, load_tools
 from rlhf.models import ModelOptions
 from rlhf.runtime.config import (
     AT_LEAST_1,
@@ -97,6 +98,26 @@ class AlgorithmOptions:
 
 
 @dataclass
+class EnvOptions:
+    """Multi-turn rollouts (rlhf/envs): an environment or tools answer the model's turns."""
+    environment: str | None = opt(None, "multi-turn environment: 'calculator', 'path/file.py:Class' or "
+                                  "'package.module:Class' (rlhf/envs/base.py)")
+    tools: str | None = opt(None, "tools the model may call, 'path/file.py:fn,fn2' or 'module:fn' (Hermes "
+                            "<tool_call> format; rlhf/envs/tools.py); the reward function scores the final answer")
+    max_turns: int = opt(4, "model turns per trajectory at most", bounds=AT_LEAST_1)
+    max_total_tokens: int = opt(1024, "tokens after the prompt per trajectory (model turns and observations); "
+                                "--max-answer-seq-len is each turn's", bounds=Bounds(2))
+    tool_timeout: float = opt(10.0, "seconds a tool call or an environment step may take", bounds=POSITIVE)
+    max_env_errors: int = opt(10, "stop after this many rows whose environment or tool failed", bounds=NON_NEGATIVE)
+    log_rollouts: bool = opt(False, "write every trajectory (turns as text and ids, roles, logprobs, rewards) to "
+                             "OUTPUT_DIR/rollouts.jsonl")
+
+    @property
+    def multi_turn(self) -> bool:
+        return self.environment is not None or self.tools is not None
+
+
+@dataclass
 class EngineOptions:
     """The hybrid engine that generates the rollouts."""
     enable_hybrid_engine: bool = opt(True, "generate with the hybrid engine (off: Hugging Face generate via the "
@@ -169,6 +190,7 @@ class RLConfig:
     sampling: SamplingOptions = group(SamplingOptions)
     loop: LoopOptions = group(LoopOptions)
     engine: EngineOptions = group(EngineOptions)
+    env: EnvOptions = group(EnvOptions)
     dtype: str = opt("fp32", "training precision of every model", choices=["fp32", "bf16", "fp16"])
     offload: bool = opt(False, "offload actor/critic optimizer state to CPU")
     offload_reference_model: bool = opt(False, "offload the reference model's parameters (ZeRO-3) to CPU")
@@ -190,4 +212,15 @@ class RLConfig:
                              f"--n-samples-per-prompt {algo.n_samples_per_prompt}, expected at least 2")
         if self.reward_fn is not None:
             RewardFunction(self.reward_fn)  # an import failure ends the run before any model is loaded
+        if self.env.environment is not None and self.env.tools is not None:
+            raise ValueError("give --environment or --tools, not both (an environment class lists its own tools)")
+        if self.env.tools is not None and self.reward_fn is None:
+            raise ValueError("--tools needs --reward-fn FILE.py:FUNCTION to score the final answers")
+        if self.env.multi_turn and self.env.max_total_tokens < self.sampling.max_answer_seq_len:
+            raise ValueError(f"--max-total-tokens {self.env.max_total_tokens} is less than one turn's "
+                             f"--max-answer-seq-len {self.sampling.max_answer_seq_len}")
+        if self.env.environment is not None:
+            load_environment(self.env.environment)
+        if self.env.tools is not None:
+            load_tools(self.env.tools)
         return algo

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import hybrid_engine
+from hybrid_engine import SamplingParams
 from rlhf.core.advantages import EstimatorInput
 from rlhf.core.experience import (
     Experience,
@@ -31,6 +32,7 @@ from rlhf.core.experience import (
 )
 from rlhf.core.losses import aggregate, kl_divergence, kl_penalized_rewards, masked_mean, value_loss
 from rlhf.core.rewards import RewardFunction
+from rlhf.envs import MultiTurn, ToolEnvironment, TurnSettings, load_environment, load_tools
 from rlhf.models import VALUE_HEAD_FILE, ModelOptions, RewardModel, create_actor, create_critic, create_reward_model
 from rlhf.runtime.distributed import to_device
 from rlhf.runtime.engines import ds_config, init_inference, initialize, warmup_steps
@@ -116,6 +118,8 @@ class RLTrainer:
                                                cfg.dtype)
         self.ema = copy.deepcopy(self.actor.module).eval() if cfg.algo.enable_ema else None
         engine = cfg.engine
+        if cfg.env.multi_turn:  # the trajectory's turns and observations after the prompt
+            seq_len = cfg.sampling.max_prompt_seq_len + cfg.env.max_total_tokens
         # a family the engine does not serve rolls out with Hugging Face generate, after the engine's one warning
         # naming it (no dead end for a new architecture; library users of wrap() still get the refusal by default)
         self.hybrid = hybrid_engine.wrap(self.actor, max_seq_len=seq_len, max_batch_size=rows,
@@ -124,32 +128,58 @@ class RLTrainer:
                                          release_cache_after_generate=engine.release_inference_cache,
                                          pin_parameters=False if engine.unpin_actor_parameters else None,
                                          gather_partition_size=engine.tp_gather_partition_size)
+        self.multi_turn, self.trajectories, self.env_errors = multi_turn(cfg, self.hybrid, tokenizer), None, 0
 
     def answers(self, exp: Experience | Sample) -> list[str]:
+        """What the reward function judges: the answer, or in a multi-turn trajectory its last model turn."""
+        if self.multi_turn is not None:
+            return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in final_turns(exp)]
         return decode_answers(self.tokenizer, exp)
 
     def score(self, exp: Experience | Sample, prompts: list[str], fields: list[dict]) -> torch.Tensor:
-        """(B,) the reward of each row: the reward function on the decoded text, else the reward model."""
+        """(B,) the reward of each row: an environment's (summed over its turns) plus the reward function's on the
+        (final) answer, else the reward model's."""
         with self.timer.phase("reward"):
+            earned = exp.env_scores.to(self.device) if getattr(exp, "env_scores", None) is not None else None
             if self.reward_fn is not None:
-                return self.reward_fn(prompts, self.answers(exp), fields).to(self.device)
+                scores = self.reward_fn(prompts, self.answers(exp), fields).to(self.device)
+                return scores if earned is None else scores + earned
+            if earned is not None:
+                return earned
             return self.reward_model.module.score(exp.sequences, exp.attention_mask).float()
 
-    def sample(self, ids: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> Sample:
-        """One answer per row of the (left-padded) prompts, with the run's sampling settings."""
-        params = dataclasses.replace(self.sampling, generator=generator)
-        return sample(self.hybrid, ids, mask, params, self.cfg.sampling.max_answer_seq_len, self.tokenizer.eos_token_id,
-                      self.tokenizer.pad_token_id, self.timer)
+    def sample(self, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams, prompts: list[str],
+               fields: list[dict], switch: bool = True) -> Sample:
+        """One answer (a multi-turn trajectory with an environment) per row of the (left-padded) prompts."""
+        if self.multi_turn is None:
+            return sample(self.hybrid, ids, mask, params, self.cfg.sampling.max_answer_seq_len,
+                          self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.timer, switch)
+        if switch:
+            self.hybrid.eval()
+        with self.timer.phase("generate"):
+            records = [{**f, "prompt": p} for p, f in zip(prompts, fields)]
+            trajectories = self.multi_turn.rollout(records, params, self.cfg.sampling.max_prompt_seq_len)
+        if switch:
+            self.hybrid.train()
+        self.trajectories = trajectories
+        out = trajectories.sample
+        out.env_scores = trajectories.scores
+        return out
 
-    def generate(self, batch: dict, generator: torch.Generator, n_samples: int = 1, audit: bool = False):
-        """Sample `n_samples` answers per prompt (consecutive rows) and score them with the training forwards
-        (the actor's skipped when its rollout logprobs are reused, unless `audit`)."""
+    def generate(self, batch: dict, generator: torch.Generator, n_samples: int = 1, audit: bool = False,
+                 prompts: list[str] | None = None, fields: list[dict] | None = None):
+        """Sample `n_samples` answers per prompt (consecutive rows; `prompts` and `fields` are the batch's records,
+        repeated alike) and score them with the training forwards (the actor's skipped when its rollout logprobs
+        are reused, unless `audit`)."""
         ids = batch["input_ids"].repeat_interleave(n_samples, dim=0)          # (B * n, P)
         mask = batch["attention_mask"].repeat_interleave(n_samples, dim=0)
         critic = self.critic.module if self.critic is not None else None
         ref = self.ref_engine or self.ref.module
-        return generate_experience(self.sample(ids, mask, generator), self.actor.module, ref, critic,
-                                   self.reuse_logprobs, audit, self.timer)
+        params = dataclasses.replace(self.sampling, generator=generator)
+        s = self.sample(ids, mask, params, prompts or [""] * ids.shape[0], fields or [{}] * ids.shape[0])
+        exp, stats = generate_experience(s, self.actor.module, ref, critic, self.reuse_logprobs, audit, self.timer)
+        exp.env_scores = getattr(s, "env_scores", None)
+        return exp, stats
 
     def rollout(self, batch: dict, prompts: list[str], fields: list[dict], generator: torch.Generator):
         """One rollout with its scores, per-token rewards, advantages and returns filled (once, for every
@@ -158,15 +188,32 @@ class RLTrainer:
         interval = self.cfg.engine.logprob_audit_interval
         audit = bool(interval) and self.rollouts % interval == 0  # the first rollout, then every interval-th
         self.rollouts += 1
-        exp, stats = self.generate(batch, generator, n, audit)
-        exp.scores = self.score(exp, [p for p in prompts for _ in range(n)], [f for f in fields for _ in range(n)])
+        prompts, fields = [p for p in prompts for _ in range(n)], [f for f in fields for _ in range(n)]
+        exp, stats = self.generate(batch, generator, n, audit, prompts, fields)
+        exp.scores = self.score(exp, prompts, fields)
         exp.rewards = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, exp.scores, exp.action_mask, algo.kl_ctl,
                                            self.cfg.algo.clip_reward_value)
+        if self.multi_turn is not None:
+            stats.env = self.check_env(self.trajectories)
+            place_turn_rewards(exp.rewards, exp.action_mask, self.trajectories.turn_rewards)
         clipped = exp.scores.clamp(-self.cfg.algo.clip_reward_value, self.cfg.algo.clip_reward_value)
         inputs = EstimatorInput(exp.rewards, exp.action_mask, clipped, n, exp.values, algo.gamma, algo.lam,
                                 algo.std_normalization)
         exp.advantages, exp.returns = algo.estimator(inputs)
         return exp, stats
+
+    def check_env(self, trajectories) -> dict:
+        """The rollout's environment counts; stops the run (one line naming the environment, the row and the
+        error) once more than --max-env-errors rows have failed."""
+        counts = trajectories.counts()
+        failed = [(i, row.error) for i, row in enumerate(trajectories.rows) if row.error is not None]
+        self.env_errors += len(failed)
+        if self.env_errors > self.cfg.env.max_env_errors:
+            i, error = failed[0]
+            name = self.cfg.env.environment or f"tools {self.cfg.env.tools}"
+            raise ValueError(f"--environment {name}: row {i}: {error} ({self.env_errors} failed rows, more than "
+                             f"--max-env-errors {self.cfg.env.max_env_errors})")
+        return counts
 
     def train_on(self, exp: Experience, ptx_batch: dict | None = None) -> dict:
         """One minibatch: actor step on the clipped policy loss (+ the KL loss term), a PTX step when given, and
@@ -225,9 +272,8 @@ class RLTrainer:
         cfg = self.cfg
         settings = EvalSettings(cfg.loop.eval_n_samples, cfg.sampling.temperature, cfg.sampling.top_k,
                                 cfg.sampling.top_p, cfg.loop.eval_pass_threshold, cfg.seed + 7)
-        sampler = lambda ids, mask, params: sample(  # noqa: E731
-            self.hybrid, ids, mask, params, cfg.sampling.max_answer_seq_len, self.tokenizer.eos_token_id,
-            self.tokenizer.pad_token_id, self.timer, switch=False)
+        sampler = lambda ids, mask, params, prompts, fields: self.sample(  # noqa: E731
+            ids, mask, params, prompts, fields, switch=False)
         rows = cfg.loop.per_device_generation_batch_size * self.algo.n_samples_per_prompt  # the engine's batch
         self.hybrid.eval()
         try:
@@ -241,3 +287,45 @@ def records(dataset, batch: dict) -> tuple[list[str], list[dict]]:
     """The raw prompts and other record fields of a prompt batch's rows (by its `index`)."""
     rows = batch["index"].tolist()
     return [dataset.prompts[i] for i in rows], [dataset.fields[i] for i in rows]
+
+
+def multi_turn(cfg, engine, tokenizer) -> MultiTurn | None:
+    """The multi-turn rollout of --environment or --tools on `engine`; None for single-turn runs."""
+    env = cfg.env
+    if not env.multi_turn:
+        return None
+    settings = TurnSettings(env.max_turns, cfg.sampling.max_answer_seq_len, env.max_total_tokens, env.tool_timeout)
+    if env.tools is not None:
+        tools = load_tools(env.tools)
+        return MultiTurn(engine, tokenizer, ToolEnvironment, settings, tools,
+                         make_env=lambda: ToolEnvironment(tools, env.tool_timeout))
+    cls = load_environment(env.environment)
+    make = (lambda: cls(timeout=env.tool_timeout)) if issubclass(cls, ToolEnvironment) else cls
+    return MultiTurn(engine, tokenizer, cls, settings, make_env=make)
+
+
+def final_turns(exp: Experience | Sample) -> list[list[int]]:
+    """Each row's last run of action tokens after its prompt: a multi-turn trajectory's final model turn."""
+    turns = []
+    for row_mask, row_ids in zip(exp.action_mask.tolist(), exp.sequences[:, exp.prompt_len:].tolist()):
+        end = max((i for i, m in enumerate(row_mask) if m), default=-1) + 1
+        start = end
+        while start > 0 and row_mask[start - 1]:
+            start -= 1
+        turns.append(row_ids[start:end])
+    return turns
+
+
+def place_turn_rewards(rewards: torch.Tensor, action_mask: torch.Tensor, turn_rewards: list[list]) -> None:
+    """Move each intermediate turn's reward from the trajectory's last action token (where the summed score was
+    put) to that turn's last token, in place: token-level estimators (PPO's GAE, REINFORCE++) then credit each turn
+    with its own reward; outcome estimators, which read the summed score, see no change."""
+    for row, pairs in enumerate(turn_rewards):
+        positions = action_mask[row].nonzero()
+        if not len(positions):
+            continue
+        last = int(positions[-1])
+        for at, reward in pairs:
+            if at != last:
+                rewards[row, at] += reward
+                rewards[row, last] -= reward
