@@ -3,20 +3,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..ops.reference import ACTIVATIONS
 from .base import Linear, Norm
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """The tanh approximation of GELU (gelu_new, gelu_pytorch_tanh and gelu_fast are all this)."""
-    return F.gelu(x, approximate="tanh")
-
-
-# One function object per name for the model's life: a compiled decode step guards on the function's identity,
-# so a lambda made anew at each eval() would recompile it.
-ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu, "gelu_new": gelu_tanh,
-               "gelu_pytorch_tanh": gelu_tanh, "gelu_fast": gelu_tanh}
 
 
 def activation(name: str):
