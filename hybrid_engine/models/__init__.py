@@ -29,16 +29,21 @@ from .gemma3 import gemma3_weights
 from .gpt2 import gpt2_weights
 from .gpt_neox import gpt_neox_weights
 from .llama import llama_weights
+from .mixtral import mixtral_weights
 from .olmo2 import olmo2_weights
 from .opt import opt_weights
 from .phi3 import phi3_weights
 from .qwen3 import qwen3_weights
+from .qwen_moe import qwen_moe_weights
 
 FAMILIES = {
     "llama": llama_weights,
     "mistral": llama_weights,
     "qwen2": llama_weights,
     "qwen3": qwen3_weights,
+    "mixtral": mixtral_weights,
+    "qwen2_moe": qwen_moe_weights,
+    "qwen3_moe": qwen_moe_weights,
     "phi3": phi3_weights,
     "olmo2": olmo2_weights,
     "gemma3_text": gemma3_weights,

@@ -100,6 +100,25 @@ class Relayer:
             return base
         return torch.add(base, delta.to(base.dtype), out=self._buffer(key, base, base.shape))
 
+    def param(self, key: str, module: nn.Module, name: str) -> torch.Tensor:
+        """A module's parameter `name` to compute with (a fused 3-D expert tensor, a router's weight): the parameter
+        itself, or parameter + the LoRA deltas of PEFT's ParamWrappers around the module (LoRA `target_parameters`,
+        one wrapper per parameter, nested) in a buffer."""
+        deltas = []
+        while is_lora(module):
+            if getattr(module, "parameter_name", None) == name:
+                delta = _lora_delta(module)
+                if delta is not None:
+                    deltas.append(delta)
+            module = module.base_layer
+        base = getattr(module, name)
+        if is_partitioned(base) or not deltas:  # partitioned: a ZeRO-3 placeholder (zero.py re-describes it)
+            return base
+        out = self._buffer(key, base, base.shape).copy_(base)
+        for delta in deltas:
+            out.add_(delta.to(base.dtype))
+        return out
+
     def linear(self, key: str, module: nn.Module, transposed: bool = False) -> Linear:
         return Linear(self.weight(key, module), _base(module).bias, transposed)
 
