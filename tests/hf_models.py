@@ -195,15 +195,21 @@ def assert_logprobs_match_forward(model, out, attention_mask, temperature: float
     torch.testing.assert_close(out.logprobs, ref.masked_fill(~out.action_mask, 0.0), atol=1e-5, rtol=0)
 
 
-def save_word_actor(path):
-    """A tiny one-layer Llama with the tiny preset's word tokenizer, saved to `path` (bad-input and reward-function
-    tests need a real checkpoint, not a good one). Returns (config, tokenizer)."""
+def save_word_actor(path, family: str | None = None):
+    """A tiny one-layer Llama (or the tiny config `family` of CONFIGS) with the tiny preset's word tokenizer, saved to
+    `path` (bad-input, reward-function and CLI tests need a real checkpoint, not a good one). Returns (config,
+    tokenizer)."""
     from rlhf.cli.presets import build_word_tokenizer
 
     tokenizer = build_word_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if family is None:
+        config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, max_position_embeddings=64, **ids)
+    else:
+        config = CONFIGS[family]()
+        for key, value in ids.items():
+            setattr(config, key, value)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return config, tokenizer
