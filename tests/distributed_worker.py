@@ -48,7 +48,9 @@ def _config(name: str):
     return CONFIGS[name]()
 
 
-def _model(name: str, lora: bool = False):
+def _model(name: str, lora: bool | str = False):
+    """The named tiny config with random weights; `lora`: adapters on q_proj, v_proj and down_proj, or on the
+    target_modules it names ("all-linear": on Mixtral also its router and experts, PEFT's ParamWrappers)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -61,7 +63,8 @@ def _model(name: str, lora: bool = False):
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+        targets = lora if isinstance(lora, str) else ["q_proj", "v_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:
@@ -293,9 +296,18 @@ def scenario_moe(rank):
     """Mixture of experts under ZeRO-3: Qwen3-MoE (a dense layer between MoE layers) gathered at TP 1, pinned and
     streamed, before and after an optimizer step; Mixtral and Qwen2-MoE (shared expert, dense first layer) with each
     expert's width split over TP 2."""
+    import hybrid_engine
+
     res = {f"qwen3_moe {k}": v for k, v in _zero3_tp1(rank, "qwen3_moe").items()}
     for name in ("mixtral_tp", "qwen2_moe"):
         res.update({f"{name} {k}": v for k, v in _tp_scenario(rank, name, 3).items()})
+    # LoRA on Mixtral's attention, router and experts (PEFT's ParamWrappers), gathered at TP 1 and split over TP 2
+    model = _model("mixtral_tp", lora="all-linear")
+    ref = copy.deepcopy(model)
+    ds = _ds(model, 3)
+    res["mixtral lora greedy"] = _greedy_matches(hybrid_engine.wrap(ds, max_seq_len=24, max_batch_size=4), ref, rank)
+    res["mixtral lora tp2"] = _greedy_matches(hybrid_engine.wrap(ds, max_seq_len=24, max_batch_size=4, tp_size=2), ref,
+                                              rank)
     return res
 
 
