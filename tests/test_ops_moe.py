@@ -89,3 +89,17 @@ def test_compiled_call_is_one_graph_equal_to_eager():
     assert not counters["graph_break"]
     assert torch.equal(out, reference.moe_experts(x, gate_up, down, index, weights, "silu"))
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN packs CPU weights only")
+def test_packed_experts_equal_the_dense_reference_eager_and_traced():
+    """The per-expert oneDNN-packed copies (models/common.pack_linears, CPU decode) in place of gate_up and down."""
+    x, gate_up, down, index, weights = operands(13, 16, 8, 6, 2, torch.float32)
+    packs = [[torch.ops.mkldnn._reorder_linear_weight(w[e], 8) for e in range(w.shape[0])] for w in (gate_up, down)]
+    dense = dense_experts(x, gate_up, down, index, weights, "silu")
+    out = reference.moe_experts(x, gate_up, down, index, weights, "silu", *packs)
+    assert_matches("moe_experts packed", out, dense, None)
+    torch._dynamo.reset()
+    compiled = torch.compile(reference.moe_experts, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x, gate_up, down, index, weights, "silu", *packs), out)
+    torch._dynamo.reset()

@@ -170,7 +170,8 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 def pack_linears(weights, batch_hint: int) -> int:
-    """Give every projection of `weights` (a ModelWeights) a oneDNN-packed copy of its weight; returns bytes.
+    """Give every projection of `weights` (a ModelWeights), and every expert of its mixture-of-experts layers, a
+    oneDNN-packed copy of its weight; returns bytes.
 
     Why: a decode step multiplies a few rows by every weight once, and MKL's sgemm reads a (B <= 32)-row
     product's weights at 5-9 GB/s on this 2-core CPU where a copy runs at 20+; oneDNN's blocked layout reaches
@@ -187,4 +188,8 @@ def pack_linears(weights, batch_hint: int) -> int:
         weight = weight.t().contiguous() if lin.transposed else weight  # oneDNN wants (out, in)
         lin.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
         total += weight.numel() * weight.element_size()
+    for experts in (layer.experts for layer in weights.layers if layer.experts is not None):
+        experts.packed = tuple([torch.ops.mkldnn._reorder_linear_weight(w[e].detach(), batch_hint)
+                                for e in range(w.shape[0])] for w in (experts.gate_up, experts.down))
+        total += sum(w.numel() * w.element_size() for w in (experts.gate_up, experts.down))
     return total

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Linear
+from .base import PACKED_MAX_ROWS, Linear
 from .common import Relayer
 
 
@@ -38,6 +38,7 @@ class Experts:
     act: str                         # the config's activation name (ops take names)
     weights_in_model_dtype: bool     # Qwen-MoE casts the routing weights to the model's dtype; Mixtral keeps fp32
     shared_gate: Linear | None = None  # (1, E): sigmoid gate of a shared expert (Qwen2-MoE)
+    packed: tuple[list, list] | None = None  # oneDNN-packed copies of each gate_up[e] and down[e] (pack_linears)
 
     def __call__(self, ops, x: torch.Tensor) -> torch.Tensor:
         B, T, E = x.shape
@@ -45,7 +46,8 @@ class Experts:
         logits = self.router(flat)                                    # (N, X)
         weights, index = route(logits, self.top_k, self.renormalize,
                                logits.dtype if self.weights_in_model_dtype else None)
-        out = ops.moe_experts(flat, self.gate_up, self.down, index, weights, self.act)  # (N, E)
+        packed = self.packed if self.packed is not None and B * T <= PACKED_MAX_ROWS else (None, None)
+        out = ops.moe_experts(flat, self.gate_up, self.down, index, weights, self.act, *packed)  # (N, E)
         return self.reduce(out).view(B, T, E)
 
     def reduce(self, out: torch.Tensor) -> torch.Tensor:
