@@ -18,9 +18,10 @@ __all__ = ["EngineConfig", "GenerationOutput", "HybridEngine", "SamplingParams",
 def wrap(model: nn.Module, max_seq_len: int = 512, max_batch_size: int = 8, tp_size: int = 1,
          kernels: str | None = None, allow_fallback: bool = False, **options) -> HybridEngine:
     """Wrap a Hugging Face causal LM (a family of hybrid_engine.models.FAMILIES: Llama, Mistral, Qwen2, Qwen3,
-    Phi-3, OLMo 2, Gemma 2, Gemma 3 text, OPT, GPT-2, GPT-NeoX), a PEFT model around one, or a DeepSpeed engine
-    around either. Another architecture raises NotImplementedError naming it unless `allow_fallback` (generate()
-    then delegates to Hugging Face's); tp_size > 1 refuses the families of parallel.TP_REFUSED (OLMo 2), naming why.
+    Phi-3, OLMo 2, Gemma 2, Gemma 3 text, OPT, GPT-2, GPT-NeoX, Mixtral, Qwen2-MoE, Qwen3-MoE), a PEFT model around
+    one, or a DeepSpeed engine around either. Another architecture raises NotImplementedError naming it unless
+    `allow_fallback` (generate() then delegates to Hugging Face's); tp_size > 1 refuses the families of
+    parallel.TP_REFUSED (OLMo 2), naming why.
     `options` are further EngineConfig fields."""
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len={max_seq_len}: expected at least 2 (a prompt token and a new one)")

@@ -134,6 +134,12 @@ class HybridEngine:
         wanted = cuda if cfg.compile is None else cfg.compile
         if not wanted or not self.supported:
             return None
+        if cuda and getattr(self.hf_model.config, "num_experts_per_tok", None):  # a mixture of experts
+            if cfg.compile:
+                raise NotImplementedError("compile=True on CUDA: a mixture-of-experts model's grouped experts read "
+                                          "each expert's token count on the host, which a CUDA graph cannot capture; "
+                                          "use compile=False")
+            return None
         if self.tp is not None:
             if cfg.compile:
                 raise NotImplementedError(f"compile=True with tp_size={cfg.tp_size}: the compiled decode step has no "

@@ -8,6 +8,9 @@ TP group of k keeps 1/k of every block:
   o     row-parallel: the matching H/k * D input columns; partial outputs are all-reduced, then the bias.
   up    column-parallel: I/k rows of each of [gate; up] (gated) or of the first projection.
   down  row-parallel: I/k input columns, all-reduced.
+  experts (mixture of experts) each expert's I split as up/down are: I/k rows of its [gate; up], I/k columns of its
+        down; the router stays whole, so every rank routes every token alike, and the weighted sum of the
+        experts' partial outputs is all-reduced once (a shared expert, Qwen2-MoE, is up/down: one more).
 
 Two all-reduces per block (after o and after down); embedding, norms and head stay whole on every rank, so
 every rank computes the same logits and, with the same generator state, samples the same tokens. The
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 
 from .generation import GenerationOutput
 from .models.base import LayerWeights, Linear, ModelWeights, Norm
+from .models.moe import Experts
 
 
 @dataclass
@@ -37,6 +41,16 @@ class RowParallelLinear(Linear):
         out = x @ self.weight if self.transposed else F.linear(x, self.weight)
         dist.all_reduce(out, group=self.group)
         return out if self.bias is None else out + self.bias
+
+
+@dataclass
+class RowParallelExperts(Experts):
+    """Routed experts whose intermediate width is split across the group: the partial sum, all-reduced."""
+    group: object = None
+
+    def reduce(self, out: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(out, group=self.group)
+        return out
 
 
 def tp_group(tp_size: int, group=None):
@@ -148,6 +162,24 @@ class TensorParallel:
             bias = self._buffer(key + ".bias", norm.bias, norm.bias.shape).copy_(norm.bias)
         return replace(norm, weight=weight, bias=bias)
 
+    def _copy(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """A tensor every rank keeps whole, copied: ZeRO-3 partitions the layer's own after the shards are cut."""
+        return self._buffer(key, t, t.shape).copy_(t)
+
+    def _shard_experts(self, i: int, experts: Experts) -> RowParallelExperts:
+        inter = experts.down.shape[2]
+        if inter % self.world:
+            raise NotImplementedError(f"tensor parallelism: expert width {inter} (moe intermediate size) does not "
+                                      f"split over tp_size {self.world}")
+        shared_gate = experts.shared_gate
+        if shared_gate is not None:
+            shared_gate = Linear(self._copy(f"{i}.shared_gate", shared_gate.weight))
+        return RowParallelExperts(**{**vars(experts), "group": self.group,
+                                     "router": Linear(self._copy(f"{i}.router", experts.router.weight)),
+                                     "gate_up": self._pack(f"{i}.experts.gate_up", experts.gate_up, (inter, inter), 1),
+                                     "down": self._pack(f"{i}.experts.down", experts.down, (inter,), 2),
+                                     "shared_gate": shared_gate})
+
     def _qkv(self, key: str, t: torch.Tensor, w: ModelWeights, dim: int) -> torch.Tensor:
         H, Hkv, D = w.arch.num_heads, w.arch.num_kv_heads, w.arch.head_dim
         if w.arch.qkv_layout == "per_head":                 # [q|k|v] per head: a contiguous block of heads
@@ -175,12 +207,18 @@ class TensorParallel:
                 bias = self._buffer(f"{i}.{name}.bias", lin.bias, lin.bias.shape).copy_(lin.bias)
             return RowParallelLinear(weight, bias, lin.transposed, self.group)
 
-        up_rows = layer.up.weight.shape[1 if layer.up.transposed else 0]
-        inter = up_rows // 2 if w.arch.gated_mlp else up_rows
-        if inter % self.world:
-            raise NotImplementedError(f"tensor parallelism: MLP width {inter} does not split over tp_size "
-                                      f"{self.world}")
-        up_splits = (inter, inter) if w.arch.gated_mlp else (inter,)
+        mlp = {}
+        if layer.up is not None:  # a dense MLP (or a mixture of experts' shared expert)
+            up_rows = layer.up.weight.shape[1 if layer.up.transposed else 0]
+            inter = up_rows // 2 if w.arch.gated_mlp else up_rows
+            if inter % self.world:
+                raise NotImplementedError(f"tensor parallelism: MLP width {inter} does not split over tp_size "
+                                          f"{self.world}")
+            up_splits = (inter, inter) if w.arch.gated_mlp else (inter,)
+            mlp = dict(up=col(layer.up, "up", lambda k, t, d: self._pack(k, t, up_splits, d)),
+                       down=row(layer.down, "down", inter))
+        if layer.experts is not None:
+            mlp["experts"] = self._shard_experts(i, layer.experts)
         if w.arch.qk_norm == "projection":
             raise NotImplementedError("tensor parallelism: q/k norms over the whole projection (OLMo 2) need every "
                                       "head's features on one rank; use tp_size=1")
@@ -198,8 +236,7 @@ class TensorParallel:
             **extra_norms,
             qkv=col(layer.qkv, "qkv", lambda k, t, d: self._qkv(k, t, w, d)),
             o=row(layer.o, "o", w.arch.num_heads * w.arch.head_dim),
-            up=col(layer.up, "up", lambda k, t, d: self._pack(k, t, up_splits, d)),
-            down=row(layer.down, "down", inter),
+            **mlp,
         )
 
     def shard_model(self, w: ModelWeights, layers: list[LayerWeights]) -> ModelWeights:

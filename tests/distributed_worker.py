@@ -38,13 +38,19 @@ def _config(name: str):
         cfg = CONFIGS["gemma3"]()
         cfg.num_attention_heads, cfg.num_key_value_heads = 4, 2
         return cfg
+    if name == "mixtral_tp":  # 4 heads over 2 kv heads: splits over 2 ranks
+        cfg = CONFIGS["mixtral"]()
+        cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 4, 2, 10
+        return cfg
     if name == "llama_6_3":  # 6 query heads over 3 kv heads: on 2 ranks the kv groups straddle the split
         return LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                            num_attention_heads=6, num_key_value_heads=3, head_dim=10, max_position_embeddings=128)
     return CONFIGS[name]()
 
 
-def _model(name: str, lora: bool = False):
+def _model(name: str, lora: bool | str = False):
+    """The named tiny config with random weights; `lora`: adapters on q_proj, v_proj and down_proj, or on the
+    target_modules it names ("all-linear": on Mixtral also its router and experts, PEFT's ParamWrappers)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -57,7 +63,8 @@ def _model(name: str, lora: bool = False):
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+        targets = lora if isinstance(lora, str) else ["q_proj", "v_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:
@@ -110,9 +117,13 @@ def _greedy_matches(engine, ref, rank) -> tuple[bool, str]:
 
 
 def scenario_zero3_tp1(rank):
+    return _zero3_tp1(rank, "llama")
+
+
+def _zero3_tp1(rank, name: str):
     import hybrid_engine
 
-    model = _model("llama")
+    model = _model(name)
     ref = copy.deepcopy(model)
     ds = _ds(model, 3)
     res = {}
@@ -203,6 +214,14 @@ def _tp_scenario(rank, name: str, stage: int, lora: bool = False, group_size: in
     rows = (cfg.num_attention_heads // 2 + 2 * kv_local) * arch.head_dim
     res["sharded"] = (arch.num_heads == cfg.num_attention_heads // 2 and arch.num_kv_heads == kv_local
                       and w.layers[0].qkv.weight.shape[0] == rows, f"{arch.num_heads} {arch.num_kv_heads}")
+    moe_layers = [layer for layer in w.layers if getattr(layer, "experts", None) is not None]
+    if moe_layers:  # each expert's intermediate width halved, the partial sums all-reduced
+        from hybrid_engine.parallel import RowParallelExperts
+
+        width = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+        shapes = [(tuple(layer.experts.gate_up.shape), tuple(layer.experts.down.shape)) for layer in moe_layers]
+        res["experts_sharded"] = (all(isinstance(layer.experts, RowParallelExperts) for layer in moe_layers) and all(
+            gu[1] == width and d[2] == width // 2 for gu, d in shapes), str(shapes))
     # sampling: the group samples the same tokens; each rank's logprobs equal the training forward's
     from tests.hf_models import hf_logprobs
 
@@ -271,6 +290,25 @@ def scenario_new_families_zero3(rank):
     res["olmo2 greedy"] = _greedy_matches(engine, ref, rank)
     engine.train()
     res["olmo2 train_releases"] = (_partitioned(model), "")
+    return res
+
+
+def scenario_moe(rank):
+    """Mixture of experts under ZeRO-3: Qwen3-MoE (a dense layer between MoE layers) gathered at TP 1, pinned and
+    streamed, before and after an optimizer step; Mixtral and Qwen2-MoE (shared expert, dense first layer) with each
+    expert's width split over TP 2."""
+    import hybrid_engine
+
+    res = {f"qwen3_moe {k}": v for k, v in _zero3_tp1(rank, "qwen3_moe").items()}
+    for name in ("mixtral_tp", "qwen2_moe"):
+        res.update({f"{name} {k}": v for k, v in _tp_scenario(rank, name, 3).items()})
+    # LoRA on Mixtral's attention, router and experts (PEFT's ParamWrappers), gathered at TP 1 and split over TP 2
+    model = _model("mixtral_tp", lora="all-linear")
+    ref = copy.deepcopy(model)
+    ds = _ds(model, 3)
+    res["mixtral lora greedy"] = _greedy_matches(hybrid_engine.wrap(ds, max_seq_len=24, max_batch_size=4), ref, rank)
+    res["mixtral lora tp2"] = _greedy_matches(hybrid_engine.wrap(ds, max_seq_len=24, max_batch_size=4, tp_size=2), ref,
+                                              rank)
     return res
 
 

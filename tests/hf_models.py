@@ -11,11 +11,14 @@ from transformers import (
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Olmo2Config,
     OPTConfig,
     Phi3Config,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 VOCAB = 101  # odd on purpose
@@ -80,6 +83,28 @@ CONFIGS = {
                                    attn_logit_softcapping=2.5, final_logit_softcapping=8.0, rope_theta=20000.0,
                                    max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                                    tie_word_embeddings=False),
+    # mixture of experts, top-2 of 6 renormalised, in every layer; 5 heads over 1 kv head of dim 8, sliding window 9
+    # shorter than prompt + answer
+    "mixtral": lambda: MixtralConfig(vocab_size=VOCAB, hidden_size=40, intermediate_size=24, num_hidden_layers=2,
+                                     num_attention_heads=5, num_key_value_heads=1, num_local_experts=6,
+                                     num_experts_per_tok=2, sliding_window=9, max_position_embeddings=128,
+                                     rope_theta=20000.0, tie_word_embeddings=False),
+    # top-2 of 6 experts not renormalised, per-head q/k norms, a dense layer between two MoE layers (mlp_only_layers),
+    # GQA 6:2 with head dim 10, tied embeddings; hidden and expert widths multiples of 8: HF 5.25 runs
+    # its experts with torch.grouped_mm on CPU, which needs 16-byte strides in bf16
+    "qwen3_moe": lambda: Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=40, intermediate_size=48,
+                                        moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=6,
+                                        num_key_value_heads=2, head_dim=10, num_experts=6, num_experts_per_tok=2,
+                                        norm_topk_prob=False, mlp_only_layers=[1], max_position_embeddings=128,
+                                        tie_word_embeddings=True),
+    # a shared expert under a sigmoid gate beside top-3 of 6 renormalised experts, dense first layer
+    # (decoder_sparse_step 2), q/k/v bias, GQA 4:2, untied head
+    "qwen2_moe": lambda: Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40,
+                                        moe_intermediate_size=16, shared_expert_intermediate_size=28,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        num_experts=6, num_experts_per_tok=3, norm_topk_prob=True,
+                                        decoder_sparse_step=2, max_position_embeddings=128,
+                                        tie_word_embeddings=False),
     # word_embed_proj_dim != hidden_size (project_in/out), learned positions offset by 2
     "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
                              word_embed_proj_dim=32, max_position_embeddings=128, pad_token_id=1, bos_token_id=2,
@@ -183,14 +208,16 @@ def assert_logprobs_match_forward(model, out, attention_mask, temperature: float
 
 def save_word_actor(path, config=None):
     """A tiny actor with the tiny preset's word tokenizer, saved to `path` (bad-input, reward-function and CLI tests
-    need a real checkpoint, not a good one): a one-layer Llama, or `config` (a tiny config of any family, e.g. one of
-    CONFIGS) with its vocabulary and special ids made the tokenizer's. Returns (config, tokenizer)."""
+    need a real checkpoint, not a good one): a one-layer Llama, or `config` (a tiny config of any family, or the name
+    of one of CONFIGS) with its vocabulary and special ids made the tokenizer's. Returns (config, tokenizer)."""
     from rlhf.cli.presets import build_word_tokenizer
 
     tokenizer = build_word_tokenizer()
     if config is None:
         config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                              num_key_value_heads=1, max_position_embeddings=64)
+    elif isinstance(config, str):
+        config = CONFIGS[config]()
     config.vocab_size = len(tokenizer)
     config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id

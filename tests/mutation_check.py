@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 UPDATE_MATH = "tests/test_update_math.py"
+EXACT = "tests/test_engine_exactness.py"
 
 
 @dataclass(frozen=True)
@@ -370,6 +371,23 @@ FAULTS = [
           (f"{UPDATE_MATH}::test_actor_step_backpropagates_the_clipped_surrogate_plus_the_kl_loss",
            f"{UPDATE_MATH}::test_per_algorithm_defaults_are_readmes_table"),
           "grpo's default aggregation is token-mean, not README's seq-mean-token-mean"),
+    # -- mixture of experts (issue 21)
+    Fault("moe-experts-unweighted", "hybrid_engine/ops/reference.py",
+          "weighted = out * expert_weights.reshape(-1)[order, None]", "weighted = out",
+          ("tests/test_ops_moe.py",), "each token's k experts summed without the router's weights"),
+    Fault("moe-qwen-always-renormalises", "hybrid_engine/models/qwen_moe.py",
+          "renormalize=cfg.norm_topk_prob,", "renormalize=True,",
+          (f"{EXACT}::test_greedy_tokens_and_logprobs_match_hugging_face[qwen3_moe-torch]",),
+          "Qwen3-MoE's top-k weights renormalised though its norm_topk_prob is False"),
+    Fault("moe-shared-expert-ungated", "hybrid_engine/models/base.py",
+          "out = out + torch.sigmoid(experts.shared_gate(x)) * self._gated_mlp(layer, x)",
+          "out = out + self._gated_mlp(layer, x)",
+          (f"{EXACT}::test_greedy_tokens_and_logprobs_match_hugging_face[qwen2_moe-torch]",),
+          "Qwen2-MoE's shared expert added without its sigmoid gate"),
+    Fault("moe-expert-lora-dropped", "hybrid_engine/models/common.py",
+          "deltas.append(delta)", "deltas.clear()",
+          (f"{EXACT}::test_optimizer_step_is_read_after_eval[mixtral-lora]",),
+          "LoRA on PEFT-wrapped parameters (Mixtral's router and experts) ignored by the inference path"),
 ]
 
 

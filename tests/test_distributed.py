@@ -104,6 +104,10 @@ def test_qwen3_phi3_gemma_olmo2_under_zero3(results):
     _check(results, "new_families_zero3")
 
 
+def test_moe_under_zero3_and_tp2(results):
+    _check(results, "moe")
+
+
 def test_lora_under_zero3(results):
     _check(results, "lora_zero3")
 

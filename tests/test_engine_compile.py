@@ -98,10 +98,11 @@ def test_compiled_step_matches_eager_and_hugging_face(name, kernels, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,kernels", [("llama", "torch"), ("qwen2", "cpu")])
+@pytest.mark.parametrize("name,kernels", [("llama", "torch"), ("qwen2", "cpu"), ("mixtral", "cpu")])
 def test_inductor_step_matches_eager_and_hugging_face(name, kernels, tmp_path):
     """The code inductor generates (C++ on CPU), one family per backend, greedy: one compilation of ~25-30 s each
-    (the sampled variant, a second graph, is checked under aot_eager for every family above)."""
+    (the sampled variant, a second graph, is checked under aot_eager for every family above). Mixtral: the grouped
+    experts as an opaque custom op inside inductor's graph."""
     check_family(name, kernels, "inductor", tmp_path, sample=False)
 
 
@@ -218,6 +219,20 @@ def test_compile_defaults_and_refusals(tmp_path):
     assert hybrid_engine.wrap(model, compile=True).static is not None
     with pytest.raises(ValueError, match="eos_check_every=0"):
         hybrid_engine.wrap(model, compile=True, eos_check_every=0)
+
+
+def test_moe_compile_on_cuda_is_refused_and_off_by_default(tmp_path, monkeypatch):
+    """A CUDA graph cannot capture the grouped experts' host read of each expert's token count: on CUDA a mixture of
+    experts decodes eagerly by default, and compile=True is refused in one line (wrap on a model taken for CUDA)."""
+    from hybrid_engine.engine import HybridEngine
+
+    model = tiny_model("mixtral", tmp_path)
+    monkeypatch.setattr(HybridEngine, "_device", lambda self: torch.device("cuda"))
+    assert hybrid_engine.wrap(model, kernels="torch").static is None
+    with pytest.raises(NotImplementedError, match="^compile=True on CUDA: a mixture-of-experts model's"):
+        hybrid_engine.wrap(model, kernels="torch", compile=True)
+    monkeypatch.undo()
+    assert hybrid_engine.wrap(model, compile=True).static is not None  # on CPU the custom op runs in the graph
 
 
 def test_cpu_custom_ops_have_fake_implementations():

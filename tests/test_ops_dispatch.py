@@ -13,14 +13,16 @@ from hybrid_engine.ops import builder
 
 # What kernels="auto" takes per op, written out (not derived from ops/specs.py): on CPU the C++ twins except
 # prefill (torch's SDPA measured faster); on CUDA the CUDA kernels where there is one, except decode (Triton's
-# until a benchmark shows the CUDA one faster), and Triton for the norms and prefill.
+# until a benchmark shows the CUDA one faster), and Triton for the norms and prefill. The grouped experts of a
+# mixture-of-experts layer are torch ops on every device.
 AUTO_ON_CPU = {"rms_norm": "cpu", "layer_norm": "cpu", "rotary_kv_append": "cpu", "prefill_attention": "torch",
-               "decode_attention": "cpu", "tp_pack": "cpu", "tp_unpack": "cpu"}
+               "decode_attention": "cpu", "tp_pack": "cpu", "tp_unpack": "cpu", "moe_experts": "torch"}
 AUTO_ON_CUDA = {"rms_norm": "triton", "layer_norm": "triton", "rotary_kv_append": "cuda",
-                "prefill_attention": "triton", "decode_attention": "triton", "tp_pack": "cuda", "tp_unpack": "cuda"}
+                "prefill_attention": "triton", "decode_attention": "triton", "tp_pack": "cuda", "tp_unpack": "cuda",
+                "moe_experts": "torch"}
 AUTO_ON_CUDA_WITHOUT_TRITON = {"rms_norm": "torch", "layer_norm": "torch", "rotary_kv_append": "cuda",
                                "prefill_attention": "torch", "decode_attention": "cuda", "tp_pack": "cuda",
-                               "tp_unpack": "cuda"}
+                               "tp_unpack": "cuda", "moe_experts": "torch"}
 
 
 @pytest.fixture
@@ -41,6 +43,11 @@ def fresh_builds(monkeypatch, tmp_path):
 
 def chosen(choices: dict) -> dict:
     return {name: backend for name, (backend, _) in choices.items()}
+
+
+def backend_of(fn) -> str:
+    """The backend a stand-in of fake_gpu_backends names; the torch backend's functions are the references."""
+    return getattr(fn, "backend", "torch")
 
 
 def fake_gpu_backends(monkeypatch, triton_loads: bool = True) -> None:
@@ -79,7 +86,7 @@ def test_auto_on_cuda_takes_the_triton_decode(fresh, monkeypatch):
         warnings.simplefilter("error")  # everything loads: no warning
         chosen_ops = ops_lib.select("auto", "cuda")
     assert chosen(chosen_ops.choices) == AUTO_ON_CUDA
-    assert {name: getattr(chosen_ops, name).backend for name in ops_lib.OP_NAMES} == AUTO_ON_CUDA
+    assert {name: backend_of(getattr(chosen_ops, name)) for name in ops_lib.OP_NAMES} == AUTO_ON_CUDA
     assert "until benchmarks/kernel_speed.py shows the CUDA one faster" in chosen_ops.choices["decode_attention"][1]
 
 
@@ -207,9 +214,10 @@ def test_explicit_cuda_serves_the_ops_it_lacks_from_their_own_tables(fresh, monk
     chosen_ops = ops_lib.select("cuda", "cuda")
     lacking = ("rms_norm", "layer_norm", "prefill_attention")
     expected = {name: helper if name in lacking else "cuda" for name in ops_lib.OP_NAMES}
+    expected["moe_experts"] = "torch"  # torch ops only: no Triton kernel either
     assert chosen(chosen_ops.choices) == expected
     if triton_loads:  # every function is a stand-in named after its backend (torch's are the references)
-        assert {name: getattr(chosen_ops, name).backend for name in ops_lib.OP_NAMES} == expected
+        assert {name: backend_of(getattr(chosen_ops, name)) for name in ops_lib.OP_NAMES} == expected
     assert "requested cuda has no rms_norm kernel; using " + helper in chosen_ops.choices["rms_norm"][1]
 
 

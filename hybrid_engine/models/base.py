@@ -16,12 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ..cache import KVCache
 from ..ops.library import packed_linear
+
+if TYPE_CHECKING:
+    from .moe import Experts
 
 # Rows up to which a Linear uses its oneDNN-packed weight: decode steps (B rows) and small prefills. Larger
 # prefills are compute-bound, where MKL's plain sgemm is as good.
@@ -63,12 +67,13 @@ class LayerWeights:
     norm2: Norm
     qkv: Linear
     o: Linear
-    up: Linear      # the gated families: fused [gate; up] projection; else the first MLP projection
-    down: Linear
+    up: Linear | None    # the gated families: fused [gate; up] projection; else the first MLP projection. In a
+    down: Linear | None  # mixture-of-experts layer: its shared expert (Qwen2-MoE), else None
     q_norm: Norm | None = None   # RMSNorm on q and on k before rotary, where Architecture.qk_norm is set
     k_norm: Norm | None = None
     post_norm1: Norm | None = None  # residual="sandwich" (Gemma 2/3): on the attention output, before its add
     post_norm2: Norm | None = None  # and on the MLP output
+    experts: Experts | None = None  # a mixture-of-experts layer's routed experts (Architecture.moe; models/moe.py)
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,7 @@ class Architecture:
     attn_softcap: float | None = None             # scores = cap * tanh(scores / cap) before the softmax (Gemma 2):
                                                   # the attention ops' `softcap`, 0 there when None
     final_softcap: float | None = None            # logits = cap * tanh(logits / cap) (Gemma 2/3 where configured)
+    moe: bool = False                             # layers may have routed experts (LayerWeights.experts)
 
 
 @dataclass
@@ -135,7 +141,7 @@ class InferenceModel:
         self.block = {"pre_norm": self._pre_norm_block, "parallel": self._parallel_block,
                       "post_norm": self._post_norm_block, "norm_after": self._norm_after_block,
                       "sandwich": self._sandwich_block}[arch.residual]
-        self.mlp = self._gated_mlp if arch.gated_mlp else self._plain_mlp
+        self.mlp = self._moe_mlp if arch.moe else self._gated_mlp if arch.gated_mlp else self._plain_mlp
         self.split_qkv = self._split_per_head if arch.qkv_layout == "per_head" else self._split_blocked
         if arch.qk_norm is not None and arch.qkv_layout != "blocked":
             raise NotImplementedError(f"qk_norm={arch.qk_norm!r} needs the blocked qkv layout")
@@ -215,6 +221,18 @@ class InferenceModel:
 
     def _plain_mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         return layer.down(self.arch.act(layer.up(x)))
+
+    def _moe_mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        """A layer of a mixture-of-experts model: dense (a gated MLP) where it has no experts (Qwen-MoE's
+        mlp_only_layers, decoder_sparse_step); else its routed experts plus, where it has one, a shared expert
+        scaled per token by sigmoid(shared_gate(x)) (Qwen2-MoE)."""
+        experts = layer.experts
+        if experts is None:
+            return self._gated_mlp(layer, x)
+        out = experts(self.ops, x)                                          # (B, T, E)
+        if layer.up is not None:
+            out = out + torch.sigmoid(experts.shared_gate(x)) * self._gated_mlp(layer, x)
+        return out
 
     def _split_per_head(self, qkv: torch.Tensor):
         B, T, _ = qkv.shape

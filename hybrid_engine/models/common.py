@@ -3,20 +3,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..ops.reference import ACTIVATIONS
 from .base import Linear, Norm
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """The tanh approximation of GELU (gelu_new, gelu_pytorch_tanh and gelu_fast are all this)."""
-    return F.gelu(x, approximate="tanh")
-
-
-# One function object per name for the model's life: a compiled decode step guards on the function's identity,
-# so a lambda made anew at each eval() would recompile it.
-ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu, "gelu_new": gelu_tanh,
-               "gelu_pytorch_tanh": gelu_tanh, "gelu_fast": gelu_tanh}
 
 
 def activation(name: str):
@@ -119,6 +108,25 @@ class Relayer:
             return base
         return torch.add(base, delta.to(base.dtype), out=self._buffer(key, base, base.shape))
 
+    def param(self, key: str, module: nn.Module, name: str) -> torch.Tensor:
+        """A module's parameter `name` to compute with (a fused 3-D expert tensor, a router's weight): the parameter
+        itself, or parameter + the LoRA deltas of PEFT's ParamWrappers around the module (LoRA `target_parameters`,
+        one wrapper per parameter, nested) in a buffer."""
+        deltas = []
+        while is_lora(module):
+            if getattr(module, "parameter_name", None) == name:
+                delta = _lora_delta(module)
+                if delta is not None:
+                    deltas.append(delta)
+            module = module.base_layer
+        base = getattr(module, name)
+        if is_partitioned(base) or not deltas:  # partitioned: a ZeRO-3 placeholder (zero.py re-describes it)
+            return base
+        out = self._buffer(key, base, base.shape).copy_(base)
+        for delta in deltas:
+            out.add_(delta.to(base.dtype))
+        return out
+
     def linear(self, key: str, module: nn.Module, transposed: bool = False) -> Linear:
         return Linear(self.weight(key, module), _base(module).bias, transposed)
 
@@ -170,7 +178,8 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 def pack_linears(weights, batch_hint: int) -> int:
-    """Give every projection of `weights` (a ModelWeights) a oneDNN-packed copy of its weight; returns bytes.
+    """Give every projection of `weights` (a ModelWeights), and every expert of its mixture-of-experts layers, a
+    oneDNN-packed copy of its weight; returns bytes.
 
     Why: a decode step multiplies a few rows by every weight once, and MKL's sgemm reads a (B <= 32)-row
     product's weights at 5-9 GB/s on this 2-core CPU where a copy runs at 20+; oneDNN's blocked layout reaches
@@ -187,4 +196,8 @@ def pack_linears(weights, batch_hint: int) -> int:
         weight = weight.t().contiguous() if lin.transposed else weight  # oneDNN wants (out, in)
         lin.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
         total += weight.numel() * weight.element_size()
+    for experts in (layer.experts for layer in weights.layers if layer.experts is not None):
+        experts.packed = tuple([torch.ops.mkldnn._reorder_linear_weight(w[e].detach(), batch_hint)
+                                for e in range(w.shape[0])] for w in (experts.gate_up, experts.down))
+        total += sum(w.numel() * w.element_size() for w in (experts.gate_up, experts.down))
     return total

@@ -12,19 +12,28 @@ from .base import Architecture, LayerWeights, Linear, ModelWeights
 from .common import Relayer, activation, layer_norm
 
 # families whose config's sliding_window applies to every layer (their attention modules do not say)
-WINDOW_FROM_CONFIG = ("mistral", "phi3")
+WINDOW_FROM_CONFIG = ("mistral", "mixtral", "phi3")
 
 
-def llama_layer(i: int, block, relayer: Relayer) -> LayerWeights:
-    attn, mlp = block.self_attn, block.mlp
-    return LayerWeights(
+def llama_attention(i: int, block, relayer: Relayer) -> dict:
+    """A Llama block's attention and its two norms, as LayerWeights fields (the MoE families share them)."""
+    attn = block.self_attn
+    return dict(
         norm1=layer_norm(block.input_layernorm),
         norm2=layer_norm(block.post_attention_layernorm),
         qkv=relayer.fused(f"{i}.qkv", [attn.q_proj, attn.k_proj, attn.v_proj]),
         o=relayer.linear(f"{i}.o", attn.o_proj),
-        up=relayer.fused(f"{i}.gate_up", [mlp.gate_proj, mlp.up_proj]),
-        down=relayer.linear(f"{i}.down", mlp.down_proj),
     )
+
+
+def gated_mlp(i: int, mlp, relayer: Relayer) -> dict:
+    """A gated MLP (gate_proj, up_proj, down_proj) as LayerWeights' up (the fused [gate; up]) and down."""
+    return dict(up=relayer.fused(f"{i}.gate_up", [mlp.gate_proj, mlp.up_proj]),
+                down=relayer.linear(f"{i}.down", mlp.down_proj))
+
+
+def llama_layer(i: int, block, relayer: Relayer) -> LayerWeights:
+    return LayerWeights(**llama_attention(i, block, relayer), **gated_mlp(i, block.mlp, relayer))
 
 
 def rotary_decoder_weights(model, relayer: Relayer, describe_layer: Callable[[int, object, Relayer], LayerWeights],

@@ -12,11 +12,26 @@ Conventions shared by every backend:
     before the mask and softmax, as Hugging Face computes it; 0 turns it off.
   * Rotary: the "rotate half" (GPT-NeoX / Llama) convention on the first `rotary_dim` features of a head;
     cos and sin are (B, T, rotary_dim) with the two halves repeated, already scaled as the model wants.
+  * Experts (mixture of experts): Hugging Face 5's fused layout, gate_up (X, 2I, E) with [gate; up] rows per
+    expert and down (X, E, I); an activation is named by its Hugging Face config name (ACTIVATIONS).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.library import custom_op, register_fake
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of GELU (gelu_new, gelu_pytorch_tanh and gelu_fast are all this)."""
+    return F.gelu(x, approximate="tanh")
+
+
+# One function object per name for the model's life: a compiled decode step guards on the function's identity,
+# so a lambda made anew at each eval() would recompile it. Ops that take an activation take its name (a custom
+# op cannot take a function).
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu, "gelu_new": gelu_tanh,
+               "gelu_pytorch_tanh": gelu_tanh, "gelu_fast": gelu_tanh}
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -144,3 +159,71 @@ def tp_unpack(shard: torch.Tensor, full: torch.Tensor, rank: int, world: int, sp
         out += part
         off += size
     return full
+
+
+def _expert_linear(rows: torch.Tensor, weight: torch.Tensor, packed: list[torch.Tensor] | None, expert: int):
+    """rows @ weight[expert]^T, through the expert's oneDNN-packed copy where one is given."""
+    if packed is None:
+        return F.linear(rows, weight[expert])
+    return torch.ops.mkldnn._linear_pointwise(rows, packed[expert], None, "none", [], "")
+
+
+def _grouped_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_index: torch.Tensor,
+                     expert_weights: torch.Tensor, act: str, packed_gate_up: list[torch.Tensor] | None = None,
+                     packed_down: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """moe_experts run eagerly: the (token, expert) pairs sorted by expert, each expert run once on its rows."""
+    N, k = expert_index.shape
+    E = x.shape[-1]
+    fn = ACTIVATIONS[act]
+    pairs = expert_index.reshape(-1)                                   # (N*k,) expert of pair n*k + j
+    order = torch.argsort(pairs, stable=True)                          # (N*k,) pairs grouped by expert
+    counts = torch.bincount(pairs, minlength=gate_up.shape[0]).tolist()  # rows per expert (one host sync)
+    rows = x[order // k]                                               # (N*k, E) each pair's token
+    out = torch.empty_like(rows)                                       # (N*k, E)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            seg = rows[start:start + count]                            # (n_e, E)
+            gate, up = _expert_linear(seg, gate_up, packed_gate_up, expert).chunk(2, dim=-1)  # (n_e, I) x 2
+            out[start:start + count] = _expert_linear(fn(gate) * up, down, packed_down, expert)
+            start += count
+    weighted = out * expert_weights.reshape(-1)[order, None]          # (N*k, E) in the weights' promoted dtype
+    unsorted = torch.empty_like(weighted)
+    unsorted[order] = weighted                                         # back to pair order n*k + j
+    return unsorted.view(N, k, E).sum(dim=1).to(x.dtype)               # (N, E)
+
+
+@custom_op("hybrid_engine::moe_experts", mutates_args=(), schema=(
+    "(Tensor x, Tensor gate_up, Tensor down, Tensor expert_index, Tensor expert_weights, str act, "
+    "Tensor[]? packed_gate_up, Tensor[]? packed_down) -> Tensor"))
+def _moe_experts_op(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_index: torch.Tensor,
+                    expert_weights: torch.Tensor, act: str, packed_gate_up: list[torch.Tensor] | None,
+                    packed_down: list[torch.Tensor] | None) -> torch.Tensor:
+    return _grouped_experts(x, gate_up, down, expert_index, expert_weights, act, packed_gate_up, packed_down)
+
+
+@register_fake("hybrid_engine::moe_experts")
+def _(x, gate_up, down, expert_index, expert_weights, act, packed_gate_up, packed_down):
+    return torch.empty_like(x)
+
+
+def moe_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_index: torch.Tensor,
+                expert_weights: torch.Tensor, act: str = "silu", packed_gate_up: list[torch.Tensor] | None = None,
+                packed_down: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The routed experts of a mixture-of-experts MLP (Mixtral, Qwen2/3-MoE), grouped: each expert runs once, on
+    the tokens routed to it, never on all tokens.
+
+    x: (N, E); gate_up: (X, 2I, E), [gate; up] rows of each of X experts; down: (X, E, I); expert_index: (N, k)
+    long, the k experts of each token; expert_weights: (N, k), their routing weights. Returns (N, E):
+    sum_j w[n, j] * down[e](act(gate[e] x[n]) * up[e] x[n]) with e = expert_index[n, j], summed over j in order,
+    in the weights' promoted dtype, then cast to x's (as Hugging Face's grouped experts do). packed_gate_up,
+    packed_down: optional per-expert oneDNN-packed copies of gate_up[e] and down[e] (CPU; models/common.pack_linears),
+    used instead of them: MKL's sgemm reads a few-row product's weights at ~6 GB/s here, oneDNN's layout at 14-16.
+
+    The group sizes are data: eagerly they are read on the host (one sync per call); while torch.compile traces,
+    the same code runs as the custom op hybrid_engine::moe_experts, opaque to the graph (fake: an (N, E) tensor).
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.hybrid_engine.moe_experts(x, gate_up, down, expert_index, expert_weights, act,
+                                                   packed_gate_up, packed_down)
+    return _grouped_experts(x, gate_up, down, expert_index, expert_weights, act, packed_gate_up, packed_down)

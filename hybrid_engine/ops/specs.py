@@ -230,5 +230,10 @@ TP_UNPACK = OpSpec(
                   _discard(ext.tp_unpack(shard, full, rank, world, splits, dim)),
                   lambda shard, full, rank, world, splits, dim: None),))
 
+
+# -- a mixture-of-experts MLP's routed experts, grouped by expert: reference.py only. Torch ops serve every device
+# (per expert, one matmul on the rows routed to it); an explicit kernels= request serves it from torch, saying so.
+MOE_EXPERTS = OpSpec("moe_experts", reference.moe_experts, ("torch",))
+
 # The order is OpSet's field order and backends()'s.
-SPECS = (RMS_NORM, LAYER_NORM, ROTARY_KV_APPEND, PREFILL_ATTENTION, DECODE_ATTENTION, TP_PACK, TP_UNPACK)
+SPECS = (RMS_NORM, LAYER_NORM, ROTARY_KV_APPEND, PREFILL_ATTENTION, DECODE_ATTENTION, TP_PACK, TP_UNPACK, MOE_EXPERTS)
