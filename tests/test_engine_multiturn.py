@@ -77,7 +77,7 @@ def assert_logprobs_match_one_forward(model, traj: Trajectories, pad: int, tol: 
         for start, new, engine_logp in spans:
             cols = torch.arange(left + start, left + start + len(new))
             ref = logp[b, cols - 1].gather(-1, torch.tensor(new)[:, None]).squeeze(-1)
-            torch.testing.assert_close(engine_logp, ref, atol=tol, rtol=0, msg=lambda m: f"row {b}: {m}")
+            torch.testing.assert_close(engine_logp, ref, atol=tol, rtol=0, msg=lambda m, b=b: f"row {b}: {m}")
             gap = max(gap, (engine_logp - ref).abs().max().item())
     return gap
 
