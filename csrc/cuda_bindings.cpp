@@ -36,7 +36,8 @@ void check_same(const at::Tensor& a, const at::Tensor& b, const char* what) {
 
 at::Tensor rotary_kv_append(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& cos_in, const std::optional<at::Tensor>& sin_in,
-                            at::Tensor k_cache, at::Tensor v_cache, int64_t start) {
+                            at::Tensor k_cache, at::Tensor v_cache, int64_t start,
+                            const std::optional<at::Tensor>& row_start_in) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &k_cache, &v_cache}) {
     HE_CHECK_CUDA(*t);
     HE_CHECK_LAST(*t);
@@ -49,8 +50,17 @@ at::Tensor rotary_kv_append(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(0) >= B && k_cache.size(1) == Hkv &&
                   k_cache.size(3) == D, "k_cache must be (>= ", B, ", ", Hkv, ", S_max, ", D, "), got ",
               k_cache.sizes());
-  TORCH_CHECK(start >= 0 && start + T <= k_cache.size(2), "slots [", start, ", ", start + T, ") exceed S_max ",
-              k_cache.size(2));
+  at::Tensor row_start;
+  if (row_start_in) {  // per-row offsets (continued rows): the kernel skips slots past S_max; no host read here
+    row_start = row_start_in->contiguous();
+    HE_CHECK_CUDA(row_start);
+    TORCH_CHECK(row_start.scalar_type() == at::kLong && row_start.dim() == 1 && row_start.size(0) == B,
+                "row_start must be int64 (B = ", B, "), got ", row_start.scalar_type(), " ", row_start.sizes());
+    TORCH_CHECK(start >= 0, "start must be >= 0, got ", start);
+  } else {
+    TORCH_CHECK(start >= 0 && start + T <= k_cache.size(2), "slots [", start, ", ", start + T, ") exceed S_max ",
+                k_cache.size(2));
+  }
   TORCH_CHECK(cos_in.has_value() == sin_in.has_value(), "cos and sin must be given together");
   at::Tensor cos, sin;
   if (cos_in) {
@@ -76,7 +86,9 @@ at::Tensor rotary_kv_append(const at::Tensor& q, const at::Tensor& k, const at::
   a.q_out = q_out.data_ptr();
   a.k_cache = k_cache.data_ptr();
   a.v_cache = v_cache.data_ptr();
+  a.row_start = row_start_in ? row_start.data_ptr<int64_t>() : nullptr;
   a.B = B, a.T = T, a.H = H, a.Hkv = Hkv, a.D = D, a.rot = cos_in ? cos.size(2) : 0, a.start = start;
+  a.S = k_cache.size(2);
   for (int i = 0; i < 3; ++i) {
     a.q_stride[i] = q.stride(i);
     a.k_stride[i] = k.stride(i);
@@ -201,7 +213,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace ops = hybrid_engine_cuda;
   using pybind11::arg;
   m.def("rotary_kv_append", &ops::rotary_kv_append, "rotary on q, k and the KV-cache write", arg("q"), arg("k"),
-        arg("v"), arg("cos"), arg("sin"), arg("k_cache"), arg("v_cache"), arg("start"));
+        arg("v"), arg("cos"), arg("sin"), arg("k_cache"), arg("v_cache"), arg("start"),
+        arg("row_start") = pybind11::none());
   m.def("decode_attention", &ops::decode_attention, "one query per row against the KV cache (split-K)", arg("q"),
         arg("k_cache"), arg("v_cache"), arg("key_mask"), arg("length"), arg("scale"), arg("softcap") = 0.0);
   m.def("tp_pack", &ops::tp_pack, "copy rank's slice of every segment of full into shard", arg("full"),

@@ -3,6 +3,14 @@
     engine = hybrid_engine.wrap(model, max_seq_len=512, max_batch_size=8)
     engine.eval(); out = engine.generate(input_ids, attention_mask, max_new_tokens=64)
     engine.train()  # back to the module's own forward, with autograd
+
+Multi-turn (an agent's rollout): keep every row's KV cache, append each row's observation tokens and go on,
+without re-prefilling what is cached; positions are per row, so the logprobs are those of one training forward
+over each row's compact trajectory (left pad, prompt, answer 1, observation 1, answer 2, ...).
+
+    out = engine.generate(input_ids, attention_mask, max_new_tokens=64, eos_token_id=eos, keep_cache=True)
+    out2 = engine.continue_rows([0, 2], [obs_ids_0, obs_ids_2], max_new_tokens=64, eos_token_id=eos)
+    out2.sequences, out2.logprobs, out2.action_mask  # (2, N) each: the new tokens only, rows in the order given
 """
 from __future__ import annotations
 

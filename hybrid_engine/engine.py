@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from . import ops as ops_lib
 from .cache import KVCache, available_bytes
+from .continuation import KeptRows, check_rows, continue_rows
 from .generation import GenerationOutput, SamplingParams, generate, prompt_masks
 from .logprobs import token_logprobs
 from .models import FAMILIES, InferenceModel, Relayer
@@ -72,6 +73,15 @@ def _checked_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
     return attention_mask
 
 
+def _check_sampling(params: SamplingParams) -> None:
+    if not 0.0 < params.top_p <= 1.0:
+        raise ValueError(f"top_p={params.top_p}: expected a value in (0, 1]")
+    if params.top_k < 0:
+        raise ValueError(f"top_k={params.top_k}: expected 0 (off) or a positive count")
+    if params.temperature <= 0.0:
+        raise ValueError(f"temperature={params.temperature}: expected a positive value")
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The Hugging Face module under a DeepSpeed engine and/or a PEFT model (LoRA layers stay in place)."""
     inner = getattr(model, "module", None)
@@ -122,6 +132,7 @@ class HybridEngine:
         self.rotary_tables: dict = {}  # kept across eval()s: a captured CUDA graph reads the same table
         self.last_train_switch = SwitchStats()
         self.cache: KVCache | None = None
+        self.kept: KeptRows | None = None  # generate(keep_cache=True)'s rows, for continue_rows
         self.inference: InferenceModel | None = None
         self.last_switch = SwitchStats()
         self._warned_fallback = False
@@ -224,8 +235,9 @@ class HybridEngine:
 
     def release_memory(self) -> None:
         """Free the KV cache, every re-laid buffer and TP shard, and partition gathered ZeRO-3 parameters again;
-        the next eval() re-creates them."""
+        the next eval() re-creates them. Rows kept for continue_rows are dropped."""
         self.cache = None
+        self.kept = None
         self.relayer.release()
         self.rotary_tables.clear()
         if self.static is not None:
@@ -259,13 +271,16 @@ class HybridEngine:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None, sampling: SamplingParams | None = None) -> GenerationOutput:
+                 generator: torch.Generator | None = None, sampling: SamplingParams | None = None,
+                 keep_cache: bool = False) -> GenerationOutput:
         """Generate after left-padded prompts. See GenerationOutput for what comes back. `sampling` carries the
         sampling settings as one object (rlhf's trainer passes its run's); given, it replaces `do_sample`,
-        `temperature`, `top_k`, `top_p` and `generator`."""
+        `temperature`, `top_k`, `top_p` and `generator`. keep_cache=True keeps every row's KV cache (its prompt and
+        its new tokens up to and including its stop token) for continue_rows; a new generate() drops it."""
         if sampling is not None:
             do_sample, temperature, top_k, top_p, generator = (sampling.do_sample, sampling.temperature,
                                                                sampling.top_k, sampling.top_p, sampling.generator)
+        self.kept = None
         attention_mask = _checked_mask(input_ids, attention_mask, "prompt_len")
         B, P = input_ids.shape
         if max_new_tokens < 1:
@@ -275,27 +290,14 @@ class HybridEngine:
                              f"{self.config.max_seq_len}")
         if B > self.config.max_batch_size:
             raise ValueError(f"batch size {B} exceeds max_batch_size {self.config.max_batch_size}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p={top_p}: expected a value in (0, 1]")
-        if top_k < 0:
-            raise ValueError(f"top_k={top_k}: expected 0 (off) or a positive count")
-        if temperature <= 0.0:
-            raise ValueError(f"temperature={temperature}: expected a positive value")
+        params = SamplingParams(do_sample, temperature, top_k, top_p, generator)
+        _check_sampling(params)
+        if keep_cache and (not self.supported or self.tp is not None):
+            raise NotImplementedError("keep_cache=True needs the engine's own inference path at tp_size=1"
+                                      + ("" if self.supported else f"; {self.model_type!r} has none"))
         if self.training or (self.supported and self.inference is None):  # after train() or release_memory()
             self.eval()
-        cfg = self.hf_model.config
-        if eos_token_id is None:
-            eos_token_id = getattr(self.hf_model.generation_config, "eos_token_id", None)
-        eos_ids = None
-        if eos_token_id is not None:
-            eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-            if eos_list:  # an empty list means: never stop early
-                eos_ids = torch.tensor(eos_list, dtype=torch.long, device=input_ids.device)
-        if pad_token_id is None:
-            pad_token_id = getattr(cfg, "pad_token_id", None)
-            if pad_token_id is None:
-                pad_token_id = int(eos_ids[0]) if eos_ids is not None else 0
-        params = SamplingParams(do_sample, temperature, top_k, top_p, generator)
+        eos_token_id, eos_ids, pad_token_id = self._stop_tokens(eos_token_id, pad_token_id, input_ids.device)
         if not self.supported:
             return self._hf_generate(input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id)
         rows = None
@@ -306,22 +308,64 @@ class HybridEngine:
                                  f"exceeds max_seq_len {self.config.max_seq_len}")
             if do_sample:
                 params.generator = self.tp.shared_generator(generator, input_ids.device)
-        run = generate
-        if self.static is not None and not isinstance(self.inference.w.layers, StreamedLayers):
-            run = self.static.generate  # streamed ZeRO-3 layers gather inside the forward: eager only
+        static = self._static_step()
+        run = static.generate if static is not None else generate
         out = run(self.inference, self._cache_for(), input_ids, attention_mask, max_new_tokens, params, eos_ids,
                   pad_token_id)
+        if keep_cache:
+            self.kept = KeptRows.after_generate(attention_mask, out, self.config.max_seq_len)
         if rows is not None:
             out = self.tp.own_rows(out, rows)
         if self.zero is not None:  # streamed ZeRO-3 gathers during generation: count those too
             self.last_switch.gather_s, self.last_switch.gathered_bytes = self.zero.gather_s, self.zero.gathered_bytes
         # made under inference_mode; clones are ordinary tensors a training forward may save for backward
         out = GenerationOutput(out.sequences.clone(), out.logprobs.clone(), out.action_mask.clone())
-        if self.config.release_cache_after_generate:
+        if self.config.release_cache_after_generate and not keep_cache:
             self.cache = None
             if self.static is not None:
                 self.static.release()
         return out
+
+    def continue_rows(self, rows: list[int] | torch.Tensor, tokens: list[list[int]], max_new_tokens: int = 64,
+                      eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                      sampling: SamplingParams | None = None) -> GenerationOutput:
+        """The next turn of chosen rows of the batch generate(..., keep_cache=True) kept: `tokens[i]` (at least one
+        id) is appended after what row `rows[i]` has cached (an observation, a tool response, a user turn) and
+        prefilled at the row's own offset, then up to max_new_tokens are generated for those rows only, each
+        stopping at EOS. Returns the new tokens only, in the order of `rows`: sequences (R, N), logprobs (R, N),
+        action_mask (R, N). Rows not chosen are left alone and may be continued later; call it again for turn 3,
+        4, ... `sampling` None: greedy. release_memory(), score() or a new generate() drop the kept rows."""
+        rows = check_rows(self.kept, rows, tokens, max_new_tokens, self.config.max_seq_len)
+        params = sampling if sampling is not None else SamplingParams()
+        _check_sampling(params)
+        if self.training or self.inference is None:  # after train(): the weights are described again
+            self.eval()
+        _, eos_ids, pad_token_id = self._stop_tokens(eos_token_id, pad_token_id, self.kept.cached.device)
+        out = continue_rows(self.inference, self._cache_for(), self.kept, rows, tokens, max_new_tokens, params,
+                            eos_ids, pad_token_id, self._static_step())
+        return GenerationOutput(out.sequences.clone(), out.logprobs.clone(), out.action_mask.clone())
+
+    def _static_step(self) -> StaticDecoder | None:
+        """The compiled decode step where configured, else None (the eager loop)."""
+        if self.static is not None and not isinstance(self.inference.w.layers, StreamedLayers):
+            return self.static
+        return None  # streamed ZeRO-3 layers gather inside the forward: eager only
+
+    def _stop_tokens(self, eos_token_id, pad_token_id, device) -> tuple:
+        """(eos_token_id as given or the model's, EOS ids as a tensor or None, pad id): an empty EOS list means
+        never stop early; the pad id defaults to the config's, else the first EOS, else 0."""
+        if eos_token_id is None:
+            eos_token_id = getattr(self.hf_model.generation_config, "eos_token_id", None)
+        eos_ids = None
+        if eos_token_id is not None:
+            eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            if eos_list:
+                eos_ids = torch.tensor(eos_list, dtype=torch.long, device=device)
+        if pad_token_id is None:
+            pad_token_id = getattr(self.hf_model.config, "pad_token_id", None)
+            if pad_token_id is None:
+                pad_token_id = int(eos_ids[0]) if eos_ids is not None else 0
+        return eos_token_id, eos_ids, pad_token_id
 
     # -- scoring -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -337,6 +381,7 @@ class HybridEngine:
         """
         attention_mask = _checked_mask(input_ids, attention_mask, "seq_len")
         B, T = input_ids.shape
+        self.kept = None  # the prefill below writes the cache rows a kept batch would continue from
         if not 1 <= prompt_len < T:
             raise ValueError(f"prompt_len={prompt_len}: expected 1 <= prompt_len < seq_len {T}")
         if temperature <= 0.0:

@@ -2,6 +2,7 @@
 logprobs of the chosen tokens and the action mask."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ from .models import InferenceModel
 @dataclass
 class GenerationOutput:
     sequences: torch.Tensor    # (B, P + N) long: the prompts as given (left padded), then the new tokens
+                               # (continue_rows: (R, N), the new tokens only)
     logprobs: torch.Tensor     # (B, N) float: log softmax(logits / temperature) at each new token, 0 after EOS
     action_mask: torch.Tensor  # (B, N) bool: new tokens up to and including EOS
 
@@ -72,17 +74,29 @@ def generate(model: InferenceModel, cache: KVCache, input_ids: torch.Tensor, att
              pad_token_id: int) -> GenerationOutput:
     """Generate up to max_new_tokens after left-padded prompts. Stops early once every row has hit EOS, so
     N (the number of new-token columns) may be smaller than max_new_tokens, as with Hugging Face."""
-    B, P = input_ids.shape
-    device = input_ids.device
+    P = input_ids.shape[1]
     key_mask, positions = prompt_masks(attention_mask, cache.max_seq_len)          # (B, S_max), (B, P)
+    logits = model.forward(input_ids, positions, cache, 0, key_mask)              # (B, V)
+    next_pos = positions[:, -1:] + 1                                               # (B, 1)
 
+    def step(tok: torch.Tensor, t: int) -> torch.Tensor:  # every row writes slot P + t: prompts are left padded
+        return model.forward(tok[:, None], next_pos + t, cache, P + t, key_mask)
+
+    new = decode_loop(logits, step, max_new_tokens, params, eos_ids, pad_token_id)
+    return GenerationOutput(torch.cat([input_ids, new.sequences], dim=1), new.logprobs, new.action_mask)
+
+
+def decode_loop(logits: torch.Tensor, step: Callable[[torch.Tensor, int], torch.Tensor], max_new_tokens: int,
+                params: SamplingParams, eos_ids: torch.Tensor | None, pad_token_id: int) -> GenerationOutput:
+    """Choose up to max_new_tokens per row from the prefill's last logits (B, V), feeding the tokens chosen at
+    step t through `step(tokens (B,), t)` for the next logits; each row stops at its first EOS, and the loop once
+    every row has. Returns sequences (B, N): the new tokens only (pad after a row's stop)."""
+    B = logits.shape[0]
+    device = logits.device
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
     action_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-
-    logits = model.forward(input_ids, positions, cache, 0, key_mask)              # (B, V)
-    next_pos = positions[:, -1:] + 1                                               # (B, 1)
     steps = 0
     for t in range(max_new_tokens):
         tok, logp = next_tokens(logits, params)
@@ -99,7 +113,5 @@ def generate(model: InferenceModel, cache: KVCache, input_ids: torch.Tensor, att
                 break
         if t + 1 == max_new_tokens:
             break
-        logits = model.forward(tok[:, None], next_pos, cache, P + t, key_mask)
-        next_pos += 1
-    sequences = torch.cat([input_ids, tokens[:, :steps]], dim=1)
-    return GenerationOutput(sequences, logprobs[:, :steps].contiguous(), action_mask[:, :steps].contiguous())
+        logits = step(tok, t)
+    return GenerationOutput(tokens[:, :steps], logprobs[:, :steps].contiguous(), action_mask[:, :steps].contiguous())

@@ -5,16 +5,21 @@ every token, so a trace of it would be specialised to one token. Here everything
 call is a tensor in a `DecodeState`, allocated once per batch bucket and updated in place:
 
     tokens (Bb, 1)   the token each row feeds next       positions (Bb, 1)  its position (pads excluded)
-    slot (1,)        the cache slot it is written to     key_mask (Bb, S)   real (non-pad) slots of the prompt
-    finished (Bb,)   rows past EOS                       logits (Bb, V)     the last step's logits
-    out_* (Bb, S)    chosen tokens, logprobs, alive flags, recorded at the column of their cache slot
+    slot (Bb,)       the cache slot each row writes it   key_mask (Bb, S)   real (non-pad) slots of the prompt
+                     to (one for a left-padded batch;    finished (Bb,)     rows past EOS
+                     each row's own for continued rows)  logits (Bb, V)     the last step's logits
+    column (1,)      the step's output column            out_* (Bb, S)      chosen tokens, logprobs, alive flags
     pad, temperature 0-d tensors, so neither is a constant of the graph
 
 Buckets are powers of two up to max_batch_size (and max_batch_size itself): a batch of B rows runs in the
 smallest bucket >= B, the extra rows finished from the start and attending to zeros, so one graph serves every
-batch size in the bucket. `step` (compiled with fullgraph=True by `StaticDecoder`) runs the forward at `slot`
-(KV written in place, index_put_ on the cache tensor), then, for greedy decoding, chooses the next token,
-records it and updates `finished` on the device. Sampling stays beside the graph: `torch.multinomial` with the caller's
+batch size in the bucket. Their slot is the cache's last, where they stay (slots are clamped there): that slot
+never holds a token anyone reads (a generation writes at most up to the one before), while the cache rows of a
+batch of continued rows past B may hold other kept rows' caches (hybrid_engine/continuation.py).
+
+`step` (compiled with fullgraph=True by `StaticDecoder`) runs the forward at `slot` (KV written in place,
+index_put_ on the cache tensor), then, for greedy decoding, chooses the next token, records it and updates
+`finished` on the device. Sampling stays beside the graph: `torch.multinomial` with the caller's
 generator cannot be traced (dynamo has no torch.Generator), and drawing it eagerly from the same logits keeps
 the tokens identical to the eager path's. The host reads `finished` every `eos_check_every` steps only.
 
@@ -48,7 +53,8 @@ def bucket_of(batch: int, max_batch_size: int) -> int:
 class DecodeState:
     tokens: torch.Tensor        # (Bb, 1) long
     positions: torch.Tensor     # (Bb, 1) long
-    slot: torch.Tensor          # (1,) long
+    slot: torch.Tensor          # (Bb,) long
+    column: torch.Tensor        # (1,) long
     key_mask: torch.Tensor      # (Bb, S) bool
     finished: torch.Tensor      # (Bb,) bool
     logits: torch.Tensor        # (Bb, V) float32
@@ -67,7 +73,7 @@ class DecodeState:
         def flag(*shape):
             return torch.zeros(shape, dtype=torch.bool, device=device)
 
-        return cls(long(rows, 1), long(rows, 1), long(1), flag(rows, max_seq_len), flag(rows),
+        return cls(long(rows, 1), long(rows, 1), long(rows), long(1), flag(rows, max_seq_len), flag(rows),
                    torch.zeros(rows, vocab, device=device), long(rows, max_seq_len),
                    torch.zeros(rows, max_seq_len, device=device), flag(rows, max_seq_len), long(),
                    torch.ones((), device=device), long(0))
@@ -77,14 +83,14 @@ class DecodeState:
 
 
 def choose_and_record(state: DecodeState, tok: torch.Tensor, logp: torch.Tensor, has_eos: bool) -> None:
-    """Record the chosen tokens (B,) and logprobs (B,) at column `slot`, as the eager loop does: rows past EOS
-    get the pad token, logprob 0 and alive False; then mark rows that chose an EOS token as finished."""
+    """Record the chosen tokens (B,) and logprobs (B,) at output column `column`, as the eager loop does: rows past
+    EOS get the pad token, logprob 0 and alive False; then mark rows that chose an EOS token as finished."""
     alive = ~state.finished                                                   # (Bb,)
     tok = torch.where(alive, tok, state.pad)
     state.tokens.copy_(tok[:, None])
-    state.out_tokens.index_copy_(1, state.slot, tok[:, None])
-    state.out_logprobs.index_copy_(1, state.slot, torch.where(alive, logp, 0.0)[:, None])
-    state.out_alive.index_copy_(1, state.slot, alive[:, None])
+    state.out_tokens.index_copy_(1, state.column, tok[:, None])
+    state.out_logprobs.index_copy_(1, state.column, torch.where(alive, logp, 0.0)[:, None])
+    state.out_alive.index_copy_(1, state.column, alive[:, None])
     if has_eos:
         state.finished.logical_or_(torch.isin(tok, state.eos))
 
@@ -101,7 +107,8 @@ def step(model: InferenceModel, cache: KVCache, state: DecodeState, greedy: bool
     logits = model.decode_static(state.tokens, state.positions, cache, state.slot, state.key_mask)  # (Bb, V)
     state.logits.copy_(logits)
     state.positions.add_(1)
-    state.slot.add_(1)
+    state.slot.add_(1).clamp_(max=state.key_mask.shape[1] - 1)  # the bucket's extra rows stay on the last slot
+    state.column.add_(1)
     if greedy:
         tok, logp = greedy_choice(logits, state.temperature)
         choose_and_record(state, tok, logp, has_eos)
@@ -147,15 +154,27 @@ class StaticDecoder:
                  pad_token_id: int) -> GenerationOutput:
         """generation.generate's contract and tokens, with the decode steps through the compiled step."""
         B, P = input_ids.shape
-        S = cache.max_seq_len
-        device = input_ids.device
-        rows = bucket_of(B, cache.max_batch_size)
-        key_mask, positions = prompt_masks(attention_mask, S)                      # (B, S), (B, P)
+        key_mask, positions = prompt_masks(attention_mask, cache.max_seq_len)      # (B, S), (B, P)
         logits = model.forward(input_ids, positions, cache, 0, key_mask)         # (B, V) eager prefill
+        slots = torch.full((B,), P, dtype=torch.long, device=input_ids.device)
+        new = self.decode(model, cache, logits, key_mask, slots, positions[:, -1] + 1, max_new_tokens, params,
+                          eos_ids, pad_token_id)
+        return GenerationOutput(torch.cat([input_ids, new.sequences], dim=1), new.logprobs, new.action_mask)
 
-        state = self.state_for(rows, S, logits.shape[-1], device)
+    @torch.inference_mode()
+    def decode(self, model: InferenceModel, cache: KVCache, logits: torch.Tensor, key_mask: torch.Tensor,
+               slots: torch.Tensor, next_pos: torch.Tensor, max_new_tokens: int, params: SamplingParams,
+               eos_ids: torch.Tensor | None, pad_token_id: int) -> GenerationOutput:
+        """The new tokens after a prefill whose last logits are `logits` (B, V): the first chosen eagerly, the rest
+        through the compiled step. key_mask: (B, S) bool, True on real slots and every slot after the rows'
+        tokens; slots: (B,) long, where each row's first new token is written; next_pos: (B,) its position.
+        Returns sequences (B, N) of the new tokens only."""
+        B = logits.shape[0]
+        device = logits.device
+        rows = bucket_of(B, cache.max_batch_size)
+        state = self.state_for(rows, cache.max_seq_len, logits.shape[-1], device)
         has_eos = eos_ids is not None
-        self._reset(state, key_mask, positions[:, -1:] + 1, P, pad_token_id, params.temperature, eos_ids)
+        self._reset(state, key_mask, slots, next_pos, pad_token_id, params.temperature, eos_ids)
         greedy = not params.do_sample
         tok, logp = next_tokens(logits, params)                                   # the first token, eagerly
         choose_and_record(state, _pad_rows(tok, rows), _pad_rows(logp, rows), has_eos)
@@ -170,21 +189,22 @@ class StaticDecoder:
                 tok, logp = next_tokens(state.logits[:B], params)
                 choose_and_record(state, _pad_rows(tok, rows), _pad_rows(logp, rows), has_eos)
             steps += 1
-        alive = state.out_alive[:B, P:P + steps]                                  # (B, steps)
+        alive = state.out_alive[:B, :steps]                                       # (B, steps)
         if has_eos:  # checked every k steps: drop the columns after the step where every row had finished
             live_cols = alive.any(0).nonzero()
             steps = int(live_cols.max()) + 1 if len(live_cols) else 1
-        sequences = torch.cat([input_ids, state.out_tokens[:B, P:P + steps]], dim=1)
-        return GenerationOutput(sequences, state.out_logprobs[:B, P:P + steps].clone(),
-                                state.out_alive[:B, P:P + steps].clone())
+        return GenerationOutput(state.out_tokens[:B, :steps].clone(), state.out_logprobs[:B, :steps].clone(),
+                                state.out_alive[:B, :steps].clone())
 
-    def _reset(self, state: DecodeState, key_mask, next_pos, P: int, pad: int, temperature: float, eos_ids) -> None:
+    def _reset(self, state: DecodeState, key_mask, slots, next_pos, pad: int, temperature: float, eos_ids) -> None:
         B = key_mask.shape[0]
         state.key_mask.fill_(True)        # bucket rows past B: attend to the (zeroed or finite) cache, never used
         state.key_mask[:B].copy_(key_mask)
         state.positions.zero_()
-        state.positions[:B].copy_(next_pos)
-        state.slot.fill_(P)
+        state.positions[:B, 0].copy_(next_pos)
+        state.slot.fill_(state.key_mask.shape[1] - 1)  # bucket rows past B: the last slot (the class docstring)
+        state.slot[:B].copy_(slots)
+        state.column.zero_()
         state.finished.fill_(True)
         state.finished[:B] = False
         state.out_alive.zero_()

@@ -86,6 +86,60 @@ def check_rotary_kv_append(ops, device, dtype, B, T, H, Hkv, D, rot: int | None,
         assert_matches(f"rotary_kv_append {name}", g, w32, wl)
 
 
+def check_rotary_kv_append_rows(ops, device, dtype, B, T, H, Hkv, D, rot: int | None, seed: int = 0) -> None:
+    """Per-row offsets (continued rows): row b writes at start + row_start[b]; the last row's block runs past the
+    cache's end, whose slots must be skipped (not written, no error). Caches hold B + 1 rows and T + 6 slots."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (_rand(B, T, h, D, device=device, gen=gen) for h in (H, Hkv, Hkv))
+    cos = sin = None
+    if rot:
+        angles = _rand(B, T, rot // 2, device=device, gen=gen) * 3
+        cos = torch.cat([angles.cos()] * 2, dim=-1)
+        sin = torch.cat([angles.sin()] * 2, dim=-1)
+    start, S = 1, T + 6
+    row_start = torch.randint(0, 6, (B,), generator=gen)
+    row_start[-1] = S - start - max(1, T // 2)  # its last slots fall past S_max
+    row_start = row_start.to(device)
+
+    def run(fn, cast):
+        k_cache = torch.full((B + 1, Hkv, S, D), float("nan"), device=device, dtype=cast)
+        v_cache = torch.full_like(k_cache, float("nan"))
+        q_out = fn(q.to(cast), k.to(cast), v.to(cast), _lowp(cos, cast), _lowp(sin, cast), k_cache, v_cache, start,
+                   row_start)
+        return q_out, k_cache, v_cache
+
+    poison_allocator(device)
+    got = run(ops.rotary_kv_append, dtype)
+    want32 = run(reference.rotary_kv_append, torch.float32)
+    wantl = run(reference.rotary_kv_append, dtype)
+    assert want32[1][-1].isnan().all(), "the reference wrote a row past B"
+    for name, g, w32, wl in zip(("q", "k_cache", "v_cache"), got, want32, wantl):
+        assert_matches(f"rotary_kv_append(row_start) {name}", g, w32, wl)
+
+
+def check_prefill_rows(ops, device, dtype, B, H, Hkv, T, D, window: int | None = None, seed: int = 0) -> None:
+    """A block of T queries per row at its own offset q_start[b] after that row's cached keys (continued rows):
+    keys are the first Tk slots of a cache, real from the row's left pad to the end of its block (a right-padded
+    block's pads, and everything after, not real); one row's block runs past Tk (its pads past the keys given)."""
+    gen = torch.Generator().manual_seed(seed)
+    Tk = T + 9
+    q = _rand(B, H, T, D, device=device, gen=gen)
+    k, v = (_rand(B, Hkv, Tk, D, device=device, gen=gen) for _ in range(2))
+    q_start = torch.randint(1, 9, (B,), generator=gen)
+    q_start[-1] = Tk - max(1, T // 2)  # past the keys: its last queries have no key of their own
+    lengths = torch.randint(1, T + 1, (B,), generator=gen).minimum(Tk - q_start)   # real queries per row
+    slots = torch.arange(Tk)
+    pads = torch.randint(0, 2, (B,), generator=gen)
+    mask = (slots[None] >= pads[:, None]) & (slots[None] < (q_start + lengths)[:, None])
+    mask, q_start = mask.to(device), q_start.to(device)
+    scale = D ** -0.5
+    poison_allocator(device)
+    out = ops.prefill_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale, window, q_start=q_start)
+    want32 = reference.prefill_attention(q, k, v, mask, scale, window, q_start=q_start)
+    wantl = reference.prefill_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale, window, q_start=q_start)
+    assert_matches("prefill_attention(q_start)", out, want32, wantl)
+
+
 def left_padded_mask(B: int, S: int, real: int, device, gen) -> torch.Tensor:
     """(B, S) bool: row b has its last `real - pads_b` slots of the first `real` real, pads_b < real."""
     mask = torch.zeros(B, S, dtype=torch.bool)
@@ -117,9 +171,11 @@ def check_prefill(ops, device, dtype, B, H, Hkv, T, D, window: int | None = None
     assert_matches("prefill_attention", out, want32, wantl)
 
 
-def check_decode(ops, device, dtype, B, H, Hkv, L, D, seed: int = 0, softcap: float = 0.0, **kwargs) -> None:
+def check_decode(ops, device, dtype, B, H, Hkv, L, D, seed: int = 0, softcap: float = 0.0, ragged: bool = False,
+                 **kwargs) -> None:
     """Caches of B + 1 rows and L + 5 slots (the slots past `length` hold NaN: they must not be read). softcap > 0:
-    scores soft-capped, at twice the usual scale so that they reach past it."""
+    scores soft-capped, at twice the usual scale so that they reach past it. ragged: each row's real slots end at
+    its own slot (continued rows at per-row slots), the slots after it masked."""
     gen = torch.Generator().manual_seed(seed)
     q = _rand(B, H, D, device=device, gen=gen)
     k_cache = torch.full((B + 1, Hkv, L + 5, D), float("nan"), device=device)
@@ -127,6 +183,11 @@ def check_decode(ops, device, dtype, B, H, Hkv, L, D, seed: int = 0, softcap: fl
     k_cache[:, :, :L] = _rand(B + 1, Hkv, L, D, device=device, gen=gen)
     v_cache[:, :, :L] = _rand(B + 1, Hkv, L, D, device=device, gen=gen)
     mask = left_padded_mask(B, L + 5, L, device, gen)
+    if ragged:
+        ends = torch.randint(1, L + 1, (B,), generator=gen).to(device)
+        ends[0] = L
+        mask &= torch.arange(L + 5, device=device)[None] < ends[:, None]
+        mask[torch.arange(B, device=device), ends - 1] = True  # the row's own new token is always real
     scale = (2.0 if softcap else 1.0) * D ** -0.5
     if softcap:
         kwargs["softcap"] = softcap

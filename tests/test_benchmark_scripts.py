@@ -15,7 +15,7 @@ SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if not p.ste
 
 
 def test_every_benchmark_is_listed():
-    assert {"throughput", "rlhf_step", "switch_cost", "kernel_speed", "logprob_gap"} <= set(SCRIPTS)
+    assert {"throughput", "rlhf_step", "switch_cost", "kernel_speed", "logprob_gap", "multiturn"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

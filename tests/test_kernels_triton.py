@@ -63,6 +63,26 @@ def test_prefill_attention_several_kv_heads(backend, D, T, Hkv, group, window):
     testing.check_prefill(ops, device, dtype, B=2, H=Hkv * group, Hkv=Hkv, T=T, D=D, window=window, seed=T + D)
 
 
+@pytest.mark.parametrize("D,rot,T", [(48, 48, 1), (80, 40, 7), (48, None, 7)])
+def test_rotary_kv_append_at_per_row_offsets(backend, D, rot, T):
+    ops, device, dtype = backend
+    testing.check_rotary_kv_append_rows(ops, device, dtype, B=3, T=T, H=8, Hkv=2, D=D, rot=rot, seed=T + D)
+
+
+@pytest.mark.parametrize("D,T,Hkv,group,window", [(48, 1, 1, 4, None), (48, 7, 2, 3, None), (64, 40, 2, 3, 5),
+                                                  (80, 40, 1, 4, None)])
+def test_prefill_attention_at_per_row_offsets(backend, D, T, Hkv, group, window):
+    """Each row's queries at its own offset after its cached keys (continued rows), one row's block past them."""
+    ops, device, dtype = backend
+    testing.check_prefill_rows(ops, device, dtype, B=3, H=Hkv * group, Hkv=Hkv, T=T, D=D, window=window, seed=T)
+
+
+@pytest.mark.parametrize("L,splits", [(7, 0), (113, 0), (113, 3)])
+def test_decode_attention_at_per_row_slots(backend, L, splits):
+    ops, device, dtype = backend
+    testing.check_decode(ops, device, dtype, B=3, H=8, Hkv=2, L=L, D=48, seed=L, ragged=True, num_splits=splits)
+
+
 @pytest.mark.parametrize("D,L,group,splits", [(48, 1, 1, 0), (80, 7, 4, 0), (48, 113, 8, 0), (80, 700, 4, 0),
                                               (80, 113, 4, 1), (48, 113, 1, 3), (256, 70, 2, 0), (256, 700, 2, 40)])
 def test_decode_attention(backend, D, L, group, splits):
@@ -135,9 +155,9 @@ ptrs = lambda names: {n: "*fp32" for n in names.split()}
 ints = lambda names, ty="i32": {n: ty for n in names.split()}
 consts = lambda **c: ({n: "constexpr" for n in c}, c)
 bm, bn, bd = A.tile_sizes(dtype, D)
-sig, c = consts(HAS_WINDOW=False, UPCAST=True, SOFTCAP=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
-prefill = (A._prefill_kernel, {**ptrs("q_ptr k_ptr v_ptr"), "mask_ptr": "*u8", "o_ptr": "*fp32",
-           **ints("T H G D"), "scale": "fp32", "window": "i32", "softcap": "fp32",
+sig, c = consts(HAS_WINDOW=False, Q_START=False, UPCAST=True, SOFTCAP=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+prefill = (A._prefill_kernel, {**ptrs("q_ptr k_ptr v_ptr"), "mask_ptr": "*u8", "o_ptr": "*fp32", "qs_ptr": "*i64",
+           **ints("T TK H G D"), "scale": "fp32", "window": "i32", "softcap": "fp32",
            **ints("sq_b sq_h sq_t sk_b sk_h sk_t sv_b sv_h sv_t sm_b", "i64"), **sig}, c)
 bg, bn, bd = A.tile_sizes(dtype, D, G)
 sig, c = consts(UPCAST=True, SOFTCAP=True, BLOCK_G=bg, BLOCK_N=bn, BLOCK_D=bd)

@@ -37,6 +37,29 @@ def test_rotary_kv_append(backend, D, rot, T, group):
     testing.check_rotary_kv_append(ops, device, dtype, B=2, T=T, H=2 * group, Hkv=2, D=D, rot=rot, seed=T + D)
 
 
+@pytest.mark.parametrize("D,rot", [(48, 48), (80, 40), (48, None)])
+@pytest.mark.parametrize("T", [1, 7, 30])
+def test_rotary_kv_append_at_per_row_offsets(backend, D, rot, T):
+    ops, device, dtype = backend
+    testing.check_rotary_kv_append_rows(ops, device, dtype, B=3, T=T, H=8, Hkv=2, D=D, rot=rot, seed=T + D)
+
+
+@pytest.mark.parametrize("D", [48, 80])
+@pytest.mark.parametrize("T", [1, 7, 40])
+@pytest.mark.parametrize("Hkv,group", [(1, 4), (2, 3)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_prefill_attention_at_per_row_offsets(backend, D, T, Hkv, group, window):
+    ops, device, dtype = backend
+    testing.check_prefill_rows(ops, device, dtype, B=3, H=Hkv * group, Hkv=Hkv, T=T, D=D, window=window, seed=T + D)
+
+
+@pytest.mark.parametrize("L", [1, 7, 113])
+@pytest.mark.parametrize("group", [1, 4])
+def test_decode_attention_at_per_row_slots(backend, L, group):
+    ops, device, dtype = backend
+    testing.check_decode(ops, device, dtype, B=3, H=2 * group, Hkv=2, L=L, D=48, seed=L + group, ragged=True)
+
+
 @pytest.mark.parametrize("D", [48, 80])
 @pytest.mark.parametrize("T", [1, 7, 113])
 @pytest.mark.parametrize("group", [1, 4, 8])

@@ -39,11 +39,14 @@ __global__ void rotary_kv_append_kernel(RotaryAppendArgs a) {
   }
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
+  // a continued row writes at its own offset; a slot past S_max (a right-padded block's pad) is not written
+  const int64_t cache_slot = a.start + (a.row_start ? a.row_start[b] : 0) + t;
+  if (cache_slot >= a.S) return;
   for (int64_t i = threadIdx.x; i < a.Hkv * a.D; i += blockDim.x) {
     const int64_t h = i / a.D, d = i % a.D;
     const T* krow = k + b * a.k_stride[0] + t * a.k_stride[1] + h * a.k_stride[2];
     const T* vrow = v + b * a.v_stride[0] + t * a.v_stride[1] + h * a.v_stride[2];
-    const int64_t slot = b * a.cache_stride[0] + h * a.cache_stride[1] + (a.start + t) * a.cache_stride[2] + d;
+    const int64_t slot = b * a.cache_stride[0] + h * a.cache_stride[1] + cache_slot * a.cache_stride[2] + d;
     static_cast<T*>(a.k_cache)[slot] = cos ? from_float<T>(rotated<T, C>(krow, cos, sin, d, a.rot)) : krow[d];
     static_cast<T*>(a.v_cache)[slot] = vrow[d];
   }

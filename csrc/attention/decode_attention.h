@@ -22,7 +22,8 @@ struct RotaryAppendArgs {
   void* q_out;          // (B, T, H, D) contiguous
   void* k_cache;        // (B_max, Hkv, S_max, D), strides cache_stride for dims 0..2
   void* v_cache;
-  int64_t B, T, H, Hkv, D, rot, start;
+  const int64_t* row_start;  // (B,) per-row offsets added to start (continued rows), or null; slots >= S skipped
+  int64_t B, T, H, Hkv, D, rot, start, S;
   int64_t q_stride[3], k_stride[3], v_stride[3], cache_stride[3];
 };
 

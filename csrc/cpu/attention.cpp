@@ -1,5 +1,6 @@
 // Attention on CPU: decode over the KV cache (one call per layer and step, the GQA group folded so each
-// key/value row is read once for all G query heads) and causal prefill over a left-padded prompt block.
+// key/value row is read once for all G query heads) and causal prefill over a left-padded prompt block (or a
+// block of rows continued at their own cache offsets, q_start).
 // Scores, softmax and the weighted sum are accumulated in fp32 for every input dtype. softcap > 0 bounds each
 // score to softcap * tanh(score / softcap) (Gemma 2's attention logit soft-capping) before the softmax.
 #include "common.h"
@@ -86,35 +87,40 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
 
 template <typename T>
 void prefill_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* key_mask,
-                    int64_t mask_stride, float scale, int64_t window, float softcap, at::Tensor& out) {
+                    int64_t mask_stride, float scale, int64_t window, float softcap, const int64_t* q_start,
+                    at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), D = q.size(3), Hkv = k.size(1), G = H / Hkv;
+  const int64_t Tk = k.size(2);
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   T* op = out.data_ptr<T>();
   // One task per query row: i * D * 4 flops each; a grain of 16 rows keeps task overhead under ~5%.
   at::parallel_for(0, B * H * T_, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(D), acc(D), scores(T_);
-    std::vector<char> keep(T_);
+    std::vector<float> qf(D), acc(D), scores(Tk);
+    std::vector<char> keep(Tk);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t i = r % T_, h = (r / T_) % H, b = r / (T_ * H), hk = h / G;
+      const int64_t pos = (q_start ? q_start[b] : 0) + i;  // the query's key index (a continued row's offset)
       const bool* real = key_mask + b * mask_stride;
-      const int64_t lo = window > 0 ? std::max<int64_t>(0, i - window + 1) : 0;
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+      const int64_t hi = std::min<int64_t>(pos, Tk - 1);
       const T* qrow = qp + b * q.stride(0) + h * q.stride(1) + i * q.stride(2);
       for (int64_t d = 0; d < D; ++d) qf[d] = to_float(qrow[d]) * scale;
       const T* kbase = kp + b * k.stride(0) + hk * k.stride(1);
       const T* vbase = vp + b * v.stride(0) + hk * v.stride(1);
-      const int64_t n = i + 1 - lo;  // keys lo..i; a pad query attends only to itself
-      for (int64_t j = lo; j <= i; ++j) {
-        keep[j - lo] = real[j] || j == i;
+      const int64_t n = std::max<int64_t>(0, hi + 1 - lo);  // keys lo..hi; a pad query attends only to itself
+      for (int64_t j = lo; j <= hi; ++j) {
+        keep[j - lo] = real[j] || j == pos;
         if (keep[j - lo]) scores[j - lo] = soft_cap(dot<T>(qf.data(), kbase + j * k.stride(2), D), softcap);
       }
       const float sum = softmax_inplace(scores.data(), reinterpret_cast<const bool*>(keep.data()), n);
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = lo; j <= i; ++j)
+      for (int64_t j = lo; j <= hi; ++j)
         if (keep[j - lo]) axpy<T>(scores[j - lo], vbase + j * v.stride(2), acc.data(), D);
+      // no key at all (a right-padded block's pad past the keys given, whose output is never used): zeros
       T* orow = op + ((b * H + h) * T_ + i) * D;
-      for (int64_t d = 0; d < D; ++d) orow[d] = from_float<T>(acc[d] / sum);
+      for (int64_t d = 0; d < D; ++d) orow[d] = from_float<T>(sum > 0.f ? acc[d] / sum : 0.f);
     }
   });
 }
@@ -160,25 +166,33 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& key_mask_in, double scale, std::optional<int64_t> sliding_window,
-                             double softcap) {
+                             double softcap, const std::optional<at::Tensor>& q_start_in) {
   check_attention_dtypes(q, k, v, key_mask_in);
   HE_CHECK_DIM(q, 4);
   HE_CHECK_DIM(k, 4);
-  const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), D = q.size(3), Hkv = k.size(1);
+  const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), D = q.size(3), Hkv = k.size(1), Tk = k.size(2);
   TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.size(0) == B && k.size(2) == T_ && k.size(3) == D, "k must be (B, Hkv, T, D) = (", B, ", Hkv, ",
-              T_, ", ", D, "), got ", k.sizes());
+  TORCH_CHECK(k.size(0) == B && (q_start_in ? Tk >= 1 : Tk == T_) && k.size(3) == D, "k must be (B, Hkv, ",
+              q_start_in ? "Tk" : "T", ", D) = (", B, ", Hkv, ", T_, ", ", D, "), got ", k.sizes());
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "query heads ", H, " must be a multiple of kv heads ", Hkv);
-  TORCH_CHECK(key_mask_in.size(0) == B && key_mask_in.size(1) == T_, "key_mask must be (", B, ", ", T_,
+  TORCH_CHECK(key_mask_in.size(0) == B && key_mask_in.size(1) == Tk, "key_mask must be (", B, ", ", Tk,
               "), got ", key_mask_in.sizes());
   TORCH_CHECK(!sliding_window || *sliding_window > 0, "sliding_window must be positive, got ", *sliding_window);
   TORCH_CHECK(softcap >= 0, "softcap must be >= 0 (0: off), got ", softcap);
+  at::Tensor q_start;
+  if (q_start_in) {
+    q_start = q_start_in->contiguous();
+    HE_CHECK_CPU(q_start);
+    TORCH_CHECK(q_start.scalar_type() == at::kLong && q_start.dim() == 1 && q_start.size(0) == B,
+                "q_start must be int64 (B = ", B, "), got ", q_start.scalar_type(), " ", q_start.sizes());
+  }
   const at::Tensor key_mask = key_mask_in.stride(1) == 1 ? key_mask_in : key_mask_in.contiguous();
   at::Tensor out = at::empty({B, H, T_, D}, q.options());
   if (out.numel() == 0) return out;  // an empty batch (or prompt): no query row to run
+  const int64_t* qs = q_start_in ? q_start.data_ptr<int64_t>() : nullptr;
   HE_DISPATCH_FLOAT(q.scalar_type(), "prefill_attention", [&] {
     prefill_kernel<scalar_t>(q, k, v, key_mask.data_ptr<bool>(), key_mask.stride(0), static_cast<float>(scale),
-                             sliding_window ? *sliding_window : 0, static_cast<float>(softcap), out);
+                             sliding_window ? *sliding_window : 0, static_cast<float>(softcap), qs, out);
   });
   return out;
 }

@@ -59,16 +59,22 @@ def _online_step(s, allowed, m_i, l_i, acc, v, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, T, H, G, D, scale, window, softcap,
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, qs_ptr, T, TK, H, G, D, scale, window, softcap,
                     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b,
-                    HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, Q_START: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (query block, b * H + h). Query i of row b sits at key index q0 + i: q0 = 0 for a prompt (TK == T),
+    the row's own offset after its cached keys for a continued row (Q_START)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     hk = h // G
+    q0 = 0
+    if Q_START:
+        q0 = tl.load(qs_ptr + b)
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    pos_m = q0 + offs_m  # the queries' key indices
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_live = offs_d[None, :] < D
@@ -79,13 +85,13 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, T, H, G, D, scale, win
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    hi = tl.minimum(T, start_m + BLOCK_M)  # causal: no key past the block's last query
+    hi = tl.minimum(TK, q0 + start_m + BLOCK_M)  # causal: no key past the block's last query
     lo = 0
     if HAS_WINDOW:
-        lo = tl.maximum(0, start_m - window + 1) // BLOCK_N * BLOCK_N
+        lo = tl.maximum(0, q0 + start_m - window + 1) // BLOCK_N * BLOCK_N
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        n_live = offs_n < T
+        n_live = offs_n < TK
         kv_mask = n_live[:, None] & d_live
         k = tl.load(k_ptr + b * sk_b + hk * sk_h + offs_n[:, None] * sk_t + offs_d[None, :],
                     mask=kv_mask, other=0.0)
@@ -96,12 +102,12 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, T, H, G, D, scale, win
             v = v.to(tl.float32)
         real = tl.load(mask_ptr + b * sm_b + offs_n, mask=n_live, other=0) != 0
         s = _scores(q, k, scale, softcap, UPCAST, SOFTCAP)
-        allowed = (offs_n[None, :] <= offs_m[:, None]) & real[None, :] & n_live[None, :]
+        allowed = (offs_n[None, :] <= pos_m[:, None]) & real[None, :] & n_live[None, :]
         if HAS_WINDOW:
-            allowed = allowed & (offs_m[:, None] - offs_n[None, :] < window)
-        allowed = allowed | (offs_m[:, None] == offs_n[None, :])
+            allowed = allowed & (pos_m[:, None] - offs_n[None, :] < window)
+        allowed = allowed | ((pos_m[:, None] == offs_n[None, :]) & n_live[None, :])  # a pad query: itself
         m_i, l_i, acc = _online_step(s, allowed, m_i, l_i, acc, v, UPCAST)
-    out = acc / l_i[:, None]
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no key at all (a pad past the keys given): zeros
     o_ptrs = o_ptr + ((b * H + h) * T + offs_m[:, None]) * D + offs_d[None, :]
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(offs_m[:, None] < T) & d_live)
 
@@ -240,26 +246,33 @@ def _tiles(dtype: torch.dtype, head_dim: int, group: int | None = None) -> tuple
 
 @triton_op("hybrid_engine::prefill_attention", mutates_args=())
 def prefill_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float,
-                         sliding_window: int | None = None, softcap: float = 0.0) -> torch.Tensor:
+                         sliding_window: int | None = None, softcap: float = 0.0,
+                         q_start: torch.Tensor | None = None) -> torch.Tensor:
     B, H, T, D = q.shape
-    Hkv = k.shape[1]
-    check(k.shape == v.shape and tuple(k.shape) == (B, Hkv, T, D) and Hkv > 0 and H % Hkv == 0,
-          "prefill_attention", f"k, v must be (B, Hkv, T, D) = ({B}, Hkv | {H}, {T}, {D}), got {tuple(k.shape)}")
-    check(tuple(key_mask.shape) == (B, T) and key_mask.dtype == torch.bool, "prefill_attention",
-          f"key_mask must be bool ({B}, {T}), got {key_mask.dtype} {tuple(key_mask.shape)}")
+    Hkv, Tk = k.shape[1], k.shape[2]
+    check(k.shape == v.shape and tuple(k.shape) == (B, Hkv, Tk, D) and Hkv > 0 and H % Hkv == 0
+          and (Tk == T or q_start is not None), "prefill_attention",
+          f"k, v must be (B, Hkv, T, D) = ({B}, Hkv | {H}, {T}, {D}) (Tk keys with q_start), got {tuple(k.shape)}")
+    check(tuple(key_mask.shape) == (B, Tk) and key_mask.dtype == torch.bool, "prefill_attention",
+          f"key_mask must be bool ({B}, {Tk}), got {key_mask.dtype} {tuple(key_mask.shape)}")
+    if q_start is not None:
+        check(tuple(q_start.shape) == (B,) and q_start.dtype == torch.long, "prefill_attention",
+              f"q_start must be int64 ({B},), got {q_start.dtype} {tuple(q_start.shape)}")
+        q_start = q_start.contiguous()
     check(all(t.stride(-1) == 1 for t in (q, k, v)), "prefill_attention", "q, k, v must be contiguous in D")
     check(softcap >= 0, "prefill_attention", f"softcap must be >= 0 (0: off), got {softcap}")
     out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    mask = key_mask.contiguous().view(torch.uint8)  # (B, T)
+    mask = key_mask.contiguous().view(torch.uint8)  # (B, Tk)
     block_m, block_n, block_d = _tiles(q.dtype, D)
     grid = (triton.cdiv(T, block_m), B * H)
     launch(_prefill_kernel, grid)(
-        q, k, v, mask, out, T, H, H // Hkv, D, scale, sliding_window or 0, float(softcap),
+        q, k, v, mask, out, q_start, T, Tk, H, H // Hkv, D, scale, sliding_window or 0, float(softcap),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), mask.stride(0),
-        HAS_WINDOW=sliding_window is not None, UPCAST=upcast(q.dtype), SOFTCAP=softcap > 0,
+        HAS_WINDOW=sliding_window is not None, Q_START=q_start is not None, UPCAST=upcast(q.dtype),
+        SOFTCAP=softcap > 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_stages=NUM_STAGES)
     return out
 
@@ -309,9 +322,11 @@ def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float,
-                      sliding_window: int | None = None, softcap: float = 0.0) -> torch.Tensor:
-    """reference.prefill_attention. q: (B, H, T, D); k, v: (B, Hkv, T, D); key_mask: (B, T). -> (B, H, T, D)."""
-    return torch.ops.hybrid_engine.prefill_attention(q, k, v, key_mask, scale, sliding_window, softcap)
+                      sliding_window: int | None = None, softcap: float = 0.0,
+                      q_start: torch.Tensor | None = None) -> torch.Tensor:
+    """reference.prefill_attention. q: (B, H, T, D); k, v: (B, Hkv, T, D), or (B, Hkv, Tk, D) with q_start (B,)
+    long, the key index of each row's first query; key_mask: (B, T | Tk). -> (B, H, T, D)."""
+    return torch.ops.hybrid_engine.prefill_attention(q, k, v, key_mask, scale, sliding_window, softcap, q_start)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,

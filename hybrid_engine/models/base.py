@@ -8,9 +8,10 @@ tensors that *are* the training parameters (views, no copies), plus the few buff
 `eval()` (which norm, which block function, which MLP), so the layer loop runs no string comparison per layer
 and token.
 
-Three entry points share the blocks: `forward` (prefill, and eager decode at an integer cache slot) and
-`decode_static` (one token per row at a cache slot held in a tensor: the step `torch.compile` traces once and
-replays for every token, see hybrid_engine/static.py).
+Three entry points share the blocks: `forward` (prefill, and eager decode at an integer cache slot, every row at
+the same slot), `forward_rows` (a block or one token per row at each row's own slot: continued rows, issue 22) and
+`decode_static` (one token per row at per-row cache slots held in a tensor: the step `torch.compile` traces once
+and replays for every token, see hybrid_engine/static.py).
 """
 from __future__ import annotations
 
@@ -281,13 +282,15 @@ class InferenceModel:
             ropes += (self._rotary(positions, h.dtype, max_positions, local=True),)
         return h, ropes
 
-    def _layers_and_head(self, h: torch.Tensor, attend: Attend, keep: int) -> torch.Tensor:
+    def _layers_and_head(self, h: torch.Tensor, attend: Attend, keep: int | torch.Tensor) -> torch.Tensor:
         residual = None
         for i, layer in enumerate(self.w.layers):
             h, residual = self.block(layer, i, h, residual, attend)
         if residual is not None:
             h = h + residual
-        if keep == 1:
+        if isinstance(keep, torch.Tensor):  # (B,) one column per row: a right-padded block's last real token
+            h = h[torch.arange(h.shape[0], device=h.device), keep]
+        elif keep == 1:
             h = h[:, -1]
         elif keep:
             h = h[:, -keep:]  # the LM head (and its (B, T, V) logits) only where they are read
@@ -337,27 +340,66 @@ class InferenceModel:
 
         return self._layers_and_head(h, attend, keep)
 
+    @torch.inference_mode()
+    def forward_rows(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, starts: torch.Tensor,
+                     span: int, key_mask: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, V) for tokens written at each row's own cache slots: row b's T tokens at [starts[b],
+        starts[b] + T), at column last[b] of each row (None: the last column).
+
+        input_ids, positions: (B, T); starts: (B,) long; span: an int >= every starts[b] + T that fits the cache
+        (capped at S_max), the slots attention reads; key_mask: (B, >= span) bool, True on slots holding real
+        tokens (a right-padded block's pads False). With T > 1 the block is prefilled after what each row has
+        cached (a continued row: its appended tokens); with T = 1 it is an eager decode step at per-row slots.
+        A slot past S_max is not written (only pads of a right-padded block reach there).
+        """
+        h, ropes = self._embed(input_ids, positions, cache.max_seq_len)
+        B, T = input_ids.shape
+        ops, scale, softcap = self.ops, self.scale, self.softcap
+        if T == 1:  # one query per row: the decode kernel, each row's later slots masked
+            slots = torch.arange(span, device=key_mask.device)                     # (span,)
+            filled = key_mask[:, :span] & (slots[None, :] <= starts[:, None])       # (B, span)
+            masks = {None: filled}
+            for window in self.distinct_windows:
+                masks[window] = filled & (slots[None, :] > (starts - window)[:, None])
+
+        def attend(layer: LayerWeights, i: int, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(layer, x)                                      # (B, T, H|Hkv, D)
+            k_cache, v_cache = cache.layer(i)
+            cos, sin = ropes[self.layer_rope[i]]
+            q = ops.rotary_kv_append(q, k, v, cos, sin, k_cache, v_cache, 0, starts)  # (B, T, H, D)
+            window = self.windows[i]
+            if T == 1:
+                out = ops.decode_attention(q.view(B, -1, q.shape[-1]), k_cache, v_cache, masks[window], span, scale,
+                                           softcap)
+                return layer.o(out.view(B, 1, -1))                         # (B, 1, H*D)
+            out = ops.prefill_attention(q.transpose(1, 2), k_cache[:B, :, :span], v_cache[:B, :, :span],
+                                        key_mask[:, :span], scale, window, softcap, starts)  # (B, H, T, D)
+            return layer.o(out.transpose(1, 2).reshape(B, T, -1))
+
+        return self._layers_and_head(h, attend, 1 if last is None else last)
+
     def decode_static(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot: torch.Tensor,
                       key_mask: torch.Tensor) -> torch.Tensor:
         """One decode step whose cache slot is a tensor, so one traced graph serves every token: logits (B, V).
 
-        input_ids, positions: (B, 1); slot: (1,) long, the cache slot this token is written to (every row
-        writes the same slot: prompts are left padded); key_mask: (B, S_max) bool, True on real tokens.
-        Keys and values are written in place at `slot` (index_put_ into the cache), and attention reads all
-        S_max slots with the slots after `slot` masked: a fixed length, for the price of attending to the whole
-        cache (masked slots hold zeros or finite stale keys, see KVCache) instead of the filled part.
+        input_ids, positions: (B, 1); slot: (B,) long, the cache slot each row's token is written to (one slot for
+        every row of a left-padded batch; each row's own for continued rows); key_mask: (B, S_max) bool, True on
+        real tokens. Keys and values are written in place at `slot` (index_put_ into the cache), and attention
+        reads all S_max slots with each row's slots after its `slot` masked: a fixed length, for the price of
+        attending to the whole cache (masked slots hold zeros or finite stale keys, see KVCache) instead of the
+        filled part.
         """
         h, ropes = self._embed(input_ids, positions, cache.max_seq_len)
         B = input_ids.shape[0]
         S = cache.max_seq_len
         ops, scale, softcap, arch = self.ops, self.scale, self.softcap, self.arch
         slots = torch.arange(S, device=key_mask.device)                  # (S_max,)
-        filled = key_mask & (slots <= slot)[None, :]                       # (B, S_max)
+        filled = key_mask & (slots[None, :] <= slot[:, None])              # (B, S_max)
         rows = torch.arange(B, device=key_mask.device)[:, None, None]     # (B, 1, 1)
         heads = torch.arange(arch.num_kv_heads, device=key_mask.device)[None, :, None]  # (1, Hkv, 1)
         masks = {None: filled}
         for window in self.distinct_windows:
-            masks[window] = filled & (slots > slot - window)[None, :]
+            masks[window] = filled & (slots[None, :] > (slot - window)[:, None])
 
         def attend(layer: LayerWeights, i: int, x: torch.Tensor) -> torch.Tensor:
             q, k, v = self.qkv(layer, x)                                      # (B, 1, H|Hkv, D)
@@ -369,7 +411,7 @@ class InferenceModel:
             # (L, B_max, ...) cache was functionalised into a copy of the whole cache per layer (8 ms a step here)
             cos, sin = ropes[self.layer_rope[i]]
             q = ops.rotary_kv_append(q, k, v, cos, sin, k_new, v_new, 0)  # (B, 1, H, D)
-            index = (torch.tensor(i, device=slot.device), rows, heads, slot[None, None, :])
+            index = (torch.tensor(i, device=slot.device), rows, heads, slot[:, None, None])  # (B, Hkv, 1) each
             cache.k.index_put_(index, k_new)
             cache.v.index_put_(index, v_new)
             k_cache, v_cache = cache.layer(i)

@@ -7,6 +7,8 @@ attention avoids repeating K/V for grouped-query attention by folding the query 
 Conventions shared by every backend:
   * KV cache: k_cache, v_cache are (B, Hkv, S_max, D); slot s of row b holds the key at cache position s.
     Prompts are left padded, so every row writes the same slots and a row's pads sit at its first slots.
+    A continued row (HybridEngine.continue_rows) writes at its own offset: `row_start` of rotary_kv_append and
+    `q_start` of prefill_attention, (B,) long, give each row's first slot.
   * key_mask: (B, S_max) bool, True where a cache slot holds a real (non-pad) token.
   * softcap: attention logit soft-capping (Gemma 2): scores = softcap * tanh(scores / softcap) after the scale and
     before the mask and softmax, as Hugging Face computes it; 0 turns it off.
@@ -68,17 +70,27 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def rotary_kv_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
-                     sin: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int):
+                     sin: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int,
+                     row_start: torch.Tensor | None = None):
     """Apply rotary to q and k (when cos is given) and write k, v into cache slots [start, start + T).
 
     q: (B, T, H, D); k, v: (B, T, Hkv, D); k_cache, v_cache: (B_max, Hkv, S_max, D), rows [0, B) written.
+    row_start: (B,) long, or None: row b writes slots [start + row_start[b], ... + T) instead, and a slot at or
+    past S_max is not written (the pads of a right-padded block of rows near the end of their cache).
     Returns q, rotated, as (B, T, H, D).
     """
     if cos is not None:
         q, k = rotary(q, cos, sin), rotary(k, cos, sin)
     B, T = k.shape[:2]
-    k_cache[:B, :, start:start + T] = k.transpose(1, 2)
-    v_cache[:B, :, start:start + T] = v.transpose(1, 2)
+    if row_start is None:
+        k_cache[:B, :, start:start + T] = k.transpose(1, 2)
+        v_cache[:B, :, start:start + T] = v.transpose(1, 2)
+        return q
+    slots = start + row_start[:, None] + torch.arange(T, device=k.device)     # (B, T)
+    fits = slots < k_cache.shape[2]
+    rows = torch.arange(B, device=k.device)[:, None].expand(B, T)             # (B, T)
+    k_cache[rows[fits], :, slots[fits]] = k[fits]                             # (n, Hkv, D)
+    v_cache[rows[fits], :, slots[fits]] = v[fits]
     return q
 
 
@@ -88,21 +100,28 @@ def soft_cap(scores: torch.Tensor, softcap: float) -> torch.Tensor:
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float,
-                      sliding_window: int | None = None, softcap: float = 0.0) -> torch.Tensor:
-    """Causal attention over a left-padded prompt block.
+                      sliding_window: int | None = None, softcap: float = 0.0,
+                      q_start: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention over a left-padded prompt block, or over a block of rows continued at their own offsets.
 
-    q: (B, H, T, D); k, v: (B, Hkv, T, D); key_mask: (B, T) bool, True on real tokens. Returns (B, H, T, D).
-    A pad query attends only to itself so that no row of the softmax is empty (its output is never used).
+    q: (B, H, T, D); k, v: (B, Hkv, Tk, D); key_mask: (B, Tk) bool, True on real tokens. Returns (B, H, T, D).
+    q_start: None (then Tk == T: query i is key i), or (B,) long: query i of row b sits at key index
+    q_start[b] + i (a block appended after what the row has cached; k, v are the cache's first Tk slots).
+    Query p attends to keys j <= p (and p - j < sliding_window). A pad query attends only to itself so that no
+    row of the softmax is empty (its output is never used).
     With softcap (which SDPA cannot apply) the scores are written out: fp32 softmax, as Hugging Face's eager path.
     """
     B, H, T, D = q.shape
-    Hkv = k.shape[1]
-    idx = torch.arange(T, device=q.device)
-    allowed = idx[None, :] <= idx[:, None]  # (T, T) causal
+    Hkv, Tk = k.shape[1], k.shape[2]
+    qpos = torch.arange(T, device=q.device)[None, :]                          # (1, T)
+    if q_start is not None:
+        qpos = qpos + q_start[:, None]                                        # (B, T)
+    kpos = torch.arange(Tk, device=q.device)
+    allowed = kpos[None, None, :] <= qpos[:, :, None]                         # (B|1, T, Tk) causal
     if sliding_window is not None:
-        allowed = allowed & (idx[:, None] - idx[None, :] < sliding_window)
-    mask = allowed[None] & key_mask[:, None, :]  # (B, T, T)
-    mask = mask | torch.eye(T, dtype=torch.bool, device=q.device)[None]
+        allowed = allowed & (qpos[:, :, None] - kpos[None, None, :] < sliding_window)
+    mask = allowed & key_mask[:, None, :]                                      # (B, T, Tk)
+    mask = mask | (kpos[None, None, :] == qpos[:, :, None])
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)

@@ -122,13 +122,14 @@ LAYER_NORM = OpSpec(
 # -- rotary on q, k and the KV-cache write: csrc/attention (CUDA), kernels/rotary.py, csrc/cpu/rotary.cpp
 def _rotary_kv_append_host(ext, lib):
     def rotary_kv_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
-                         sin: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int):
+                         sin: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int,
+                         row_start: torch.Tensor | None = None):
         if not _compiling():
-            return ext.rotary_kv_append(q, k, v, cos, sin, k_cache, v_cache, start)
+            return ext.rotary_kv_append(q, k, v, cos, sin, k_cache, v_cache, start, row_start)
         if cos is None:  # the op writes the cache only and returns q itself: not expressible as a custom op
-            lib["kv_append"](q, k, v, k_cache, v_cache, start)
+            lib["kv_append"](q, k, v, k_cache, v_cache, start, row_start)
             return q
-        return lib["rotary_kv_append"](q, k, v, cos, sin, k_cache, v_cache, start)
+        return lib["rotary_kv_append"](q, k, v, cos, sin, k_cache, v_cache, start, row_start)
     return rotary_kv_append
 
 
@@ -136,24 +137,26 @@ ROTARY_KV_APPEND = OpSpec(
     "rotary_kv_append", reference.rotary_kv_append, ("cuda", "triton", "cpu", "torch"),
     host=_rotary_kv_append_host, library=(
         LibraryOp("rotary_kv_append", "(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
-                  "Tensor(b!) v_cache, SymInt start) -> Tensor",
-                  lambda ext, q, k, v, cos, sin, k_cache, v_cache, start:
-                  ext.rotary_kv_append(q, k, v, cos, sin, k_cache, v_cache, start),
-                  lambda q, k, v, cos, sin, k_cache, v_cache, start: _empty(q)),  # (B, T, H, D) rotated
-        LibraryOp("kv_append", "(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, SymInt start) "
-                  "-> ()",  # no rotary: the cache write only
-                  lambda ext, q, k, v, k_cache, v_cache, start:
-                  _discard(ext.rotary_kv_append(q, k, v, None, None, k_cache, v_cache, start)),
-                  lambda q, k, v, k_cache, v_cache, start: None)))
+                  "Tensor(b!) v_cache, SymInt start, Tensor? row_start=None) -> Tensor",
+                  lambda ext, q, k, v, cos, sin, k_cache, v_cache, start, row_start=None:
+                  ext.rotary_kv_append(q, k, v, cos, sin, k_cache, v_cache, start, row_start),
+                  lambda q, k, v, cos, sin, k_cache, v_cache, start, row_start=None: _empty(q)),  # (B, T, H, D)
+        LibraryOp("kv_append", "(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, SymInt start, "
+                  "Tensor? row_start=None) -> ()",  # no rotary: the cache write only
+                  lambda ext, q, k, v, k_cache, v_cache, start, row_start=None:
+                  _discard(ext.rotary_kv_append(q, k, v, None, None, k_cache, v_cache, start, row_start)),
+                  lambda q, k, v, k_cache, v_cache, start, row_start=None: None)))
 
 
-# -- causal attention over a left-padded prompt: kernels/attention.py, csrc/cpu/attention.cpp
+# -- causal attention over a left-padded prompt, or rows continued at their own offsets: kernels/attention.py,
+#    csrc/cpu/attention.cpp
 def _prefill_attention_host(ext, lib):
     def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float,
-                          sliding_window: int | None = None, softcap: float = 0.0) -> torch.Tensor:
+                          sliding_window: int | None = None, softcap: float = 0.0,
+                          q_start: torch.Tensor | None = None) -> torch.Tensor:
         if _compiling():
-            return lib["prefill_attention"](q, k, v, key_mask, scale, sliding_window, softcap)
-        return ext.prefill_attention(q, k, v, key_mask, scale, sliding_window, softcap)
+            return lib["prefill_attention"](q, k, v, key_mask, scale, sliding_window, softcap, q_start)
+        return ext.prefill_attention(q, k, v, key_mask, scale, sliding_window, softcap, q_start)
     return prefill_attention
 
 
@@ -162,10 +165,10 @@ PREFILL_ATTENTION = OpSpec(
     host=_prefill_attention_host, library=(
         LibraryOp("prefill_attention",
                   "(Tensor q, Tensor k, Tensor v, Tensor key_mask, float scale, SymInt? sliding_window, "
-                  "float softcap) -> Tensor",
-                  lambda ext, q, k, v, key_mask, scale, sliding_window, softcap:
-                  ext.prefill_attention(q, k, v, key_mask, scale, sliding_window, softcap),
-                  lambda q, k, v, key_mask, scale, sliding_window, softcap: _empty(q)),),  # (B, H, T, D)
+                  "float softcap=0.0, Tensor? q_start=None) -> Tensor",
+                  lambda ext, q, k, v, key_mask, scale, sliding_window, softcap=0.0, q_start=None:
+                  ext.prefill_attention(q, k, v, key_mask, scale, sliding_window, softcap, q_start),
+                  lambda q, k, v, key_mask, scale, sliding_window, softcap=0.0, q_start=None: _empty(q)),),
     # benchmarks/kernel_speed.py: torch's SDPA flash kernel beats the C++ prefill at T=64 (1632 vs 1990 us)
     auto={"cpu": ("torch", "cpu")}, why={"cpu": "measured faster on cpu (benchmarks/kernel_speed.py)"})
 
