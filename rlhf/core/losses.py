@@ -162,11 +162,23 @@ POLICY_LOSSES = {"ppo-clip": policy_loss}
 KL_ESTIMATORS = {"k1": lambda d: -d, "k2": lambda d: 0.5 * d ** 2, "k3": lambda d: torch.exp(d) - d - 1.0}
 
 
-def kl_divergence(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token estimate (B, N) of KL(policy || reference) with the ``KL_ESTIMATORS`` entry ``estimator``."""
+def kl_divergence(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, action_mask: torch.Tensor,
+                  estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate (B, N) of KL(policy || reference) with the ``KL_ESTIMATORS`` entry ``estimator``; 0 off
+    ``action_mask``.
+
+    The log-ratio is zeroed off the mask *before* the estimator: off the mask the training forward still gives
+    logprobs (of padding after EOS) that may sit 100 nats from the reference's (masked to 0), and k3's ``exp`` of
+    more than ~88.7 is inf in fp32, which a mask applied afterwards turns into NaN (inf * 0). No clamp (veRL clamps
+    d to [-20, 20] and k3 to [-10, 10]): on the mask the token was sampled from the policy, so ``d <= -logp`` stays
+    far below the overflow, and a clamp of k3 at 10 (d > ~2.5 nats) would cut the KL term's gradient exactly on the
+    tokens it should pull back hardest; an overflow there would be caught by the trainer's non-finite guard.
+    """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"KL estimator {estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}")
-    return KL_ESTIMATORS[estimator](ref_logprobs - logprobs)
+    mask = action_mask.bool()
+    d = (ref_logprobs - logprobs).masked_fill(~mask, 0.0)  # (B, N) zero off the mask before any exponent
+    return KL_ESTIMATORS[estimator](d) * mask
 
 
 def value_loss(

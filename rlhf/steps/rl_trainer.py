@@ -227,8 +227,8 @@ class RLTrainer:
             out = {"actor_loss": actor_loss.item(), "advantage": masked_mean(exp.advantages, exp.action_mask).item()}
             loss = actor_loss
             if algo.kl_loss_coef:
-                kl = aggregate(kl_divergence(logprobs, exp.ref_logprobs, algo.kl_estimator), exp.action_mask,
-                               algo.loss_agg, cfg.sampling.max_answer_seq_len)
+                kl = aggregate(kl_divergence(logprobs, exp.ref_logprobs, exp.action_mask, algo.kl_estimator),
+                               exp.action_mask, algo.loss_agg, cfg.sampling.max_answer_seq_len)
                 loss = loss + algo.kl_loss_coef * kl
                 out["kl_loss"] = kl.item()
             guarded_update(self.actor, loss, self.guard, self.round, "actor_loss")
