@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 UPDATE_MATH = "tests/test_update_math.py"
+WIRING = "tests/test_algorithm_wiring.py"
 
 
 @dataclass(frozen=True)
@@ -313,6 +314,39 @@ FAULTS = [
           "d = (ref_logprobs - logprobs).masked_fill(~mask, 0.0)", "d = ref_logprobs - logprobs",
           ("tests/test_losses.py::test_kl_loss_is_finite_whatever_the_logprobs_off_the_mask",),
           "k3's exp of the off-mask log-ratio overflows to inf and the mask after it makes the KL loss NaN (issue 24)"),
+    Fault("cispo-weight-carries-gradient", "rlhf/core/losses.py",
+          "ratio = torch.exp(masked_log_ratio(logprobs, old_logprobs, action_mask)).detach()  # (B, N)",
+          "ratio = torch.exp(masked_log_ratio(logprobs, old_logprobs, action_mask))  # (B, N)",
+          ("tests/test_policy_losses.py", f"{WIRING}::test_new_policy_losses_reach_the_actors_gradient"),
+          "CISPO's importance weight is not stop-gradient: clipped tokens lose their gradient as in PPO"),
+    Fault("gspo-ratio-per-token", "rlhf/core/losses.py",
+          "s = torch.exp(sequence_log_ratio(logprobs, old_logprobs, action_mask))[:, None]  # (B, 1)",
+          "s = torch.exp(masked_log_ratio(logprobs, old_logprobs, action_mask))  # (B, 1)",
+          ("tests/test_policy_losses.py", f"{WIRING}::test_new_policy_losses_reach_the_actors_gradient"),
+          "GSPO clips each token's ratio instead of the sequence's geometric mean"),
+    Fault("rollout-correction-not-applied", "rlhf/steps/rl_trainer.py",
+          "                                             exp.correction)",
+          "                                             None)",
+          (f"{WIRING}::test_rollout_correction_needs_the_training_forward_and_weighs_the_actor_loss",),
+          "the correction's weights are logged but never reach the policy loss"),
+    Fault("rollout-correction-on-reused-logprobs", "rlhf/steps/rl_trainer.py",
+          'if cfg.algo.rollout_correction != "none":', "if False:",
+          (f"{WIRING}::test_rollout_correction_needs_the_training_forward_and_weighs_the_actor_loss",),
+          "the correction weighs the rollout's logprobs against themselves: every weight 1"),
+    Fault("distill-ignores-the-teacher", "rlhf/steps/rl_trainer.py",
+          "teacher = None if exp.teacher_logprobs is None else (exp.teacher_logprobs - exp.logprobs) * exp.action_mask",
+          "teacher = None if exp.teacher_logprobs is None else exp.logprobs * 0",
+          (f"{WIRING}::test_distill_scores_the_students_tokens_with_the_teacher",),
+          "distill's advantage without the teacher's logprobs"),
+    Fault("dynamic-sampling-keeps-ties", "rlhf/core/dynamic_sampling.py",
+          "varied = (groups != groups[:, :1]).any(-1)", "varied = (groups == groups).any(-1)",
+          ("tests/test_policy_losses.py",
+           f"{WIRING}::test_dynamic_sampling_keeps_informative_groups_until_the_batch_is_full"),
+          "DAPO keeps groups whose rewards are all equal"),
+    Fault("overlong-penalty-dropped", "rlhf/steps/rl_trainer.py",
+          "        if algo.overlong_buffer:", "        if False:",
+          (f"{WIRING}::test_dapo_adds_the_soft_overlong_penalty_to_the_scores",),
+          "DAPO's soft overlong penalty never applied"),
     Fault("kl-loss-on-old-logprobs", "rlhf/steps/rl_trainer.py",
           "kl_divergence(logprobs, exp.ref_logprobs, exp.action_mask, algo.kl_estimator)",
           "kl_divergence(exp.logprobs, exp.ref_logprobs, exp.action_mask, algo.kl_estimator)",
