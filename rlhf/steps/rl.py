@@ -339,8 +339,8 @@ def rl_config_from_args(args: argparse.Namespace, prefix: str = "", **overrides)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return step_main(RLConfig, run_ppo, "Step 3: RL of the actor (PPO, GRPO, RLOO, REINFORCE++) against the reward "
-                     "model or a reward function", argv)
+    return step_main(RLConfig, run_ppo, "Step 3: RL of the actor (PPO, GRPO, RLOO, REINFORCE++, GSPO, CISPO, DAPO, "
+                     "on-policy distillation) against the reward model, a reward function or a teacher", argv)
 
 
 if __name__ == "__main__":
