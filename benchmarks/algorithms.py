@@ -63,14 +63,14 @@ def main() -> None:
             if ALGORITHMS[algorithm].teacher:  # distill's teacher: this seed's PPO actor (trained first if absent)
                 teacher = work / f"ppo_{seed}" / "ppo" / "actor"
                 if not (teacher / "config.json").exists():
-                    with mock.patch("rlhf.cli.train.plot", lambda out: None), mock.patch("builtins.print"):
+                    with mock.patch("rlhf.cli.train.plot", lambda out, **kwargs: None), mock.patch("builtins.print"):
                         train_main([*argv[:argv.index("--algorithm")], "--algorithm", "ppo",
                                     *argv[argv.index("--algorithm") + 2:-4], "--output-dir", str(work / f"ppo_{seed}"),
                                     "--overwrite", "--disable-tqdm"])
                 argv += ["--teacher-model", str(teacher)]
             start = time.perf_counter()
             explain = explain_gaps(args.explain_gaps) if args.explain_gaps else contextlib.nullcontext()
-            with mock.patch("rlhf.cli.train.plot", lambda out: None), mock.patch("builtins.print"), explain:
+            with mock.patch("rlhf.cli.train.plot", lambda out, **kwargs: None), mock.patch("builtins.print"), explain:
                 summary = next(v for k, v in train_main(argv).items() if k.startswith("step 3"))
             seconds = time.perf_counter() - start
             rows.append({"algorithm": algorithm, "seed": seed, "rounds": summary["steps"],

@@ -133,7 +133,7 @@ def test_correction_weights_multiply_each_tokens_loss(name):
             one = torch.zeros(8, 7)
             one[b, t] = 1.0
             expected = expected + w[b, t] * fn(logp, old, adv, mask, 0.2, 0.28, "token-mean", None, one)
-    assert got.item() == pytest.approx(float(expected), rel=1e-5)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     assert got.item() != pytest.approx(fn(logp, old, adv, mask, 0.2, 0.28, "token-mean").item(), rel=1e-3)
 
 
