@@ -259,6 +259,11 @@ def run_ppo(cfg: RLConfig, tokenizer=None, metrics: MetricsLogger | None = None,
     require_step3_models(cfg, algo)
     start = time.time()
     dist = init_distributed()
+    if algo.dynamic_sampling and dist.world_size > 1:
+        # each rank would keep its own number of rows, so ranks could step a different number of minibatches (or
+        # none) and wait on each other's gradients forever; a refusal until the kept rows are agreed across ranks
+        raise ValueError(f"--dynamic-sampling runs in one process only (this run has {dist.world_size}): "
+                         "pass --no-dynamic-sampling")
     torch.manual_seed(cfg.seed)
     tokenizer = tokenizer or load_tokenizer(cfg.actor.model_name_or_path)
     metrics = metrics or MetricsLogger(cfg.output_dir, enabled=dist.is_main)
