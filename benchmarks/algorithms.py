@@ -2,7 +2,7 @@
 before and after, and the largest rollout/training logprob gap of any round (each round audited), per seed
 (tests/test_algorithms.py asserts the same runs).
 
-    python benchmarks/algorithms.py                       # ppo grpo rloo reinforce++ reinforce++-baseline, seeds 1 2
+    python benchmarks/algorithms.py                       # every declared algorithm, seeds 1 2
     python benchmarks/algorithms.py --algorithms grpo --seeds 1 --rounds 30 --json algos.json
     python benchmarks/algorithms.py --algorithms rloo --seeds 1 --explain-gaps 1e-5
 
@@ -60,9 +60,17 @@ def main() -> None:
                     "--data-split", "0,1,1", "--gold-task", "synthetic", "--max-steps", str(args.rounds),
                     "--seed", str(seed), "--logprob-audit-interval", "1", "--output-dir", str(out), "--overwrite",
                     "--disable-tqdm"]
+            if ALGORITHMS[algorithm].teacher:  # distill's teacher: this seed's PPO actor (trained first if absent)
+                teacher = work / f"ppo_{seed}" / "ppo" / "actor"
+                if not (teacher / "config.json").exists():
+                    with mock.patch("rlhf.cli.train.plot", lambda out, **kwargs: None), mock.patch("builtins.print"):
+                        train_main([*argv[:argv.index("--algorithm")], "--algorithm", "ppo",
+                                    *argv[argv.index("--algorithm") + 2:-4], "--output-dir", str(work / f"ppo_{seed}"),
+                                    "--overwrite", "--disable-tqdm"])
+                argv += ["--teacher-model", str(teacher)]
             start = time.perf_counter()
             explain = explain_gaps(args.explain_gaps) if args.explain_gaps else contextlib.nullcontext()
-            with mock.patch("rlhf.cli.train.plot", lambda out: None), mock.patch("builtins.print"), explain:
+            with mock.patch("rlhf.cli.train.plot", lambda out, **kwargs: None), mock.patch("builtins.print"), explain:
                 summary = next(v for k, v in train_main(argv).items() if k.startswith("step 3"))
             seconds = time.perf_counter() - start
             rows.append({"algorithm": algorithm, "seed": seed, "rounds": summary["steps"],

@@ -121,9 +121,9 @@ def test_clip_higher_raises_only_the_upper_bound():
 
 
 def test_kl_estimators():
-    logp, ref = T([[-1.0]]), T([[-1.5]])  # d = ref - logp = -0.5
-    assert kl_divergence(logp, ref, "k1").item() == pytest.approx(0.5)
-    assert kl_divergence(logp, ref, "k2").item() == pytest.approx(0.125)
-    assert kl_divergence(logp, ref, "k3").item() == pytest.approx(math.exp(-0.5) + 0.5 - 1)
+    logp, ref, mask = T([[-1.0]]), T([[-1.5]]), T([[True]])  # d = ref - logp = -0.5
+    assert kl_divergence(logp, ref, mask, "k1").item() == pytest.approx(0.5)
+    assert kl_divergence(logp, ref, mask, "k2").item() == pytest.approx(0.125)
+    assert kl_divergence(logp, ref, mask, "k3").item() == pytest.approx(math.exp(-0.5) + 0.5 - 1)
     with pytest.raises(ValueError, match="'k4'"):
-        kl_divergence(logp, ref, "k4")
+        kl_divergence(logp, ref, mask, "k4")

@@ -19,19 +19,31 @@ ROUNDS = 60
 GAP = 5e-5
 
 
-def learn(tiny_run, out, algorithm: str, seed: int) -> dict:
-    argv = ["--preset", "tiny", "--algorithm", algorithm, "--reward-fn", "synthetic", "--step", "3",
-            "--actor-model", str(tiny_run / "actor"), "--data", str(tiny_run / "data" / "pairs.jsonl"),
+def learn(tiny_run, out, algorithm: str, seed: int, *extra: str, reward_fn: str | None = "synthetic") -> dict:
+    argv = ["--preset", "tiny", "--algorithm", algorithm, *(["--reward-fn", reward_fn] if reward_fn else []),
+            "--step", "3", "--actor-model", str(tiny_run / "actor"), "--data", str(tiny_run / "data" / "pairs.jsonl"),
             "--data-split", "0,1,1", "--gold-task", "synthetic", "--max-steps", str(ROUNDS), "--seed", str(seed),
-            "--logprob-audit-interval", "1", "--output-dir", str(out), "--disable-tqdm"]
+            "--logprob-audit-interval", "1", "--output-dir", str(out), "--disable-tqdm", *extra]
     return next(v for k, v in train_main(argv).items() if k.startswith("step 3"))
+
+
+@pytest.fixture(scope="module")
+def ppo_teacher(tiny_run, tmp_path_factory):
+    """A PPO actor of the tiny preset (60 rounds from the SFT model, seed 3): distill's teacher."""
+    out = tmp_path_factory.mktemp("teacher")
+    summary = learn(tiny_run, out, "ppo", 3)
+    assert summary["gold_after"] >= summary["gold_before"] + 0.10, summary
+    return out / "ppo" / "actor", summary
 
 
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
-def test_algorithm_raises_the_gold_score(tiny_run, tmp_path, monkeypatch, algorithm, seed):
+def test_algorithm_raises_the_gold_score(tiny_run, tmp_path, monkeypatch, request, algorithm, seed):
     monkeypatch.setattr("rlhf.cli.train.plot", lambda out, **kwargs: None)  # drawn and tested with the full run
-    summary = learn(tiny_run, tmp_path, algorithm, seed)
+    extra = ()
+    if ALGORITHMS[algorithm].teacher:  # distill: the student learns from a PPO actor of the same task
+        extra = ("--teacher-model", str(request.getfixturevalue("ppo_teacher")[0]))
+    summary = learn(tiny_run, tmp_path, algorithm, seed, *extra)
     assert summary["steps"] == ROUNDS
     assert summary["gold_after"] >= summary["gold_before"] + 0.10, summary
     records = [r for r in read_metrics(tmp_path) if r["step_name"] == algorithm]
@@ -39,6 +51,17 @@ def test_algorithm_raises_the_gold_score(tiny_run, tmp_path, monkeypatch, algori
     assert len(records) == ROUNDS and len(gaps) == ROUNDS and 0 < max(gaps) < GAP, max(gaps)
     assert (tmp_path / algorithm / "actor" / "config.json").exists()  # step 3's output is named after it
     assert (tmp_path / algorithm / "critic").exists() == (algorithm == "ppo")
+
+
+def test_distillation_alone_moves_the_student_toward_the_teacher(tiny_run, tmp_path, monkeypatch, ppo_teacher):
+    """distill without a task reward (no --reward-fn, no reward model, no step 2): the teacher's logprobs are the
+    only signal, and the student's held-out gold still rises by 0.10, toward the teacher's."""
+    monkeypatch.setattr("rlhf.cli.train.plot", lambda out, **kwargs: None)
+    teacher, taught = ppo_teacher
+    summary = learn(tiny_run, tmp_path, "distill", 1, "--teacher-model", str(teacher), reward_fn=None)
+    assert summary["gold_after"] >= summary["gold_before"] + 0.10, summary
+    assert summary["gold_after"] >= taught["gold_after"] - 0.10, (summary, taught)
+    assert not (tmp_path / "reward").exists()
 
 
 def test_the_registry_is_the_one_list_of_algorithms():

@@ -212,7 +212,7 @@ def test_output_dir_must_be_a_writable_directory(tmp_path, capsys):
     (["--rm-learning-rate", "-0.001"], "argument --rm-learning-rate: expected a positive number, got -0.001"),
     (["--per-device-generation-batch-size", "0"], "argument --per-device-generation-batch-size: expected at least 1"),
     (["--max-answer-seq-len", "1"], "argument --max-answer-seq-len: expected at least 2, got 1"),
-    (["--cliprange", "1.5"], "argument --cliprange: expected a number in (0, 1), got 1.5"),
+    (["--cliprange", "1.5"], "argument --cliprange: expected a number in (0, 1], got 1.5"),
     (["--kl-ctl", "-0.1"], "argument --kl-ctl: expected at least 0, got -0.1"),
     (["--gamma", "2"], "argument --gamma: expected a number in [0, 1], got 2"),
     (["--algorithm", "dpo", "--dpo-beta", "0"], "argument --dpo-beta: expected a positive number, got 0"),
@@ -223,6 +223,18 @@ def test_numeric_flags_out_of_range(flags, message, tmp_path, capsys):
     assert main(["train", "--output-dir", str(tmp_path / "run"), *flags]) == 2
     line = one_error_line(capsys)
     assert message in line and line.endswith("(rlhf train --help lists the options)")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--algorithm", "distill"], "--algorithm distill needs --teacher-model PATH"),
+    (["--algorithm", "grpo", "--teacher-model", "x"], "--teacher-model is read by --algorithm distill only, not grpo"),
+    (["--algorithm", "ppo", "--dynamic-sampling"], "--dynamic-sampling drops groups of equal rewards: --algorithm ppo"),
+    (["--rollout-correction", "tis", "--reuse-rollout-logprobs"], "drop --reuse-rollout-logprobs"),
+])
+def test_the_new_algorithms_options_are_checked_before_any_step(flags, message, tmp_path, capsys):
+    assert main(["train", "--output-dir", str(tmp_path / "run"), *flags]) == 2
+    assert message in one_error_line(capsys)
     assert not (tmp_path / "run").exists()
 
 

@@ -124,3 +124,31 @@ def test_value_loss_hand_computed():
     values, old, returns = t([[1.0, 0.0, 0.5]]), t([[0.5, 0.1, 0.5]]), t([[2.0, -1.0, 0.5]])
     assert value_loss(values, old, returns, torch.ones(1, 3)).item() == pytest.approx(0.5 * 2.69 / 3)
     assert value_loss(values, old, returns, torch.tensor([[0, 1, 1]])).item() == pytest.approx(0.5 * 1.0 / 2)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_loss_is_finite_whatever_the_logprobs_off_the_mask(estimator):
+    """The KL loss term on a ragged rollout whose positions after EOS hold training-forward logprobs 90-400 nats from
+    the reference's (masked to 0 there): the value and gradient of the on-mask tokens alone, never NaN (k3 once
+    took exp of the off-mask log-ratio, inf, and inf * 0 made the whole loss NaN)."""
+    from rlhf.core.losses import aggregate, kl_divergence
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([1, 5, 3, 7])
+    mask = torch.arange(7)[None] < lengths[:, None]  # (4, 7): answers of 1, 5, 3 and 7 tokens
+    ref = (-torch.rand(4, 7, generator=g) * 3).masked_fill(~mask, 0.0)
+    off = -90.0 - 310.0 * torch.rand(4, 7, generator=g)  # beyond exp's fp32 range: exp(-off) = inf
+    logp = torch.where(mask, ref + torch.randn(4, 7, generator=g) * 0.5, off).requires_grad_()
+    loss = aggregate(kl_divergence(logp, ref, mask, estimator), mask, "seq-mean-token-mean")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert (logp.grad[~mask] == 0).all()
+
+    on = logp.detach()[mask].clone().requires_grad_()
+    d = ref[mask] - on  # the estimate written out on the mask's tokens only
+    per_token = {"k1": -d, "k2": d ** 2 / 2, "k3": torch.exp(d) - d - 1}[estimator]
+    rows = torch.repeat_interleave(torch.arange(4), lengths)
+    expected = torch.stack([per_token[rows == r].mean() for r in range(4)]).mean()
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(logp.grad[mask], on.grad)

@@ -44,8 +44,8 @@ def readme_step3_defaults() -> dict[str, dict]:
     table = (ROOT / "README.md").read_text().split("### Step-3 algorithms", 1)[1].split("\n\n")[2]
     rows = {}
     for line in table.splitlines()[2:]:
-        name, _, samples, kl, agg = (cell.strip() for cell in line.strip("|").split("|"))
-        coef = float(re.findall(r"\d+\.\d+", kl)[0])
+        name, _, _, samples, kl, agg = (cell.strip() for cell in line.strip("|").split("|"))
+        coef = float(re.findall(r"\d+\.\d+", kl)[0]) if kl != "none" else 0.0
         in_reward = kl.startswith("reward penalty")
         rows[name.split("`")[1]] = {"n_samples_per_prompt": int(samples), "kl_ctl": coef if in_reward else 0.0,
                                     "kl_loss_coef": 0.0 if in_reward else coef, "loss_agg": agg,
@@ -207,7 +207,8 @@ def test_explicit_options_override_every_algorithms_defaults():
                algo.clip, algo.clip_high, algo.std_normalization, algo.gamma, algo.lam)
         assert got == tuple(given.values()), name
         clip_higher = config_from_options(RLConfig, algorithm=name, cliprange=0.15).algo.resolve().clip_high
-        assert clip_higher == 0.15  # clip-higher off by default
+        declared = ALGORITHMS[name].cliprange_high
+        assert clip_higher == (0.15 if declared is None else declared)  # clip-higher only where declared
 
 
 # -- one update of the real trainer against the gradient of the loss written out here

@@ -117,7 +117,8 @@ def step3_config(args: argparse.Namespace, paths: dict[str, str]) -> RLConfig:
                               disable_tqdm=args.disable_tqdm)
     algo = cfg.validate()
     require_sft_model(args, actor)
-    if not no_reward_model and 2 not in args.step and (cfg.reward_fn is None or algo.needs_critic):
+    scored_by_model = cfg.reward_fn is None and not (algo.teacher and args.reward_model is None)
+    if not no_reward_model and 2 not in args.step and (scored_by_model or algo.needs_critic):
         # named both ways of scoring, whatever the algorithm: a new user of GRPO looks for --reward-fn
         require_checkpoint(reward, "give --reward-model a step-2 checkpoint or --reward-fn FILE.py:FUNCTION, or run "
                            "--step 2 first", reward=True)
@@ -165,9 +166,10 @@ def choose_reward_fn(args: argparse.Namespace, synthetic: bool) -> None:
     """Critic-free algorithms on the built-in task score with its rule unless a reward model is named; a reward
     function replaces the reward model, so step 2 is skipped."""
     needs_critic = args.algorithm in ALGORITHMS and ALGORITHMS[args.algorithm].needs_critic  # dpo: no RL step
-    if args.reward_fn is None and synthetic and not needs_critic and args.reward_model is None:
+    teacher = args.algorithm in ALGORITHMS and ALGORITHMS[args.algorithm].teacher  # distill: reward optional
+    if args.reward_fn is None and synthetic and not needs_critic and not teacher and args.reward_model is None:
         args.reward_fn = "synthetic"
-    if args.reward_fn is not None:
+    if args.reward_fn is not None or (teacher and args.reward_model is None):
         args.step = [s for s in args.step if s != 2]
 
 

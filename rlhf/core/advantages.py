@@ -31,6 +31,7 @@ class EstimatorInput:
     gamma: float = 1.0
     lam: float = 0.95
     std_normalization: bool = True  # grpo: divide by the group's std (Dr.GRPO: off)
+    teacher_log_ratio: torch.Tensor | None = None  # (B, N) logp_teacher - logp of the sampled tokens (distill)
 
 
 @dataclass(frozen=True)
@@ -143,3 +144,19 @@ def reinforce_pp_baseline(x: EstimatorInput) -> tuple[torch.Tensor, torch.Tensor
     rewards[torch.arange(len(last)), last] -= group_mean
     returns = discounted_returns(rewards, mask, x.gamma)
     return whiten(returns, mask), returns
+
+
+@estimator("distill")
+def distill(x: EstimatorInput) -> tuple[torch.Tensor, torch.Tensor]:
+    """On-policy distillation (Agarwal et al. 2024, GKD, arXiv:2306.13649; Thinking Machines 2025, "On-policy
+    distillation"): the student samples, the teacher scores the same tokens, and each token's advantage is the
+    negative per-token reverse KL ``A_t = logp_teacher_t - logp_t`` on its own, undiscounted (the discount is 0: a
+    token is credited with its own divergence only). With a task reward the row's score centred on the batch's
+    mean is added on each of its tokens, ``+ (s_i - mean(s))`` (a REINFORCE outcome term with a batch baseline;
+    the score is 0 for every row without a reward, so the term vanishes). Returns equal the advantages."""
+    if x.teacher_log_ratio is None:
+        raise ValueError("distill needs the teacher's logprobs (--teacher-model)")
+    mask = x.action_mask.to(x.teacher_log_ratio.dtype)
+    centred = x.scores - x.scores.mean() if x.scores.numel() else x.scores  # (B,)
+    advantages = x.teacher_log_ratio * mask + broadcast(centred, x.action_mask)
+    return advantages, advantages

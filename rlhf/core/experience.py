@@ -36,6 +36,10 @@ class Experience:
     advantages: torch.Tensor | None = None  # (B, N)
     returns: torch.Tensor | None = None     # (B, N) the critic's regression targets
     env_scores: torch.Tensor | None = None  # (B,) a multi-turn environment's rewards (in `scores` already)
+    teacher_logprobs: torch.Tensor | None = None  # (B, N) --teacher-model's logprobs of the sampled tokens (distill)
+    correction: torch.Tensor | None = None  # (B, N) rollout-correction weights on the policy loss (None: all 1)
+    loss_mask: torch.Tensor | None = None   # (B, N) bool, the tokens the losses see (None: action_mask); overlong
+                                            # filtering takes truncated answers out
 
     def minibatches(self, size: int):
         """Row slices of this experience with at most `size` rows each."""
@@ -107,6 +111,8 @@ class RolloutStats:
     # reused without an audit (the training forward was not run)
     logprob_gap: float | None = None
     env: dict | None = None  # a multi-turn rollout's counts (turns, tool calls, errors, ...: Trajectories.counts)
+    correction: dict | None = None  # the rollout-correction weights' statistics (rlhf/core/rollout_correction.py)
+    dynamic_sampling: dict | None = None  # groups dropped and rollouts added (rlhf/core/dynamic_sampling.py)
 
 
 @dataclass

@@ -136,24 +136,84 @@ def policy_loss(
     clip_high: float | None = None,
     agg: str = "token-mean",
     norm_len: int | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PPO clipped surrogate: ``ratio = exp(logp - logp_old)``,
-    ``aggregate(max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip_high)), m)`` (token-mean by default:
+    ``aggregate(w * max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip_high)), m)`` (token-mean by default:
     ``sum(. * m) / sum(m)``). ``clip_high`` defaults to ``clip``; a larger one is DAPO's clip-higher
-    (Yu et al. 2025, arXiv:2503.14476).
+    (Yu et al. 2025, arXiv:2503.14476). ``weights`` w (B, N), detached, default 1: the rollout correction's
+    (rlhf/core/rollout_correction.py).
 
     Source: Schulman et al. 2017, eq. 7; DeepSpeed-Chat ``actor_loss_fn`` (cliprange 0.2).
     """
     clip_high = clip if clip_high is None else clip_high
-    ratio = torch.exp(logprobs - old_logprobs)  # (B, N)
+    ratio = torch.exp(masked_log_ratio(logprobs, old_logprobs, action_mask))  # (B, N), 1 off the mask
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip_high)
-    return aggregate(torch.max(unclipped, clipped), action_mask, agg, norm_len)
+    return aggregate(weighted(torch.max(unclipped, clipped), weights), action_mask, agg, norm_len)
 
 
-# Policy losses an algorithm names (rlhf/core/algorithms.py), each a function of (logprobs, old_logprobs,
-# advantages, action_mask, clip, clip_high, agg, norm_len), every tensor (B, N), to a scalar.
-POLICY_LOSSES = {"ppo-clip": policy_loss}
+def masked_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """(B, N) ``logp - logp_old`` on the mask, 0 off it: zeroed before any exponent, so whatever the training forward
+    gives off the mask (padding after EOS) cannot overflow to inf and turn a masked loss or its gradient into NaN."""
+    return (logprobs - old_logprobs).masked_fill(~action_mask.bool(), 0.0)
+
+
+def weighted(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Per-token losses (B, N) times the detached per-token weights (B, N), or as they are without weights."""
+    return losses if weights is None else losses * weights.detach()
+
+
+def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) ``mean_t (logp - logp_old)`` over each row's action tokens (0 for a row without any): the log of GSPO's
+    sequence ratio, the geometric mean of the token ratios."""
+    mask = action_mask.to(logprobs.dtype)
+    return masked_log_ratio(logprobs, old_logprobs, action_mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def gspo_loss(logprobs, old_logprobs, advantages, action_mask, clip=3e-4, clip_high=None, agg="seq-mean-token-mean",
+              norm_len=None, weights=None) -> torch.Tensor:
+    """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv:2507.18071, eq. 5-7): one importance
+    ratio per sequence, ``s_i = exp(mean_t (logp_t - logp_old_t))`` (the length-normalised sequence likelihood
+    ratio), clipped per sequence: per-token loss ``max(-A_it s_i, -A_it clip(s_i, 1 - clip, 1 + clip_high))``,
+    aggregated with ``agg`` (the paper: the mean over sequences, seq-mean-token-mean). The gradient of ``s_i`` reaches
+    every token of row i through the mean: ``grad s_i = s_i mean_t grad logp_t``, and a clipped sequence gives none
+    at all. The paper's clip range is tiny (3e-4 / 4e-4) because a sequence ratio moves far less than a token's."""
+    clip_high = clip if clip_high is None else clip_high
+    s = torch.exp(sequence_log_ratio(logprobs, old_logprobs, action_mask))[:, None]  # (B, 1)
+    per_token = torch.max(-advantages * s, -advantages * s.clamp(1.0 - clip, 1.0 + clip_high))  # (B, N)
+    return aggregate(weighted(per_token, weights), action_mask, agg, norm_len)
+
+
+def gspo_token_loss(logprobs, old_logprobs, advantages, action_mask, clip=3e-4, clip_high=None,
+                    agg="seq-mean-token-mean", norm_len=None, weights=None) -> torch.Tensor:
+    """GSPO-token (Zheng et al. 2025, arXiv:2507.18071, eq. 13-14): the token ratio
+    ``s_it = sg(s_i) * p_t / sg(p_t)`` has the value of the sequence ratio ``s_i`` and the gradient of the token's
+    own ``logp_t`` (times ``s_i``), so token-level advantages ``A_it`` weigh each token; clipped and aggregated as
+    ``gspo``. With one advantage per row (every outcome estimator) its loss and gradient equal GSPO's."""
+    clip_high = clip if clip_high is None else clip_high
+    s = torch.exp(sequence_log_ratio(logprobs, old_logprobs, action_mask)).detach()[:, None]  # (B, 1)
+    ratio = s * torch.exp(logprobs - logprobs.detach())  # (B, N) value s_i, gradient s_i * grad logp_t
+    per_token = torch.max(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip, 1.0 + clip_high))
+    return aggregate(weighted(per_token, weights), action_mask, agg, norm_len)
+
+
+def cispo_loss(logprobs, old_logprobs, advantages, action_mask, clip=1.0, clip_high=0.28, agg="token-mean",
+               norm_len=None, weights=None) -> torch.Tensor:
+    """CISPO (MiniMax-M1, arXiv:2506.13585, eq. 4-5): REINFORCE with a clipped, stop-gradient importance weight,
+    per-token loss ``-sg(clip(r_t, 1 - clip, 1 + clip_high)) * A_t * logp_t``, ``r_t = exp(logp_t - logp_old_t)``,
+    summed over every answer token of the batch and divided by their count (token-mean). Unlike PPO's clip, which
+    zeroes the gradient of a token whose ratio left the range, every token keeps its gradient ``-w_t A_t grad
+    logp_t``: only its weight is capped. The paper sets no lower bound (``clip`` 1: weights in [0, 1 + clip_high])."""
+    clip_high = clip if clip_high is None else clip_high
+    ratio = torch.exp(masked_log_ratio(logprobs, old_logprobs, action_mask)).detach()  # (B, N)
+    per_token = -ratio.clamp(1.0 - clip, 1.0 + clip_high) * advantages * logprobs
+    return aggregate(weighted(per_token, weights), action_mask, agg, norm_len)
+
+
+# Policy losses an algorithm names (rlhf/core/algorithms.py; --policy-loss), each a function of (logprobs,
+# old_logprobs, advantages, action_mask, clip, clip_high, agg, norm_len, weights), every tensor (B, N), to a scalar.
+POLICY_LOSSES = {"ppo-clip": policy_loss, "gspo": gspo_loss, "gspo-token": gspo_token_loss, "cispo": cispo_loss}
 
 
 # Per-token estimates of KL(policy || reference) from the sampled tokens' logprobs, as functions of
@@ -162,11 +222,23 @@ POLICY_LOSSES = {"ppo-clip": policy_loss}
 KL_ESTIMATORS = {"k1": lambda d: -d, "k2": lambda d: 0.5 * d ** 2, "k3": lambda d: torch.exp(d) - d - 1.0}
 
 
-def kl_divergence(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token estimate (B, N) of KL(policy || reference) with the ``KL_ESTIMATORS`` entry ``estimator``."""
+def kl_divergence(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, action_mask: torch.Tensor,
+                  estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate (B, N) of KL(policy || reference) with the ``KL_ESTIMATORS`` entry ``estimator``; 0 off
+    ``action_mask``.
+
+    The log-ratio is zeroed off the mask *before* the estimator: off the mask the training forward still gives
+    logprobs (of padding after EOS) that may sit 100 nats from the reference's (masked to 0), and k3's ``exp`` of
+    more than ~88.7 is inf in fp32, which a mask applied afterwards turns into NaN (inf * 0). No clamp (veRL clamps
+    d to [-20, 20] and k3 to [-10, 10]): on the mask the token was sampled from the policy, so ``d <= -logp`` stays
+    far below the overflow, and a clamp of k3 at 10 (d > ~2.5 nats) would cut the KL term's gradient exactly on the
+    tokens it should pull back hardest; an overflow there would be caught by the trainer's non-finite guard.
+    """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"KL estimator {estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}")
-    return KL_ESTIMATORS[estimator](ref_logprobs - logprobs)
+    mask = action_mask.bool()
+    d = (ref_logprobs - logprobs).masked_fill(~mask, 0.0)  # (B, N) zero off the mask before any exponent
+    return KL_ESTIMATORS[estimator](d) * mask
 
 
 def value_loss(

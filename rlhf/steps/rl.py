@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from rlhf.core.algorithms import Algorithm
+from rlhf.core.dynamic_sampling import concat, informative_rows, select_rows
 from rlhf.core.experience import sequence_kl
 from rlhf.core.rewards import RewardFunction
 from rlhf.data import build_prompt_dataset, build_sft_dataset, load_step_examples, train_eval_split
@@ -52,6 +53,10 @@ def require_step3_models(cfg: RLConfig, algo: Algorithm) -> None:
     """One line, before any model is loaded, unless the actor is a model and the reward model (without a reward
     function) a step-2 checkpoint with its value head; with a reward function PPO's critic starts from any model."""
     require_model_source(cfg.actor.model_name_or_path, "--actor-model-name-or-path")
+    if algo.teacher:
+        require_model_source(cfg.teacher_model, "--teacher-model")
+    if algo.teacher and cfg.reward_fn is None:  # distillation alone: the teacher is the signal
+        return
     if cfg.reward_fn is None and cfg.env.environment is None:  # an environment gives rewards of its own
         require_checkpoint(cfg.critic.model_name_or_path, "--critic-model-name-or-path expects step 2's output, "
                            "or give --reward-fn FILE.py:FUNCTION",
@@ -69,6 +74,7 @@ class PromptData:
     loader: object
     eval_loader: object
     ptx_batches: object | None
+    extra_batches: object | None = None  # dynamic sampling's further prompt batches (a second shuffle, cycled)
 
 
 def prompt_data(cfg: RLConfig, tokenizer, reward_fn: RewardFunction | None = None) -> PromptData:
@@ -98,13 +104,18 @@ def prompt_data(cfg: RLConfig, tokenizer, reward_fn: RewardFunction | None = Non
         ptx = build_sft_dataset(tokenizer, load_step_examples(cfg.unsupervised_data, step=1, split="1,0,0"),
                                 cfg.sampling.max_prompt_seq_len + cfg.sampling.max_answer_seq_len)
         ptx_batches = itertools.cycle(make_dataloader(ptx, cfg.loop.per_device_training_batch_size, seed=cfg.seed))
-    return PromptData(train_set, eval_set, loader, eval_loader, ptx_batches)
+    extra = None
+    if cfg.algo.resolve().dynamic_sampling:
+        extra = itertools.cycle(make_dataloader(train_set, cfg.loop.per_device_generation_batch_size, shuffle=True,
+                                                seed=cfg.seed + 1, drop_last=loader.drop_last))
+    return PromptData(train_set, eval_set, loader, eval_loader, ptx_batches, extra)
 
 
 @dataclass
 class Tally:
     """What step 3 counts besides the loop's position; a checkpoint holds it."""
     ptx: int = 0           # PTX batches drawn
+    extra: int = 0         # dynamic sampling's extra prompt batches drawn
     history: list = field(default_factory=list)  # each round's record
     gen_tokens: int = 0
     gen_seconds: float = 0.0
@@ -144,6 +155,8 @@ def round_record(exp, stats, prompts: list[str], trainer: RLTrainer, gold_fn: Go
         record["logprob_gap"] = stats.logprob_gap
     if stats.env is not None:  # a multi-turn rollout: turns, tool calls, errors, ...
         record.update(stats.env)
+    record.update(stats.correction or {})  # the rollout-correction weights' mean, min, max, masked, capped
+    record.update(stats.dynamic_sampling or {})
     if gold_fn is not None:
         n = trainer.algo.n_samples_per_prompt
         golds = gold_fn([p for p in prompts for _ in range(n)], trainer.answers(exp))
@@ -167,6 +180,13 @@ def fit(trainer: RLTrainer, data: PromptData, cfg: RLConfig, rounds: int, tally:
         batch = to_device(batch, device)
         prompts, fields = records(data.train_set, batch)
         exp, stats = trainer.rollout(batch, prompts, fields, generator)
+        train_exp = exp
+        if trainer.algo.dynamic_sampling:
+            def more():
+                tally.extra += 1
+                extra = to_device(next(data.extra_batches), device)
+                return (extra, *records(data.train_set, extra))
+            train_exp = fill_groups(trainer, exp, stats, more, generator)
         if cfg.env.log_rollouts and is_main and trainer.trajectories is not None:
             append_jsonl(Path(cfg.output_dir) / "rollouts.jsonl",
                          trajectory_records(trainer.trajectories, trainer.tokenizer, step))
@@ -174,9 +194,10 @@ def fit(trainer: RLTrainer, data: PromptData, cfg: RLConfig, rounds: int, tally:
         if not trainer.guard.ok(step, reward=exp.scores, advantage=exp.advantages):
             return None  # this rollout is not trained on
         record = round_record(exp, stats, prompts, trainer, gold_fn)
-        buffer.append(exp)
+        if train_exp.sequences.shape[0]:  # dynamic sampling may keep no group at all
+            buffer.append(train_exp)
         if len(buffer) < cfg.loop.generation_batches:
-            return None
+            return [record] if not train_exp.sequences.shape[0] else None
         losses = []
         for _ in range(cfg.loop.ppo_epochs):
             for rollout in buffer:
@@ -206,6 +227,29 @@ def fit(trainer: RLTrainer, data: PromptData, cfg: RLConfig, rounds: int, tally:
     return steps
 
 
+def fill_groups(trainer: RLTrainer, exp, stats, more, generator: torch.Generator):
+    """DAPO's dynamic sampling: the rows of `exp` (a rollout, advantages filled) whose group's rewards differ, then
+    those of further rollouts of `more()`'s prompt batches until as many rows as `exp`'s are kept or
+    --max-extra-rollouts were added; the batch is cut to that many rows. `stats` gets the round's counts."""
+    n, target = trainer.algo.n_samples_per_prompt, exp.sequences.shape[0]
+    kept, rows, sampled, dropped, added = [], 0, 0, 0, 0
+    current = exp
+    while True:
+        keep = informative_rows(current.scores, n)
+        sampled, dropped = sampled + len(keep) // n, dropped + int((~keep).sum()) // n
+        kept.append(select_rows(current, keep))
+        rows += int(keep.sum())
+        if rows >= target or added >= trainer.cfg.algo.max_extra_rollouts:
+            break
+        current, more_stats = trainer.rollout(*more(), generator)
+        stats.new_tokens, stats.seconds = stats.new_tokens + more_stats.new_tokens, stats.seconds + more_stats.seconds
+        added += 1
+    stats.dynamic_sampling = {"dropped_groups": dropped / sampled, "extra_rollouts": added,
+                              "kept_rows": min(rows, target)}
+    joined = concat(kept, trainer.tokenizer.pad_token_id)
+    return select_rows(joined, torch.arange(min(rows, target), device=joined.sequences.device))
+
+
 def run_ppo(cfg: RLConfig, tokenizer=None, metrics: MetricsLogger | None = None,
             gold_fn: GoldFn | None = None, control: RunControl | None = None) -> dict:
     """Train the actor with `cfg.algo.algorithm`; save actor/ (and critic/ for PPO, actor_ema/) under cfg.output_dir.
@@ -215,6 +259,11 @@ def run_ppo(cfg: RLConfig, tokenizer=None, metrics: MetricsLogger | None = None,
     require_step3_models(cfg, algo)
     start = time.time()
     dist = init_distributed()
+    if algo.dynamic_sampling and dist.world_size > 1:
+        # each rank would keep its own number of rows, so ranks could step a different number of minibatches (or
+        # none) and wait on each other's gradients forever; a refusal until the kept rows are agreed across ranks
+        raise ValueError(f"--dynamic-sampling runs in one process only (this run has {dist.world_size}): "
+                         "pass --no-dynamic-sampling")
     torch.manual_seed(cfg.seed)
     tokenizer = tokenizer or load_tokenizer(cfg.actor.model_name_or_path)
     metrics = metrics or MetricsLogger(cfg.output_dir, enabled=dist.is_main)
@@ -241,6 +290,8 @@ def run_ppo(cfg: RLConfig, tokenizer=None, metrics: MetricsLogger | None = None,
         tally = Tally(**{f.name: resumed["saved"][f.name] for f in dataclasses.fields(Tally)})
         for _ in range(tally.ptx):
             next(data.ptx_batches)
+        for _ in range(tally.extra):
+            next(data.extra_batches)
         trainer.load_state(resumed["saved"]["trainer"])
     generator = torch.Generator(device=dist.device).manual_seed(cfg.seed + dist.rank)
     steps = fit(trainer, data, cfg, rounds, tally, generator, metrics, control, resumed, gold_fn, dist.device,
@@ -293,8 +344,8 @@ def rl_config_from_args(args: argparse.Namespace, prefix: str = "", **overrides)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return step_main(RLConfig, run_ppo, "Step 3: RL of the actor (PPO, GRPO, RLOO, REINFORCE++) against the reward "
-                     "model or a reward function", argv)
+    return step_main(RLConfig, run_ppo, "Step 3: RL of the actor (PPO, GRPO, RLOO, REINFORCE++, GSPO, CISPO, DAPO, "
+                     "on-policy distillation) against the reward model, a reward function or a teacher", argv)
 
 
 if __name__ == "__main__":

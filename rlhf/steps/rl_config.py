@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 from hybrid_engine import SamplingParams
 from rlhf.core.algorithms import ALGORITHMS, Algorithm, per_algorithm_default, resolve
-from rlhf.core.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS
+from rlhf.core.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from rlhf.core.rewards import RewardFunction
+from rlhf.core.rollout_correction import CORRECTIONS
 from rlhf.envs import load_environment, load_tools
 from rlhf.models import ModelOptions
 from rlhf.runtime.config import (
@@ -79,22 +80,44 @@ class AlgorithmOptions:
     std_normalization: bool = opt(True, "grpo: divide advantages by the group's std (--no-std-normalization: "
                                   "Dr.GRPO)")
     clip_reward_value: float = opt(5.0, "reward-model scores are clipped to [-c, c]", bounds=POSITIVE)
-    # the ratio is kept in [1 - eps, 1 + eps]
-    cliprange: float = opt(0.2, "policy ratio clip epsilon", bounds=Bounds(0, 1, low_open=True, high_open=True))
-    cliprange_high: float | None = opt(None, "upper ratio clip epsilon (DAPO's clip-higher; default: --cliprange)",
-                                       bounds=POSITIVE)
+    policy_loss: str | None = opt(None, "policy loss " + per_algorithm_default("policy_loss"),
+                                  choices=list(POLICY_LOSSES))
+    # the ratio (CISPO: the importance weight) is kept in [1 - eps, 1 + eps_high]
+    cliprange: float | None = opt(None, "policy ratio clip epsilon " + per_algorithm_default("cliprange"),
+                                  bounds=Bounds(0, 1, low_open=True))
+    cliprange_high: float | None = opt(None, "upper ratio clip epsilon (DAPO's clip-higher; None: --cliprange) "
+                                       + per_algorithm_default("cliprange_high"), bounds=POSITIVE)
     cliprange_value: float = opt(0.2, "value clip epsilon", bounds=POSITIVE)
     gamma: float = opt(1.0, "GAE discount", bounds=UNIT)
     lam: float = opt(0.95, "GAE lambda", bounds=UNIT)
     enable_ema: bool = opt(False, "keep an exponential moving average of the actor (saved as actor_ema/)")
     ema_decay: float = opt(0.992, "EMA decay", bounds=UNIT)
     unsup_coef: float = opt(27.8, "weight of the PTX loss", bounds=NON_NEGATIVE)
+    dynamic_sampling: bool | None = opt(None, "drop groups whose rewards are all equal and roll out more prompts until "
+                                        "the batch is full (DAPO) " + per_algorithm_default("dynamic_sampling"))
+    max_extra_rollouts: int = opt(4, "dynamic sampling: extra rollouts per round at most; a round still short "
+                                  "trains on the groups it kept", bounds=NON_NEGATIVE)
+    overlong_buffer: float | None = opt(None, "soft overlong penalty (DAPO): over the last fraction of "
+                                        "--max-answer-seq-len the score falls linearly to -factor (0: off) "
+                                        + per_algorithm_default("overlong_buffer"), bounds=Bounds(0, 1, high_open=True))
+    overlong_penalty_factor: float = opt(1.0, "the soft overlong penalty at --max-answer-seq-len", bounds=NON_NEGATIVE)
+    overlong_filtering: bool = opt(False, "DAPO's overlong filtering: answers cut at --max-answer-seq-len (no EOS) "
+                                   "take no part in the loss")
+    rollout_correction: str = opt("none", "weights on the policy loss for the rollout/training logprob gap: tis "
+                                  "(token, truncated at the cap), mis (sequence, masked above the cap), icepop (token, "
+                                  "masked outside [low, high]); needs the actor's training forward each rollout",
+                                  choices=["none", *CORRECTIONS])
+    rollout_correction_cap: float = opt(2.0, "tis / mis cap on p_train / p_rollout", bounds=POSITIVE)
+    rollout_correction_low: float = opt(0.5, "icepop: lower bound of p_train / p_rollout", bounds=NON_NEGATIVE)
+    rollout_correction_high: float = opt(5.0, "icepop: upper bound of p_train / p_rollout", bounds=POSITIVE)
 
     def resolve(self) -> Algorithm:
         """This run's algorithm with its per-algorithm defaults filled where an option was left None."""
-        return resolve(self.algorithm, self.kl_estimator, self.cliprange, self.cliprange_high,
-                       self.std_normalization, self.gamma, self.lam, n_samples_per_prompt=self.n_samples_per_prompt,
-                       kl_ctl=self.kl_ctl, kl_loss_coef=self.kl_loss_coef, loss_agg=self.loss_agg)
+        return resolve(self.algorithm, self.kl_estimator, self.std_normalization, self.gamma, self.lam,
+                       n_samples_per_prompt=self.n_samples_per_prompt, kl_ctl=self.kl_ctl,
+                       kl_loss_coef=self.kl_loss_coef, loss_agg=self.loss_agg, policy_loss=self.policy_loss,
+                       cliprange=self.cliprange, cliprange_high=self.cliprange_high,
+                       dynamic_sampling=self.dynamic_sampling, overlong_buffer=self.overlong_buffer)
 
 
 @dataclass
@@ -186,6 +209,8 @@ class RLConfig:
     output_dir: str = opt("outputs/ppo", "where actor/, critic/ (PPO) and actor_ema/ are written")
     reward_fn: str | None = opt(None, "score answers with a function instead of the reward model: 'synthetic', "
                                 "'path/file.py:function' or 'package.module:function' (rlhf/core/rewards.py)")
+    teacher_model: str | None = opt(None, "--algorithm distill: the teacher that scores the student's sampled tokens "
+                                    "(same tokenizer; prefill only, through the engine)")
     algo: AlgorithmOptions = group(AlgorithmOptions)
     sampling: SamplingOptions = group(SamplingOptions)
     loop: LoopOptions = group(LoopOptions)
@@ -207,6 +232,17 @@ class RLConfig:
         if self.engine.inference_tp_size > 1 and self.actor.zero_stage != 3:
             raise ValueError("--inference-tp-size > 1 requires --actor-zero-stage 3 (as DeepSpeed-Chat)")
         algo = self.algo.resolve()
+        if algo.teacher and self.teacher_model is None:
+            raise ValueError(f"--algorithm {algo.name} needs --teacher-model PATH (the model whose logprobs of the "
+                             "student's tokens are the signal)")
+        if self.teacher_model is not None and not algo.teacher:
+            raise ValueError(f"--teacher-model is read by --algorithm distill only, not {algo.name}")
+        if algo.dynamic_sampling and not algo.grouped:
+            raise ValueError(f"--dynamic-sampling drops groups of equal rewards: --algorithm {algo.name} samples no "
+                             "groups")
+        if self.algo.rollout_correction != "none" and self.engine.reuse_rollout_logprobs:
+            raise ValueError(f"--rollout-correction {self.algo.rollout_correction} weighs the rollout's logprobs "
+                             "against the training forward's: drop --reuse-rollout-logprobs")
         if algo.grouped and algo.n_samples_per_prompt < 2:
             raise ValueError(f"--algorithm {algo.name} compares the answers to one prompt: "
                              f"--n-samples-per-prompt {algo.n_samples_per_prompt}, expected at least 2")

@@ -30,8 +30,16 @@ from rlhf.core.experience import (
     lm_loss,
     sample,
 )
-from rlhf.core.losses import aggregate, kl_divergence, kl_penalized_rewards, masked_mean, value_loss
+from rlhf.core.losses import (
+    aggregate,
+    kl_divergence,
+    kl_penalized_rewards,
+    last_action_index,
+    masked_mean,
+    value_loss,
+)
 from rlhf.core.rewards import RewardFunction
+from rlhf.core.rollout_correction import correction_weights
 from rlhf.envs import MultiTurn, ToolEnvironment, TurnSettings, load_environment, load_tools
 from rlhf.models import VALUE_HEAD_FILE, ModelOptions, RewardModel, create_actor, create_critic, create_reward_model
 from rlhf.runtime.distributed import to_device
@@ -56,6 +64,8 @@ def reuse_rollout_logprobs(cfg, actor) -> bool:
     """Whether PPO's old logprobs are the rollout's: --reuse-rollout-logprobs asks for it (and refuses an actor
     with dropout, whose training forward the rollout's logprobs cannot stand for); unset, it is on exactly when
     the actor has no dropout."""
+    if cfg.algo.rollout_correction != "none":  # the correction weighs the rollout against the training forward
+        return False
     dropout = dropout_settings(actor)
     shown = ", ".join(f"{k}={v}" for k, v in list(dropout.items())[:3])
     if cfg.engine.reuse_rollout_logprobs and dropout:
@@ -111,8 +121,9 @@ class RLTrainer:
                                      cfg.critic.learning_rate, cfg.critic.weight_decay, total_steps,
                                      warmup, cfg.loop.lr_scheduler_type,
                                      lora_lr=cfg.critic.lora_learning_rate if cfg.critic.lora_dim else None)
+        self.teacher = self.load_teacher(actor, seq_len, rows) if self.algo.teacher else None
         self.reward_fn, self.reward_model = reward_fn, None
-        if reward_fn is None:
+        if reward_fn is None and not self.algo.teacher:  # distill without a reward function: the teacher only
             reward = RewardModel.from_pretrained(cfg.critic.model_name_or_path)
             self.reward_model = init_inference(reward, micro, cfg.critic.zero_stage, cfg.offload_reward_model,
                                                cfg.dtype)
@@ -130,6 +141,19 @@ class RLTrainer:
                                          gather_partition_size=engine.tp_gather_partition_size)
         self.multi_turn, self.trajectories, self.env_errors = multi_turn(cfg, self.hybrid, tokenizer), None, 0
 
+    def load_teacher(self, actor, seq_len: int, rows: int) -> hybrid_engine.HybridEngine:
+        """--teacher-model, frozen, behind an engine whose prefill-only `score` gives its logprobs of the student's
+        tokens (no teacher generation); a family the engine does not serve is scored by its own forward (the
+        engine's fallback). It must read the student's token ids: the same vocabulary."""
+        cfg = self.cfg
+        teacher = create_actor(cfg.teacher_model, ModelOptions())
+        if teacher.config.vocab_size != actor.config.vocab_size:
+            raise ValueError(f"--teacher-model {cfg.teacher_model}: vocabulary of {teacher.config.vocab_size} "
+                             f"tokens, the student's has {actor.config.vocab_size} (they must share a tokenizer)")
+        teacher = init_inference(teacher, cfg.loop.per_device_training_batch_size, 0, False, cfg.dtype)
+        return hybrid_engine.wrap(teacher.module, max_seq_len=seq_len, max_batch_size=rows,
+                                  kernels=cfg.engine.kernels, pack_weights=False, allow_fallback=True)
+
     def answers(self, exp: Experience | Sample) -> list[str]:
         """What the reward function judges: the answer, or in a multi-turn trajectory its last model turn."""
         if self.multi_turn is not None:
@@ -146,6 +170,8 @@ class RLTrainer:
                 return scores if earned is None else scores + earned
             if earned is not None:
                 return earned
+            if self.reward_model is None:  # distill without a task reward
+                return torch.zeros(exp.sequences.shape[0], device=self.device)
             return self.reward_model.module.score(exp.sequences, exp.attention_mask).float()
 
     def sample(self, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams, prompts: list[str],
@@ -179,6 +205,10 @@ class RLTrainer:
         s = self.sample(ids, mask, params, prompts or [""] * ids.shape[0], fields or [{}] * ids.shape[0])
         exp, stats = generate_experience(s, self.actor.module, ref, critic, self.reuse_logprobs, audit, self.timer)
         exp.env_scores = getattr(s, "env_scores", None)
+        if self.teacher is not None:
+            with self.timer.phase("teacher_logprobs"), torch.no_grad():
+                exp.teacher_logprobs = self.teacher.score(exp.sequences, exp.attention_mask, prompt_len=exp.prompt_len,
+                                                          temperature=self.sampling.temperature) * exp.action_mask
         return exp, stats
 
     def rollout(self, batch: dict, prompts: list[str], fields: list[dict], generator: torch.Generator):
@@ -191,14 +221,24 @@ class RLTrainer:
         prompts, fields = [p for p in prompts for _ in range(n)], [f for f in fields for _ in range(n)]
         exp, stats = self.generate(batch, generator, n, audit, prompts, fields)
         exp.scores = self.score(exp, prompts, fields)
+        cfg = self.cfg.algo
+        if algo.overlong_buffer:
+            exp.scores = exp.scores + overlong_penalty(exp.action_mask.sum(-1), self.cfg.sampling.max_answer_seq_len,
+                                                       algo.overlong_buffer, cfg.overlong_penalty_factor)
+        if cfg.overlong_filtering:
+            exp.loss_mask = exp.action_mask & ~truncated(exp, self.tokenizer.eos_token_id)[:, None]
+        exp.correction, stats.correction = correction_weights(
+            cfg.rollout_correction, exp.logprobs, exp.rollout_logprobs, exp.action_mask, cfg.rollout_correction_cap,
+            cfg.rollout_correction_low, cfg.rollout_correction_high)
         exp.rewards = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, exp.scores, exp.action_mask, algo.kl_ctl,
                                            self.cfg.algo.clip_reward_value)
         if self.multi_turn is not None:
             stats.env = self.check_env(self.trajectories)
             place_turn_rewards(exp.rewards, exp.action_mask, self.trajectories.turn_rewards)
         clipped = exp.scores.clamp(-self.cfg.algo.clip_reward_value, self.cfg.algo.clip_reward_value)
+        teacher = None if exp.teacher_logprobs is None else (exp.teacher_logprobs - exp.logprobs) * exp.action_mask
         inputs = EstimatorInput(exp.rewards, exp.action_mask, clipped, n, exp.values, algo.gamma, algo.lam,
-                                algo.std_normalization)
+                                algo.std_normalization, teacher)
         exp.advantages, exp.returns = algo.estimator(inputs)
         return exp, stats
 
@@ -222,13 +262,15 @@ class RLTrainer:
         with self.timer.phase("actor_update"):
             logprobs = action_logprobs(self.actor, exp.sequences, exp.attention_mask, exp.prompt_len,
                                        self.sampling.temperature)
-            actor_loss = algo.policy_loss(logprobs, exp.logprobs, exp.advantages, exp.action_mask, algo.clip,
-                                          algo.clip_high, algo.loss_agg, cfg.sampling.max_answer_seq_len)
+            mask = exp.action_mask if exp.loss_mask is None else exp.loss_mask  # overlong filtering drops rows
+            actor_loss = algo.policy_loss_fn(logprobs, exp.logprobs, exp.advantages, mask, algo.clip,
+                                             algo.clip_high, algo.loss_agg, cfg.sampling.max_answer_seq_len,
+                                             exp.correction)
             out = {"actor_loss": actor_loss.item(), "advantage": masked_mean(exp.advantages, exp.action_mask).item()}
             loss = actor_loss
             if algo.kl_loss_coef:
-                kl = aggregate(kl_divergence(logprobs, exp.ref_logprobs, algo.kl_estimator), exp.action_mask,
-                               algo.loss_agg, cfg.sampling.max_answer_seq_len)
+                kl = aggregate(kl_divergence(logprobs, exp.ref_logprobs, mask, algo.kl_estimator),
+                               mask, algo.loss_agg, cfg.sampling.max_answer_seq_len)
                 loss = loss + algo.kl_loss_coef * kl
                 out["kl_loss"] = kl.item()
             guarded_update(self.actor, loss, self.guard, self.round, "actor_loss")
@@ -281,6 +323,24 @@ class RLTrainer:
                             progress)
         finally:
             self.hybrid.train()
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: float, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv:2503.14476, eq. 13) of answers of `lengths` (B,)
+    tokens under a budget of L = `max_len` with a buffer of C = round(buffer * L) tokens: 0 up to L - C, then
+    ``factor * ((L - C) - |y|) / C`` falling to -factor at L, and -factor past it. Added to the row's reward."""
+    cache = max(1, round(buffer * max_len))
+    expected = max_len - cache
+    penalty = ((expected - lengths.float()) / cache).clamp(min=-1.0, max=0.0)  # (B,)
+    return factor * penalty
+
+
+def truncated(exp: Experience, eos_token_id: int) -> torch.Tensor:
+    """(B,) bool: answers that do not end in EOS (cut by the token budget), DAPO's overlong filtering's rows."""
+    B = exp.action_mask.shape[0]
+    last = last_action_index(exp.action_mask)                                   # (B,)
+    tokens = exp.sequences[torch.arange(B, device=last.device), exp.prompt_len + last.clamp(min=0)]
+    return (last >= 0) & (tokens != eos_token_id)
 
 
 def records(dataset, batch: dict) -> tuple[list[str], list[dict]]:
