@@ -144,3 +144,40 @@ def continue_rows(model: InferenceModel, cache: KVCache, kept: KeptRows, rows: l
     kept.cached[index] = ends + count - 1
     kept.pending[index] = new.sequences[torch.arange(len(rows), device=device), count - 1]
     return new
+
+
+@dataclass
+class ReprefillRows:
+    """What generate(keep_cache=True) keeps on the Hugging Face fallback (a family the engine does not serve): each
+    row's compact tokens (prompt, then each turn up to its stop token, and what was appended), re-prefilled whole by
+    every continue_rows, as Hugging Face's own tool loops do. Slower, the same tokens and logprobs."""
+    tokens: list[list[int]]
+
+    @classmethod
+    def after_generate(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       out: GenerationOutput) -> ReprefillRows:
+        new = out.sequences[:, input_ids.shape[1]:]
+        return cls([row[m.bool()].tolist() + n[a].tolist()
+                    for row, m, n, a in zip(input_ids, attention_mask, new, out.action_mask)])
+
+    def continue_rows(self, hf_generate, rows, tokens, max_new_tokens: int, params: SamplingParams, eos_token_id,
+                      pad_token_id: int, max_seq_len: int, device: torch.device) -> GenerationOutput:
+        rows = [int(r) for r in rows]
+        if not rows or len(set(rows)) != len(rows) or not all(0 <= r < len(self.tokens) for r in rows):
+            raise ValueError(f"continue_rows: rows must be distinct indices in [0, {len(self.tokens)}), got {rows}")
+        if len(tokens) != len(rows) or not all(len(t) for t in tokens):
+            raise ValueError("continue_rows: one non-empty token list per row expected")
+        seqs = [self.tokens[r] + [int(t) for t in tok] for r, tok in zip(rows, tokens)]
+        width = max(map(len, seqs))
+        for r, seq in zip(rows, seqs):
+            if len(seq) + max_new_tokens > max_seq_len:
+                raise ValueError(f"continue_rows: row {r} holds {len(seq) - len(tokens[rows.index(r)])} tokens; with "
+                                 f"{len(tokens[rows.index(r)])} appended and {max_new_tokens} new it exceeds "
+                                 f"max_seq_len {max_seq_len}")
+        ids = torch.tensor([[pad_token_id] * (width - len(q)) + q for q in seqs], device=device)
+        mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in seqs], device=device)
+        out = hf_generate(ids, mask, max_new_tokens, params, eos_token_id, pad_token_id)
+        new = out.sequences[:, width:]
+        for i, r in enumerate(rows):
+            self.tokens[r] = seqs[i] + new[i][out.action_mask[i]].tolist()
+        return GenerationOutput(new, out.logprobs, out.action_mask)

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from . import ops as ops_lib
 from .cache import KVCache, available_bytes
-from .continuation import KeptRows, check_rows, continue_rows
+from .continuation import KeptRows, ReprefillRows, check_rows, continue_rows
 from .generation import GenerationOutput, SamplingParams, generate, prompt_masks
 from .logprobs import token_logprobs
 from .models import FAMILIES, InferenceModel, Relayer
@@ -292,14 +292,17 @@ class HybridEngine:
             raise ValueError(f"batch size {B} exceeds max_batch_size {self.config.max_batch_size}")
         params = SamplingParams(do_sample, temperature, top_k, top_p, generator)
         _check_sampling(params)
-        if keep_cache and (not self.supported or self.tp is not None):
-            raise NotImplementedError("keep_cache=True needs the engine's own inference path at tp_size=1"
-                                      + ("" if self.supported else f"; {self.model_type!r} has none"))
+        if keep_cache and self.tp is not None:
+            raise NotImplementedError("keep_cache=True with tp_size > 1: the ranks of a TP group would have to "
+                                      "continue the same number of rows in lockstep; use tp_size=1")
         if self.training or (self.supported and self.inference is None):  # after train() or release_memory()
             self.eval()
         eos_token_id, eos_ids, pad_token_id = self._stop_tokens(eos_token_id, pad_token_id, input_ids.device)
         if not self.supported:
-            return self._hf_generate(input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id)
+            out = self._hf_generate(input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id)
+            if keep_cache:  # no cache of ours to keep: the rows' tokens, re-prefilled by continue_rows
+                self.kept = ReprefillRows.after_generate(input_ids, attention_mask, out)
+            return out
         rows = None
         if self.tp is not None:
             input_ids, attention_mask, rows = self.tp.gather_prompts(input_ids, attention_mask, pad_token_id)
@@ -335,9 +338,13 @@ class HybridEngine:
         stopping at EOS. Returns the new tokens only, in the order of `rows`: sequences (R, N), logprobs (R, N),
         action_mask (R, N). Rows not chosen are left alone and may be continued later; call it again for turn 3,
         4, ... `sampling` None: greedy. release_memory(), score() or a new generate() drop the kept rows."""
-        rows = check_rows(self.kept, rows, tokens, max_new_tokens, self.config.max_seq_len)
         params = sampling if sampling is not None else SamplingParams()
         _check_sampling(params)
+        if isinstance(self.kept, ReprefillRows):  # the Hugging Face fallback: the whole trajectory again
+            eos_token_id, _, pad_token_id = self._stop_tokens(eos_token_id, pad_token_id, self.hf_model.device)
+            return self.kept.continue_rows(self._hf_generate, rows, tokens, max_new_tokens, params, eos_token_id,
+                                           pad_token_id, self.config.max_seq_len, self.hf_model.device)
+        rows = check_rows(self.kept, rows, tokens, max_new_tokens, self.config.max_seq_len)
         if self.training or self.inference is None:  # after train(): the weights are described again
             self.eval()
         _, eos_ids, pad_token_id = self._stop_tokens(eos_token_id, pad_token_id, self.kept.cached.device)

@@ -140,3 +140,22 @@ def test_errors(tmp_path):
     engine.release_memory()
     with pytest.raises(ValueError, match=r"keep_cache=True\) first"):
         engine.continue_rows([0], [[5]], max_new_tokens=2)
+
+
+def test_a_family_the_engine_does_not_serve_continues_by_reprefilling(tmp_path):
+    """The Hugging Face fallback (allow_fallback, an unserved family) keeps each row's tokens and re-prefills the
+    whole trajectory at each continue_rows: the same tokens as HF turn by turn, logprobs of one forward."""
+    from transformers import AutoModelForCausalLM, StableLmConfig
+
+    config = StableLmConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5,
+                            max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "stablelm")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "stablelm").eval()
+    with pytest.warns(UserWarning, match="stablelm"):
+        engine = hybrid_engine.wrap(model, max_seq_len=MAX_SEQ, max_batch_size=4, allow_fallback=True).eval()
+        traj = run_trajectory(model, engine)
+    assert_logprobs_match_one_forward(model, traj, family_pad(model))
+    with pytest.raises(ValueError, match="rows must be distinct"):
+        engine.continue_rows([1, 1], [[3], [4]], max_new_tokens=2)

@@ -109,7 +109,8 @@ def step3_config(args: argparse.Namespace, paths: dict[str, str]) -> RLConfig:
     checkpoints."""
     actor = sft_model(args, paths)
     reward = paths["reward"] if 2 in args.step else args.reward_model or paths["reward"]
-    no_reward_model = args.reward_fn is not None and args.reward_model is None and 2 not in args.step
+    self_scored = args.reward_fn is not None or args.environment is not None  # no reward model needed
+    no_reward_model = self_scored and args.reward_model is None and 2 not in args.step
     if no_reward_model:
         reward = actor  # PPO's critic starts from the actor's backbone with a new value head
     cfg = rl_config_from_args(args, "", actor_model_name_or_path=actor, critic_model_name_or_path=reward,
@@ -117,7 +118,8 @@ def step3_config(args: argparse.Namespace, paths: dict[str, str]) -> RLConfig:
                               disable_tqdm=args.disable_tqdm)
     algo = cfg.validate()
     require_sft_model(args, actor)
-    scored_by_model = cfg.reward_fn is None and not (algo.teacher and args.reward_model is None)
+    scored_by_model = (cfg.reward_fn is None and cfg.env.environment is None
+                       and not (algo.teacher and args.reward_model is None))
     if not no_reward_model and 2 not in args.step and (scored_by_model or algo.needs_critic):
         # named both ways of scoring, whatever the algorithm: a new user of GRPO looks for --reward-fn
         require_checkpoint(reward, "give --reward-model a step-2 checkpoint or --reward-fn FILE.py:FUNCTION, or run "
@@ -164,12 +166,14 @@ def require_tp_split(args: argparse.Namespace, cfg: RLConfig) -> None:
 
 def choose_reward_fn(args: argparse.Namespace, synthetic: bool) -> None:
     """Critic-free algorithms on the built-in task score with its rule unless a reward model is named; a reward
-    function replaces the reward model, so step 2 is skipped."""
+    function (or an environment's rewards) replaces the reward model, so step 2 is skipped."""
     needs_critic = args.algorithm in ALGORITHMS and ALGORITHMS[args.algorithm].needs_critic  # dpo: no RL step
     teacher = args.algorithm in ALGORITHMS and ALGORITHMS[args.algorithm].teacher  # distill: reward optional
-    if args.reward_fn is None and synthetic and not needs_critic and not teacher and args.reward_model is None:
+    environment = args.environment is not None  # its own rewards
+    if (args.reward_fn is None and synthetic and not needs_critic and not teacher and not environment
+            and args.reward_model is None):
         args.reward_fn = "synthetic"
-    if args.reward_fn is not None or (teacher and args.reward_model is None):
+    if args.reward_fn is not None or environment or (teacher and args.reward_model is None):
         args.step = [s for s in args.step if s != 2]
 
 

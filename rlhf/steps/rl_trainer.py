@@ -123,7 +123,8 @@ class RLTrainer:
                                      lora_lr=cfg.critic.lora_learning_rate if cfg.critic.lora_dim else None)
         self.teacher = self.load_teacher(actor, seq_len, rows) if self.algo.teacher else None
         self.reward_fn, self.reward_model = reward_fn, None
-        if reward_fn is None and not self.algo.teacher:  # distill without a reward function: the teacher only
+        # distill without a reward function: the teacher only; an environment: the rewards it gives
+        if reward_fn is None and not self.algo.teacher and cfg.env.environment is None:
             reward = RewardModel.from_pretrained(cfg.critic.model_name_or_path)
             self.reward_model = init_inference(reward, micro, cfg.critic.zero_stage, cfg.offload_reward_model,
                                                cfg.dtype)
