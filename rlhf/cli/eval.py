@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only the first N records (default: all)")
     p.add_argument("--pass-threshold", type=float, default=1.0,
                    help="an answer passes (pass@k) when its reward is at least this (default 1.0)")
-    p.add_argument("--batch-size", type=bounded(int, AT_LEAST_1), default=16,
-                   help="answers generated per engine call (default 16)")
+    p.add_argument("--batch-size", type=bounded(int, AT_LEAST_1), default=64,
+                   help="answers generated per engine call (default 64)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0): the same policy gets the same "
                    "answers")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
