@@ -21,6 +21,24 @@ def lookup(key: str) -> str:
     return key.upper()
 '''
 
+AGAIN = '''
+from rlhf.envs import Environment, StepResult
+
+
+class Again(Environment):
+    """Asks once more, then rewards the second answer's length: every trajectory has two model turns."""
+
+    def reset(self, record):
+        self.turn = 0
+        return [{"role": "user", "content": record["prompt"]}]
+
+    def step(self, text):
+        self.turn += 1
+        if self.turn == 1:
+            return StepResult([{"role": "user", "content": "Are you sure? Say it again."}], reward=0.1)
+        return StepResult(reward=len(text) / 50, done=True)
+'''
+
 REWARD = '''
 def has_answer(prompts, responses, answer):
     return [float(a in r) for r, a in zip(responses, answer)]
@@ -87,27 +105,43 @@ def test_grpo_with_tools_and_a_reward_function(word_actor, tmp_path, capsys):
     assert (out / "grpo" / "actor").is_dir()
 
 
-def test_calculator_grpo_on_smollm2_through_its_chat_template(tmp_path, capsys):
-    """The issue's run on a real chat model: two rounds, the summary's turns and tool calls, and the engine's
-    rollout logprobs against the training forward over whole trajectories (the audit on round 1)."""
+def test_two_turn_grpo_on_the_engine_trains_on_whole_trajectories(word_actor, tmp_path, capsys):
+    """An environment that always answers: every trajectory is two model turns around a user turn, continued on
+    the engine's cache; the round-1 audit compares the rollout's logprobs with the training forward over the
+    whole trajectories."""
+    (tmp_path / "again.py").write_text(AGAIN)
+    out = tmp_path / "run"
+    run(["train", "--step", "3", "--algorithm", "grpo", "--actor-model", str(word_actor), "--environment",
+         f"{tmp_path / 'again.py'}:Again", "--data", str(arithmetic(tmp_path / "a.jsonl", 8)), "--output-dir",
+         str(out), "--log-rollouts", *COMMON], capsys)
+    records = [r for r in read_metrics(out) if r["step_name"] == "grpo"]
+    assert [r["turns"] for r in records] == [2.0, 2.0], records
+    assert 0 <= records[0]["logprob_gap"] < 1e-5, records[0]
+    lines = [json.loads(line) for line in (out / "grpo" / "rollouts.jsonl").read_text().splitlines()]
+    assert all([t["role"] for t in line["turns"]] == ["model", "env", "model"] for line in lines)
+
+
+def test_two_turns_on_smollm2_through_its_chat_template(tmp_path, capsys):
+    """A real chat model: the user turn between the model's is the chat template's suffix (tokenized once), and
+    the rollout's logprobs over whole trajectories agree with the training forward at the single-turn figure."""
     from tests.real_model import real_model_dir
     from tests.test_real_model import FP32_LOGPROB_ATOL
 
+    (tmp_path / "again.py").write_text(AGAIN)
     out = tmp_path / "run"
     printed = run(["train", "--step", "3", "--algorithm", "grpo", "--actor-model", str(real_model_dir()),
-                   "--environment", "calculator", "--data", str(arithmetic(tmp_path / "a.jsonl", 6)),
-                   "--output-dir", str(out), "--max-steps", "2", "--per-device-generation-batch-size", "2",
-                   "--per-device-training-batch-size", "4", "--n-samples-per-prompt", "2",
-                   "--max-answer-seq-len", "24", "--max-turns", "2", "--max-total-tokens", "96",
-                   "--eval-prompts", "2", "--eval-n-samples", "1", "--actor-learning-rate", "1e-6",
-                   "--max-prompt-seq-len", "128", "--log-rollouts", "--disable-tqdm"], capsys)
+                   "--environment", f"{tmp_path / 'again.py'}:Again", "--data",
+                   str(arithmetic(tmp_path / "a.jsonl", 6)), "--output-dir", str(out), "--max-steps", "2",
+                   "--per-device-generation-batch-size", "2", "--per-device-training-batch-size", "4",
+                   "--n-samples-per-prompt", "2", "--max-answer-seq-len", "12", "--max-turns", "2",
+                   "--max-total-tokens", "64", "--eval-prompts", "2", "--eval-n-samples", "1",
+                   "--actor-learning-rate", "1e-6", "--log-rollouts", "--disable-tqdm"], capsys)
     assert "turns" in printed and "tool_calls" in printed and "held out before training" in printed
     records = [r for r in read_metrics(out) if r["step_name"] == "grpo"]
-    assert 0 < records[0]["logprob_gap"] < FP32_LOGPROB_ATOL, records[0]
+    assert records[0]["turns"] == 2.0 and 0 < records[0]["logprob_gap"] < FP32_LOGPROB_ATOL, records[0]
     lines = [json.loads(line) for line in (out / "grpo" / "rollouts.jsonl").read_text().splitlines()]
-    # the observation tokens are the chat template's suffix: a tool or user header right after the model's turn
     for line in lines:
-        for turn in line["turns"]:
-            if turn["role"] == "env":
-                assert "<|im_start|>" in turn["text"] and turn["text"].endswith("<|im_start|>assistant\n"), turn
+        env = [t for t in line["turns"] if t["role"] == "env"]
+        assert len(env) == 1 and env[0]["text"].endswith("<|im_start|>assistant\n"), line["turns"]
+        assert "<|im_start|>user\nAre you sure? Say it again.<|im_end|>" in env[0]["text"]
     assert torch.tensor([line["reward"] for line in lines]).isfinite().all()
