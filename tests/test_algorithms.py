@@ -36,8 +36,13 @@ def ppo_teacher(tiny_run, tmp_path_factory):
     return out / "ppo" / "actor", summary
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+# Two seeds for the five algorithms of the first table, one (seed 1, as benchmarks/RESULTS.md) for those of issue 24:
+# every run is ~30 s of the suite's 2 cores.
+SEEDS = [(a, s) for a in ALGORITHMS for s in ([1, 2] if a in ("ppo", "grpo", "rloo", "reinforce++",
+                                                               "reinforce++-baseline") else [1])]
+
+
+@pytest.mark.parametrize("algorithm, seed", SEEDS)
 def test_algorithm_raises_the_gold_score(tiny_run, tmp_path, monkeypatch, request, algorithm, seed):
     monkeypatch.setattr("rlhf.cli.train.plot", lambda out, **kwargs: None)  # drawn and tested with the full run
     extra = ()
