@@ -4,9 +4,9 @@ layers alternating with global ones under one rotary, and logit soft-capping twi
 (`attn_logit_softcapping`, the attention ops' `softcap`) and on the final logits (`final_logit_softcapping`)."""
 from __future__ import annotations
 
-from .base import Architecture, Linear, ModelWeights
-from .common import Relayer, activation
-from .gemma3 import gemma3_layer
+from .base import Linear, ModelWeights
+from .common import Relayer
+from .gemma3 import gemma3_layer, gemma_architecture
 
 
 def gemma2_weights(model, relayer: Relayer) -> ModelWeights:
@@ -14,21 +14,7 @@ def gemma2_weights(model, relayer: Relayer) -> ModelWeights:
     core = model.model
     windows = tuple(block.self_attn.sliding_window for block in core.layers)  # None on the global layers
     embed = core.embed_tokens
-    arch = Architecture(
-        num_heads=cfg.num_attention_heads,
-        num_kv_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim,
-        act=activation(cfg.hidden_activation),
-        norm="rms",
-        gated_mlp=True,
-        residual="sandwich",
-        rope_scaling=float(core.rotary_emb.attention_scaling),
-        embed_scale=float(embed.embed_scale.to(embed.weight.dtype)),  # HF multiplies by it in the weights' dtype
-        sliding_windows=windows if any(w is not None for w in windows) else (),
-        attn_scale=cfg.query_pre_attn_scalar ** -0.5,
-        attn_softcap=cfg.attn_logit_softcapping,
-        final_softcap=cfg.final_logit_softcapping,
-    )
+    arch = gemma_architecture(cfg, embed, windows, rope_scaling=float(core.rotary_emb.attention_scaling))
     return ModelWeights(
         arch=arch,
         embed=embed.weight,

@@ -25,6 +25,26 @@ def gemma3_layer(i: int, block, relayer: Relayer) -> LayerWeights:
     )
 
 
+def gemma_architecture(cfg, embed, windows: tuple, **rotary) -> Architecture:
+    """What Gemma 2 and 3 share: sandwich (1 + w) RMSNorms, GELU-tanh gated MLP, embeddings scaled in the weights'
+    dtype, sliding and global layers, query_pre_attn_scalar, soft-capping; `rotary` the family's own fields."""
+    return Architecture(
+        num_heads=cfg.num_attention_heads,
+        num_kv_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        act=activation(cfg.hidden_activation),
+        norm="rms",
+        gated_mlp=True,
+        residual="sandwich",
+        embed_scale=float(embed.embed_scale.to(embed.weight.dtype)),  # HF multiplies by it in the weights' dtype
+        sliding_windows=windows if any(w is not None for w in windows) else (),
+        attn_scale=cfg.query_pre_attn_scalar ** -0.5,
+        attn_softcap=getattr(cfg, "attn_logit_softcapping", None),
+        final_softcap=cfg.final_logit_softcapping,
+        **rotary,
+    )
+
+
 def gemma3_weights(model, relayer: Relayer) -> ModelWeights:
     cfg = model.config
     core = model.model
@@ -34,23 +54,10 @@ def gemma3_weights(model, relayer: Relayer) -> ModelWeights:
     has_local = hasattr(rotary, "sliding_attention_inv_freq")
     global_kind = "full_attention" if hasattr(rotary, "full_attention_inv_freq") else "sliding_attention"
     embed = core.embed_tokens
-    arch = Architecture(
-        num_heads=cfg.num_attention_heads,
-        num_kv_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim,
-        act=activation(cfg.hidden_activation),
-        norm="rms",
-        gated_mlp=True,
-        residual="sandwich",
-        qk_norm="head",
+    arch = gemma_architecture(
+        cfg, embed, windows, qk_norm="head",
         rope_scaling=float(getattr(rotary, f"{global_kind}_attention_scaling")),
-        local_rope_scaling=float(getattr(rotary, "sliding_attention_attention_scaling", 1.0)),
-        embed_scale=float(embed.embed_scale.to(embed.weight.dtype)),  # HF multiplies by it in the weights' dtype
-        sliding_windows=windows if any(w is not None for w in windows) else (),
-        attn_scale=cfg.query_pre_attn_scalar ** -0.5,
-        attn_softcap=getattr(cfg, "attn_logit_softcapping", None),
-        final_softcap=cfg.final_logit_softcapping,
-    )
+        local_rope_scaling=float(getattr(rotary, "sliding_attention_attention_scaling", 1.0)))
     return ModelWeights(
         arch=arch,
         embed=embed.weight,
