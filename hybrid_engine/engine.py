@@ -3,6 +3,7 @@ training parameters for the project's own inference forward (re-laying only the 
 generate() runs it over a preallocated KV cache."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 import warnings
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops as ops_lib
 from .cache import KVCache, available_bytes
@@ -76,17 +78,88 @@ def _checked_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
 def _check_sampling(params: SamplingParams) -> None:
     if not 0.0 < params.top_p <= 1.0:
         raise ValueError(f"top_p={params.top_p}: expected a value in (0, 1]")
-    if params.top_k < 0:
-        raise ValueError(f"top_k={params.top_k}: expected 0 (off) or a positive count")
+    if params.top_k is not None and params.top_k < 0:
+        raise ValueError(f"top_k={params.top_k}: expected 0 or None (off) or a positive count")
     if params.temperature <= 0.0:
         raise ValueError(f"temperature={params.temperature}: expected a positive value")
+    if not 0.0 <= params.min_p <= 1.0:
+        raise ValueError(f"min_p={params.min_p}: expected a value in [0, 1] (0: off)")
+    if params.repetition_penalty <= 0.0:
+        raise ValueError(f"repetition_penalty={params.repetition_penalty}: expected a positive value (1: off)")
+
+
+def left_packed(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with each row's real tokens moved to its end, in order: right-padded (or
+    gapped) prompts become left-padded ones. Left-padded input comes back as the same objects."""
+    mask = attention_mask.long()
+    if not bool((mask[:, 1:] < mask[:, :-1]).any()):  # no real token before a pad: left padded already
+        return input_ids, attention_mask
+    order = torch.sort(mask, dim=1, stable=True).indices                          # (B, P): pads first
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+def concat_outputs(outs: list[GenerationOutput], pad_token_id: int) -> GenerationOutput:
+    """The outputs of consecutive row chunks as one: each padded to the longest N (pad tokens, logprob 0, mask
+    False: what a row that stopped early holds in one call) and stacked."""
+    n = max(o.logprobs.shape[1] for o in outs)
+    seqs, logps, masks = [], [], []
+    for o in outs:
+        extra = n - o.logprobs.shape[1]
+        seqs.append(F.pad(o.sequences, (0, extra), value=pad_token_id))
+        logps.append(F.pad(o.logprobs, (0, extra), value=0.0))
+        masks.append(F.pad(o.action_mask, (0, extra), value=False))
+    return GenerationOutput(torch.cat(seqs), torch.cat(logps), torch.cat(masks))
+
+
+# GenerationConfig fields that say nothing about which tokens come out (formats, caches, versions)
+_GENCONFIG_IGNORED = {"transformers_version", "bos_token_id", "use_cache", "output_scores", "output_logits",
+                      "return_dict_in_generate", "output_attentions", "output_hidden_states", "cache_implementation",
+                      "max_length", "_from_model_config", "decoder_start_token_id"}
+_GENCONFIG_MAPPED = {"do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens",
+                     "eos_token_id", "pad_token_id"}
+
+
+def from_generation_config(gen_config, max_new_tokens: int, eos_token_id, pad_token_id,
+                           generator: torch.Generator | None) -> tuple:
+    """(SamplingParams, max_new_tokens, eos_token_id, pad_token_id) from a transformers GenerationConfig: its
+    fields where set (not None), else the defaults (off) and the arguments given; one warning line names the
+    fields it sets that the engine cannot honour."""
+    def field(name, default):
+        value = getattr(gen_config, name, None)
+        return default if value is None else value
+
+    unhonoured = sorted(k for k in gen_config.to_diff_dict() if k not in _GENCONFIG_MAPPED | _GENCONFIG_IGNORED)
+    if unhonoured:
+        warnings.warn(f"hybrid_engine.generate: generation_config sets {', '.join(unhonoured)}, which the engine "
+                      "does not honour; it samples with do_sample, temperature, top_k, top_p, min_p and "
+                      "repetition_penalty only", stacklevel=3)
+    params = SamplingParams(bool(field("do_sample", False)), float(field("temperature", 1.0)), field("top_k", 0),
+                            float(field("top_p", 1.0)), generator, float(field("min_p", 0.0)),
+                            float(field("repetition_penalty", 1.0)))
+    return (params, field("max_new_tokens", max_new_tokens), field("eos_token_id", eos_token_id),
+            field("pad_token_id", pad_token_id))
+
+
+# wrappers whose `.module` is the whole model, parameters in place: DeepSpeed's engine (its ZeRO-3 partitions are
+# gathered by zero.py), torch's DDP and DataParallel (what accelerate.prepare returns on CPU and single-node GPUs)
+_MODULE_WRAPPERS = ("DeepSpeedEngine", "DistributedDataParallel", "DataParallel")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face module under a DeepSpeed engine and/or a PEFT model (LoRA layers stay in place)."""
-    inner = getattr(model, "module", None)
-    if inner is not None and type(model).__name__ == "DeepSpeedEngine":
-        model = inner
+    """The Hugging Face module under a DeepSpeed engine, DDP / DataParallel (accelerate's wrappers), a
+    torch.compile'd module, and/or a PEFT model (LoRA layers stay in place). FSDP, whose ranks hold shards of flat
+    parameters, is refused in one line."""
+    while True:
+        name = type(model).__name__
+        if name in ("FullyShardedDataParallel", "FSDPModule") or name.startswith("FSDP"):
+            raise NotImplementedError(f"hybrid_engine.wrap: {name} shards the parameters across ranks, which the "
+                                      "engine cannot read in place; wrap the model under DDP or DeepSpeed ZeRO-3")
+        if name in _MODULE_WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            break
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         model = model.get_base_model()
     return model
@@ -137,6 +210,7 @@ class HybridEngine:
         self.last_switch = SwitchStats()
         self._warned_fallback = False
         self.training = model.training
+        self.caller_training: bool | None = None  # the module's mode when eval() switched; train() restores it
 
     def _static_decoder(self) -> StaticDecoder | None:
         """The compiled decode step, when config.compile (None: on for CUDA, off for CPU) asks for it."""
@@ -167,13 +241,17 @@ class HybridEngine:
 
     # -- mode switches ---------------------------------------------------------------------------
     def train(self, mode: bool = True) -> HybridEngine:
-        """Training mode: the module's own forward, with autograd. Under ZeRO-3 the gathered parameters are
-        partitioned again and the buffers made from them freed. The KV cache stays for the next rollout unless
-        release_memory() is called (or release_cache_after_generate is set)."""
+        """Training mode: the module's own forward, with autograd. The module's own mode (module.training) goes
+        back to what it was when eval() (or a generate() that switched) found it, so a caller that keeps its
+        model in eval mode (no dropout) keeps it so; called with no eval() since the last train(), it sets
+        module.train() as asked. Under ZeRO-3 the gathered parameters are partitioned again and the buffers made
+        from them freed. The KV cache stays for the next rollout unless release_memory() is called (or
+        release_cache_after_generate is set)."""
         if not mode:
             return self.eval()
         start = time.perf_counter()
-        self.module.train()
+        self.module.train(True if self.caller_training is None else self.caller_training)
+        self.caller_training = None
         self.inference = None  # drops the packed copies with it (they are remade from the new weights)
         self.packed_bytes = 0
         self.training = True
@@ -190,8 +268,11 @@ class HybridEngine:
 
     @torch.no_grad()
     def eval(self) -> HybridEngine:
-        """Inference mode: re-read the training parameters (in place) and refill the re-laid buffers."""
+        """Inference mode: re-read the training parameters (in place) and refill the re-laid buffers. The module's
+        mode is remembered for train() to restore."""
         start = time.perf_counter()
+        if self.caller_training is None:  # a second eval() in a row must not remember its own eval mode
+            self.caller_training = self.module.training
         self.module.eval()
         self.training = False
         stats = SwitchStats()
@@ -269,32 +350,71 @@ class HybridEngine:
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = 0, top_p: float = 1.0,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                  generator: torch.Generator | None = None, sampling: SamplingParams | None = None,
-                 keep_cache: bool = False) -> GenerationOutput:
-        """Generate after left-padded prompts. See GenerationOutput for what comes back. `sampling` carries the
-        sampling settings as one object (rlhf's trainer passes its run's); given, it replaces `do_sample`,
-        `temperature`, `top_k`, `top_p` and `generator`. keep_cache=True keeps every row's KV cache (its prompt and
-        its new tokens up to and including its stop token) for continue_rows; a new generate() drops it."""
+                 keep_cache: bool = False, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 generation_config=None) -> GenerationOutput:
+        """Generate after the prompts. See GenerationOutput for what comes back.
+
+        Prompts may be left padded, right padded (SmolLM2's tokenizer's default) or both: each row's real tokens
+        are re-packed left padded internally, and `sequences` keeps the prompts exactly as given, so
+        sequences[:, P:] are the new tokens in either layout. A batch larger than max_batch_size is generated
+        max_batch_size rows at a time and concatenated (greedy: the tokens of one call; sampled: the same
+        distribution, drawn chunk after chunk from `generator`); a prompt longer than planned re-plans the KV cache
+        to hold P + max_new_tokens (rounded up to a multiple of 64). Under an active torch.autocast, generation
+        runs in the autocast dtype (see HybridEngine.eval).
+
+        Sampling: top_k 0 or None is off; min_p and repetition_penalty follow Hugging Face's MinPLogitsWarper
+        (after temperature, top-k, top-p) and RepetitionPenaltyLogitsProcessor (over the prompt as given and the
+        new tokens); they change the choice only, the logprobs stay log softmax(logits / temperature) of the
+        unpenalized logits. `sampling` carries these settings as one object (rlhf's trainer passes its run's);
+        given, it replaces `do_sample`, `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty` and
+        `generator`. `generation_config` (a transformers GenerationConfig) does the same from its fields, and also
+        sets max_new_tokens, eos_token_id and pad_token_id where it has them; one warning line names any field it
+        sets that the engine cannot honour (beams, n-gram bans, ...). keep_cache=True keeps every row's KV cache
+        (its prompt and its new tokens up to and including its stop token) for continue_rows; a new generate()
+        drops it."""
+        if generation_config is not None:
+            if sampling is not None:
+                raise ValueError("generate: pass sampling= or generation_config=, not both")
+            sampling, max_new_tokens, eos_token_id, pad_token_id = from_generation_config(
+                generation_config, max_new_tokens, eos_token_id, pad_token_id, generator)
         if sampling is not None:
-            do_sample, temperature, top_k, top_p, generator = (sampling.do_sample, sampling.temperature,
-                                                               sampling.top_k, sampling.top_p, sampling.generator)
+            params = dataclasses.replace(sampling)  # a copy: TP replaces its generator
+        else:
+            params = SamplingParams(do_sample, temperature, top_k, top_p, generator, min_p, repetition_penalty)
         self.kept = None
         attention_mask = _checked_mask(input_ids, attention_mask, "prompt_len")
-        B, P = input_ids.shape
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: expected at least 1")
-        if P + max_new_tokens > self.config.max_seq_len:
-            raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds max_seq_len "
-                             f"{self.config.max_seq_len}")
-        if B > self.config.max_batch_size:
-            raise ValueError(f"batch size {B} exceeds max_batch_size {self.config.max_batch_size}")
-        params = SamplingParams(do_sample, temperature, top_k, top_p, generator)
         _check_sampling(params)
+        given_ids = input_ids
+        input_ids, attention_mask = left_packed(input_ids, attention_mask)
+        B, P = input_ids.shape
         if keep_cache and self.tp is not None:
             raise NotImplementedError("keep_cache=True with tp_size > 1: the ranks of a TP group would have to "
                                       "continue the same number of rows in lockstep; use tp_size=1")
+        limit = self.config.max_batch_size
+        if B > limit and self.supported and (self.tp is not None or keep_cache):
+            why = "the ranks of a TP group generate in lockstep" if self.tp is not None else \
+                "keep_cache=True keeps the rows in the cache's max_batch_size rows"
+            raise ValueError(f"batch size {B} exceeds max_batch_size {limit} ({why}): raise max_batch_size")
+        if B > limit and self.supported:
+            outs = [self._generate(input_ids[i:i + limit], attention_mask[i:i + limit], max_new_tokens, params,
+                                   eos_token_id, pad_token_id, False) for i in range(0, B, limit)]
+            out = concat_outputs(outs, self._stop_tokens(eos_token_id, pad_token_id, input_ids.device)[2])
+        else:
+            out = self._generate(input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id,
+                                 keep_cache)
+        if input_ids is not given_ids:  # right padded: the prompts as the caller laid them out
+            out = GenerationOutput(torch.cat([given_ids, out.sequences[:, P:]], dim=1), out.logprobs,
+                                   out.action_mask)
+        return out
+
+    def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                  params: SamplingParams, eos_token_id, pad_token_id, keep_cache: bool) -> GenerationOutput:
+        """generate() on left-padded prompts of at most max_batch_size rows."""
         if self.training or (self.supported and self.inference is None):  # after train() or release_memory()
             self.eval()
         eos_token_id, eos_ids, pad_token_id = self._stop_tokens(eos_token_id, pad_token_id, input_ids.device)
@@ -305,13 +425,12 @@ class HybridEngine:
             return out
         rows = None
         if self.tp is not None:
+            # every rank of the group gathers the same prompts, so every rank re-plans the cache alike
             input_ids, attention_mask, rows = self.tp.gather_prompts(input_ids, attention_mask, pad_token_id)
-            if input_ids.shape[1] + max_new_tokens > self.config.max_seq_len:
-                raise ValueError(f"TP group's longest prompt {input_ids.shape[1]} + max_new_tokens {max_new_tokens} "
-                                 f"exceeds max_seq_len {self.config.max_seq_len}")
-            if do_sample:
-                params.generator = self.tp.shared_generator(generator, input_ids.device)
-        static = self._static_step()
+            if params.do_sample:
+                params.generator = self.tp.shared_generator(params.generator, input_ids.device)
+        self._plan_seq_len(input_ids.shape[1] + max_new_tokens)
+        static = self._static_step() if not params.penalized else None  # the penalty's state is the eager loop's
         run = static.generate if static is not None else generate
         out = run(self.inference, self._cache_for(), input_ids, attention_mask, max_new_tokens, params, eos_ids,
                   pad_token_id)
@@ -329,6 +448,16 @@ class HybridEngine:
                 self.static.release()
         return out
 
+    def _plan_seq_len(self, needed: int) -> None:
+        """Re-plan the KV cache for `needed` positions when it holds fewer: the next _cache_for() allocates it
+        anew (rounded up to a multiple of 64, so prompts a little longer each time do not re-plan every call)."""
+        if needed <= self.config.max_seq_len:
+            return
+        self.config.max_seq_len = -(-needed // 64) * 64
+        self.cache = None
+        if self.static is not None:
+            self.static.release()  # its states and graphs are sized by the old cache
+
     def continue_rows(self, rows: list[int] | torch.Tensor, tokens: list[list[int]], max_new_tokens: int = 64,
                       eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                       sampling: SamplingParams | None = None) -> GenerationOutput:
@@ -340,6 +469,8 @@ class HybridEngine:
         4, ... `sampling` None: greedy. release_memory(), score() or a new generate() drop the kept rows."""
         params = sampling if sampling is not None else SamplingParams()
         _check_sampling(params)
+        if params.penalized:
+            raise NotImplementedError("continue_rows: repetition_penalty is not served for continued rows yet")
         if isinstance(self.kept, ReprefillRows):  # the Hugging Face fallback: the whole trajectory again
             eos_token_id, _, pad_token_id = self._stop_tokens(eos_token_id, pad_token_id, self.hf_model.device)
             return self.kept.continue_rows(self._hf_generate, rows, tokens, max_new_tokens, params, eos_token_id,
@@ -427,7 +558,10 @@ class HybridEngine:
         kwargs = dict(do_sample=params.do_sample, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                       pad_token_id=pad_token_id, output_scores=False, output_logits=True, return_dict_in_generate=True)
         if params.do_sample:
-            kwargs.update(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+            kwargs.update(temperature=params.temperature, top_k=params.top_k or 0, top_p=params.top_p,
+                          min_p=params.min_p or None)
+        if params.penalized:
+            kwargs.update(repetition_penalty=params.repetition_penalty)
         res = self.hf_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         new = res.sequences[:, input_ids.shape[1]:]
         logprobs = token_logprobs(torch.stack(res.logits, dim=1), new, params.temperature)  # (B, N)
