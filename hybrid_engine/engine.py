@@ -19,7 +19,7 @@ from .continuation import KeptRows, ReprefillRows, check_rows, continue_rows
 from .generation import GenerationOutput, SamplingParams, generate, prompt_masks
 from .logprobs import token_logprobs
 from .models import FAMILIES, InferenceModel, Relayer
-from .models.common import can_pack, check_rope, pack_linears, unserved_rope
+from .models.common import can_pack, cast_linears, check_rope, pack_linears, unserved_rope
 from .static import StaticDecoder
 from .zero import StreamedLayers, ZeroParams, build_weights
 
@@ -48,6 +48,11 @@ class EngineConfig:
     compile: bool | None = None
     compile_backend: object = "inductor"  # torch.compile's backend (a name or callable); "aot_eager": no codegen
     eos_check_every: int = 8           # compiled step: the host reads "all rows finished" every k steps
+    # The dtype policy: generate() and score() under an active torch.autocast run the projections in the autocast
+    # dtype (the rest in the parameters'), as the training forward runs under that autocast. Set, this dtype is
+    # used also when they are called outside one (a trainer whose forward alone runs under autocast, as
+    # accelerate's mixed precision wraps it); None: only an active autocast counts.
+    autocast_dtype: torch.dtype | None = None
 
 
 @dataclass
@@ -211,6 +216,7 @@ class HybridEngine:
         self._warned_fallback = False
         self.training = model.training
         self.caller_training: bool | None = None  # the module's mode when eval() switched; train() restores it
+        self.compute_dtype: torch.dtype | None = None  # the autocast dtype eval() cast the projections to, or None
 
     def _static_decoder(self) -> StaticDecoder | None:
         """The compiled decode step, when config.compile (None: on for CUDA, off for CPU) asks for it."""
@@ -238,6 +244,24 @@ class HybridEngine:
 
     def _dtype(self) -> torch.dtype:
         return self.hf_model.get_input_embeddings().weight.dtype
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        """The dtype policy's low dtype now: an active autocast's on the model's device, else
+        config.autocast_dtype; None where that is the parameters' own dtype or neither is set."""
+        device_type = self._device().type
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else self.config.autocast_dtype)
+        return None if dtype == self._dtype() else dtype
+
+    def _stale(self) -> bool:
+        """eval() must (re)describe the weights: after train() or release_memory(), or under another autocast."""
+        return self.training or (self.supported and (self.inference is None
+                                                     or self.compute_dtype != self._autocast_dtype()))
+
+    def _no_autocast(self):
+        """The engine's own forward runs outside any autocast: its projections carry the policy (AutocastLinear)
+        and its kernels take one dtype."""
+        return torch.autocast(self._device().type, enabled=False)
 
     # -- mode switches ---------------------------------------------------------------------------
     def train(self, mode: bool = True) -> HybridEngine:
@@ -281,10 +305,16 @@ class HybridEngine:
                 self.zero.release()  # a second eval() in a row: start from partitioned parameters
             weights = build_weights(self.hf_model, FAMILIES[self.model_type], self.relayer, self.zero, self.tp,
                                     self.config.gather_partition_size, self._pinned(), stats)
+            self.compute_dtype = self._autocast_dtype()
             self.packed_bytes = 0
+            if self.compute_dtype is not None:
+                if isinstance(weights.layers, StreamedLayers):
+                    raise NotImplementedError("generate() under autocast with streamed ZeRO-3 layers: the low-dtype "
+                                              "copies would be remade per forward; use pin_parameters=True")
+                self.packed_bytes = cast_linears(weights, self.compute_dtype)  # copies: counted with the packed
             if self._pack(weights):
                 t = time.perf_counter()
-                self.packed_bytes = pack_linears(weights, self.config.max_batch_size)
+                self.packed_bytes += pack_linears(weights, self.config.max_batch_size)
                 stats.pack_s = time.perf_counter() - t
                 stats.relaid_bytes += self.packed_bytes
             self.inference = InferenceModel(weights, self.ops, self.rotary_tables)
@@ -415,7 +445,7 @@ class HybridEngine:
     def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                   params: SamplingParams, eos_token_id, pad_token_id, keep_cache: bool) -> GenerationOutput:
         """generate() on left-padded prompts of at most max_batch_size rows."""
-        if self.training or (self.supported and self.inference is None):  # after train() or release_memory()
+        if self._stale():
             self.eval()
         eos_token_id, eos_ids, pad_token_id = self._stop_tokens(eos_token_id, pad_token_id, input_ids.device)
         if not self.supported:
@@ -432,8 +462,9 @@ class HybridEngine:
         self._plan_seq_len(input_ids.shape[1] + max_new_tokens)
         static = self._static_step() if not params.penalized else None  # the penalty's state is the eager loop's
         run = static.generate if static is not None else generate
-        out = run(self.inference, self._cache_for(), input_ids, attention_mask, max_new_tokens, params, eos_ids,
-                  pad_token_id)
+        with self._no_autocast():
+            out = run(self.inference, self._cache_for(), input_ids, attention_mask, max_new_tokens, params, eos_ids,
+                      pad_token_id)
         if keep_cache:
             self.kept = KeptRows.after_generate(attention_mask, out, self.config.max_seq_len)
         if rows is not None:
@@ -476,11 +507,12 @@ class HybridEngine:
             return self.kept.continue_rows(self._hf_generate, rows, tokens, max_new_tokens, params, eos_token_id,
                                            pad_token_id, self.config.max_seq_len, self.hf_model.device)
         rows = check_rows(self.kept, rows, tokens, max_new_tokens, self.config.max_seq_len)
-        if self.training or self.inference is None:  # after train(): the weights are described again
+        if self._stale():  # after train(): the weights are described again
             self.eval()
         _, eos_ids, pad_token_id = self._stop_tokens(eos_token_id, pad_token_id, self.kept.cached.device)
-        out = continue_rows(self.inference, self._cache_for(), self.kept, rows, tokens, max_new_tokens, params,
-                            eos_ids, pad_token_id, self._static_step())
+        with self._no_autocast():
+            out = continue_rows(self.inference, self._cache_for(), self.kept, rows, tokens, max_new_tokens, params,
+                                eos_ids, pad_token_id, self._static_step())
         return GenerationOutput(out.sequences.clone(), out.logprobs.clone(), out.action_mask.clone())
 
     def _static_step(self) -> StaticDecoder | None:
@@ -540,11 +572,12 @@ class HybridEngine:
                 raise ValueError(f"seq_len {T} exceeds max_seq_len {self.config.max_seq_len}")
             if B > self.config.max_batch_size:
                 raise ValueError(f"batch size {B} exceeds max_batch_size {self.config.max_batch_size}")
-            if self.training or self.inference is None:
+            if self._stale():
                 self.eval()
             cache = self._cache_for()
             key_mask, positions = prompt_masks(attention_mask, cache.max_seq_len)         # (B, S_max), (B, T)
-            logits = self.inference.forward(input_ids, positions, cache, 0, key_mask, keep=keep)  # (B, T - P + 1, V)
+            with self._no_autocast():
+                logits = self.inference.forward(input_ids, positions, cache, 0, key_mask, keep=keep)  # (B, T-P+1, V)
         return token_logprobs(logits[:, :-1], input_ids[:, prompt_len:], temperature)  # (B, T - P)
 
     @torch.no_grad()
