@@ -14,7 +14,7 @@ from .models import InferenceModel
 
 @dataclass
 class GenerationOutput:
-    sequences: torch.Tensor    # (B, P + N) long: the prompts as given (left padded), then the new tokens
+    sequences: torch.Tensor    # (B, P + N) long: the prompts as given (left or right padded), then the new tokens
                                # (continue_rows: (R, N), the new tokens only)
     logprobs: torch.Tensor     # (B, N) float: log softmax(logits / temperature) at each new token, 0 after EOS
     action_mask: torch.Tensor  # (B, N) bool: new tokens up to and including EOS
