@@ -50,8 +50,10 @@ class EngineConfig:
     eos_check_every: int = 8           # compiled step: the host reads "all rows finished" every k steps
     # The dtype policy: generate() and score() under an active torch.autocast run the projections in the autocast
     # dtype (the rest in the parameters'), as the training forward runs under that autocast. Set, this dtype is
-    # used also when they are called outside one (a trainer whose forward alone runs under autocast, as
-    # accelerate's mixed precision wraps it); None: only an active autocast counts.
+    # used instead, inside an autocast or not: bf16 for a trainer whose forward alone runs under autocast (as
+    # accelerate's mixed precision wraps it); the parameters' dtype (fp32) to generate in it even under an
+    # autocast (on SmolLM2 fp32 is nearer to HF's bf16 autocast forward on average than any other bf16 run:
+    # tests/test_real_model.py). None: an active autocast's dtype, else the parameters'.
     autocast_dtype: torch.dtype | None = None
 
 
@@ -246,11 +248,12 @@ class HybridEngine:
         return self.hf_model.get_input_embeddings().weight.dtype
 
     def _autocast_dtype(self) -> torch.dtype | None:
-        """The dtype policy's low dtype now: an active autocast's on the model's device, else
-        config.autocast_dtype; None where that is the parameters' own dtype or neither is set."""
+        """The dtype policy's low dtype now: config.autocast_dtype where set, else an active autocast's on the
+        model's device; None where that is the parameters' own dtype or neither is set."""
+        dtype = self.config.autocast_dtype
         device_type = self._device().type
-        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                 else self.config.autocast_dtype)
+        if dtype is None and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
         return None if dtype == self._dtype() else dtype
 
     def _stale(self) -> bool:

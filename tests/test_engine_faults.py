@@ -62,7 +62,8 @@ def test_generate_under_bf16_autocast_matches_the_autocast_training_forward(name
     (gpt2); HF eager vs sdpa mean 3.1e-3 / 2.3e-3, max 8.3e-3 / 8.6e-3: the bound is 1.5x that mean and 2x that max
     (flash-attention's rule: no worse than 2x the spread of PyTorch's own low-precision runs). What is left is
     bf16 rounding the engine places differently (its attention, norms and MLP products stay fp32, as the logits'
-    bf16 rounding flips by an ulp); config.autocast_dtype applies the same policy outside an autocast."""
+    bf16 rounding flips by an ulp); config.autocast_dtype applies the same policy outside an autocast, or keeps
+    fp32 inside one."""
     model = tiny_model(name, tmp_path)
     ids, mask = left_padded_prompts([6, 4, 5, 2], pad_id=0)
     engine = hybrid_engine.wrap(model, max_seq_len=32, max_batch_size=4)
@@ -83,6 +84,10 @@ def test_generate_under_bf16_autocast_matches_the_autocast_training_forward(name
     configured = hybrid_engine.wrap(model, max_seq_len=32, max_batch_size=4, autocast_dtype=torch.bfloat16)
     again = configured.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
     assert torch.equal(again.sequences, out.sequences) and torch.equal(again.logprobs, out.logprobs)
+    kept_fp32 = hybrid_engine.wrap(model, max_seq_len=32, max_batch_size=4, autocast_dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = kept_fp32.score(out.sequences, torch.cat([mask, out.action_mask.long()], 1), prompt_len=ids.shape[1])
+    assert kept_fp32.compute_dtype is None and torch.equal(plain, fp32)
 
 
 # -- 3: DDP -----------------------------------------------------------------------------------------------------
