@@ -161,6 +161,10 @@ def test_greedy_repetition_penalty_equals_hugging_face(llama, penalty):
     assert torch.equal(out.sequences, hf)
     assert not torch.equal(hf, hf_greedy(llama, ids, mask, N))
     assert_logprobs_match_forward(llama, out, mask)
+    # a compiled engine runs the penalty on the eager loop (the penalty's seen-token state is not in its graph)
+    compiled = hybrid_engine.wrap(llama, max_seq_len=32, max_batch_size=4, compile=True, compile_backend="aot_eager")
+    assert torch.equal(compiled.generate(ids, mask, max_new_tokens=N, eos_token_id=[],
+                                         repetition_penalty=penalty).sequences, hf)
 
 
 def test_generation_config_maps_min_p_and_penalty_like_hugging_face(llama):
