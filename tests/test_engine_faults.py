@@ -45,6 +45,25 @@ def test_right_padded_prompts_give_the_tokens_of_the_left_padded_ones(llama):
     assert_logprobs_match_forward(llama, hybrid_engine.GenerationOutput(hf, out.logprobs, out.action_mask), mask)
 
 
+@pytest.mark.parametrize("fallback", [False, True])
+def test_right_padded_rows_continue_and_fall_back_as_left_padded_ones(llama, fallback):
+    """keep_cache=True after right-padded prompts keeps the re-packed rows, so continue_rows gives the tokens it
+    gives after the left-padded prompts; the Hugging Face fallback gets the re-packed prompts too."""
+    ids, mask = left_padded_prompts([6, 3], pad_id=0)
+    rids, rmask = right_padded(ids, mask)
+    P = ids.shape[1]
+    engine = hybrid_engine.wrap(llama, max_seq_len=40, max_batch_size=2, force_fallback=fallback)
+    results = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for prompt, prompt_mask in ((ids, mask), (rids, rmask)):
+            out = engine.generate(prompt, prompt_mask, max_new_tokens=5, eos_token_id=[], keep_cache=True)
+            more = engine.continue_rows([1, 0], [[7, 8], [9]], max_new_tokens=4, eos_token_id=[])
+            results.append((out.sequences[:, P:], out.logprobs, more.sequences, more.logprobs))
+    for left, right in zip(*results):
+        torch.testing.assert_close(right, left, atol=1e-6, rtol=0)
+
+
 # -- 2: autocast -----------------------------------------------------------------------------------------------
 def hf_autocast_logprobs(model, out, mask, attn: str) -> torch.Tensor:
     full = torch.cat([mask, torch.ones_like(out.action_mask, dtype=mask.dtype)], dim=1)
