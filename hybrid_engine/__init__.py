@@ -27,9 +27,15 @@ def wrap(model: nn.Module, max_seq_len: int = 512, max_batch_size: int = 8, tp_s
          kernels: str | None = None, allow_fallback: bool = False, **options) -> HybridEngine:
     """Wrap a Hugging Face causal LM (a family of hybrid_engine.models.FAMILIES: Llama, Mistral, Qwen2, Qwen3,
     Phi-3, OLMo 2, Gemma 2, Gemma 3 text, OPT, GPT-2, GPT-NeoX, Mixtral, Qwen2-MoE, Qwen3-MoE), a PEFT model around
-    one, or a DeepSpeed engine around either. Another architecture raises NotImplementedError naming it unless
-    `allow_fallback` (generate() then delegates to Hugging Face's); tp_size > 1 refuses the families of
-    parallel.TP_REFUSED (OLMo 2), naming why.
+    one, or a DeepSpeed engine, DDP / DataParallel (accelerate's wrappers) or torch.compile module around either;
+    the parameters under the wrappers are read in place (FSDP's shards are refused in one line). Another
+    architecture raises NotImplementedError naming it unless `allow_fallback` (generate() then delegates to
+    Hugging Face's); tp_size > 1 refuses the families of parallel.TP_REFUSED (OLMo 2), naming why.
+
+    max_seq_len and max_batch_size plan the KV cache; they are not hard limits of generate(): a longer prompt
+    re-plans the cache, a larger batch is generated max_batch_size rows at a time. engine.train() restores the
+    module's mode that engine.eval() found. Under torch.autocast (or with options autocast_dtype=...) generation
+    runs its projections in the autocast dtype (EngineConfig.autocast_dtype says how).
     `options` are further EngineConfig fields."""
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len={max_seq_len}: expected at least 2 (a prompt token and a new one)")

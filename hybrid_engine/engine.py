@@ -3,6 +3,7 @@ training parameters for the project's own inference forward (re-laying only the 
 generate() runs it over a preallocated KV cache."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 import warnings
@@ -12,12 +13,13 @@ import torch
 import torch.nn as nn
 
 from . import ops as ops_lib
+from .arguments import concat_outputs, from_generation_config, left_packed
 from .cache import KVCache, available_bytes
 from .continuation import KeptRows, ReprefillRows, check_rows, continue_rows
 from .generation import GenerationOutput, SamplingParams, generate, prompt_masks
 from .logprobs import token_logprobs
 from .models import FAMILIES, InferenceModel, Relayer
-from .models.common import can_pack, check_rope, pack_linears, unserved_rope
+from .models.common import can_pack, cast_linears, check_rope, pack_linears, unserved_rope
 from .static import StaticDecoder
 from .zero import StreamedLayers, ZeroParams, build_weights
 
@@ -46,6 +48,13 @@ class EngineConfig:
     compile: bool | None = None
     compile_backend: object = "inductor"  # torch.compile's backend (a name or callable); "aot_eager": no codegen
     eos_check_every: int = 8           # compiled step: the host reads "all rows finished" every k steps
+    # The dtype policy: generate() and score() under an active torch.autocast run the projections in the autocast
+    # dtype (the rest in the parameters'), as the training forward runs under that autocast. Set, this dtype is
+    # used instead, inside an autocast or not: bf16 for a trainer whose forward alone runs under autocast (as
+    # accelerate's mixed precision wraps it); the parameters' dtype (fp32) to generate in it even under an
+    # autocast (on SmolLM2 fp32 is nearer to HF's bf16 autocast forward on average than any other bf16 run:
+    # tests/test_real_model.py). None: an active autocast's dtype, else the parameters'.
+    autocast_dtype: torch.dtype | None = None
 
 
 @dataclass
@@ -76,17 +85,36 @@ def _checked_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
 def _check_sampling(params: SamplingParams) -> None:
     if not 0.0 < params.top_p <= 1.0:
         raise ValueError(f"top_p={params.top_p}: expected a value in (0, 1]")
-    if params.top_k < 0:
-        raise ValueError(f"top_k={params.top_k}: expected 0 (off) or a positive count")
+    if params.top_k is not None and params.top_k < 0:
+        raise ValueError(f"top_k={params.top_k}: expected 0 or None (off) or a positive count")
     if params.temperature <= 0.0:
         raise ValueError(f"temperature={params.temperature}: expected a positive value")
+    if not 0.0 <= params.min_p <= 1.0:
+        raise ValueError(f"min_p={params.min_p}: expected a value in [0, 1] (0: off)")
+    if params.repetition_penalty <= 0.0:
+        raise ValueError(f"repetition_penalty={params.repetition_penalty}: expected a positive value (1: off)")
+
+
+# wrappers whose `.module` is the whole model, parameters in place: DeepSpeed's engine (its ZeRO-3 partitions are
+# gathered by zero.py), torch's DDP and DataParallel (what accelerate.prepare returns on CPU and single-node GPUs)
+_MODULE_WRAPPERS = ("DeepSpeedEngine", "DistributedDataParallel", "DataParallel")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face module under a DeepSpeed engine and/or a PEFT model (LoRA layers stay in place)."""
-    inner = getattr(model, "module", None)
-    if inner is not None and type(model).__name__ == "DeepSpeedEngine":
-        model = inner
+    """The Hugging Face module under a DeepSpeed engine, DDP / DataParallel (accelerate's wrappers), a
+    torch.compile'd module, and/or a PEFT model (LoRA layers stay in place). FSDP, whose ranks hold shards of flat
+    parameters, is refused in one line."""
+    while True:
+        name = type(model).__name__
+        if name in ("FullyShardedDataParallel", "FSDPModule") or name.startswith("FSDP"):
+            raise NotImplementedError(f"hybrid_engine.wrap: {name} shards the parameters across ranks, which the "
+                                      "engine cannot read in place; wrap the model under DDP or DeepSpeed ZeRO-3")
+        if name in _MODULE_WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            break
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         model = model.get_base_model()
     return model
@@ -137,6 +165,8 @@ class HybridEngine:
         self.last_switch = SwitchStats()
         self._warned_fallback = False
         self.training = model.training
+        self.caller_training: bool | None = None  # the module's mode when eval() switched; train() restores it
+        self.compute_dtype: torch.dtype | None = None  # the autocast dtype eval() cast the projections to, or None
 
     def _static_decoder(self) -> StaticDecoder | None:
         """The compiled decode step, when config.compile (None: on for CUDA, off for CPU) asks for it."""
@@ -165,15 +195,38 @@ class HybridEngine:
     def _dtype(self) -> torch.dtype:
         return self.hf_model.get_input_embeddings().weight.dtype
 
+    def _autocast_dtype(self) -> torch.dtype | None:
+        """The dtype policy's low dtype now: config.autocast_dtype where set, else an active autocast's on the
+        model's device; None where that is the parameters' own dtype or neither is set."""
+        dtype = self.config.autocast_dtype
+        device_type = self._device().type
+        if dtype is None and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        return None if dtype == self._dtype() else dtype
+
+    def _stale(self) -> bool:
+        """eval() must (re)describe the weights: after train() or release_memory(), or under another autocast."""
+        return self.training or (self.supported and (self.inference is None
+                                                     or self.compute_dtype != self._autocast_dtype()))
+
+    def _no_autocast(self):
+        """The engine's own forward runs outside any autocast: its projections carry the policy (AutocastLinear)
+        and its kernels take one dtype."""
+        return torch.autocast(self._device().type, enabled=False)
+
     # -- mode switches ---------------------------------------------------------------------------
     def train(self, mode: bool = True) -> HybridEngine:
-        """Training mode: the module's own forward, with autograd. Under ZeRO-3 the gathered parameters are
-        partitioned again and the buffers made from them freed. The KV cache stays for the next rollout unless
-        release_memory() is called (or release_cache_after_generate is set)."""
+        """Training mode: the module's own forward, with autograd. The module's own mode (module.training) goes
+        back to what it was when eval() (or a generate() that switched) found it, so a caller that keeps its
+        model in eval mode (no dropout) keeps it so; called with no eval() since the last train(), it sets
+        module.train() as asked. Under ZeRO-3 the gathered parameters are partitioned again and the buffers made
+        from them freed. The KV cache stays for the next rollout unless release_memory() is called (or
+        release_cache_after_generate is set)."""
         if not mode:
             return self.eval()
         start = time.perf_counter()
-        self.module.train()
+        self.module.train(True if self.caller_training is None else self.caller_training)
+        self.caller_training = None
         self.inference = None  # drops the packed copies with it (they are remade from the new weights)
         self.packed_bytes = 0
         self.training = True
@@ -190,8 +243,11 @@ class HybridEngine:
 
     @torch.no_grad()
     def eval(self) -> HybridEngine:
-        """Inference mode: re-read the training parameters (in place) and refill the re-laid buffers."""
+        """Inference mode: re-read the training parameters (in place) and refill the re-laid buffers. The module's
+        mode is remembered for train() to restore."""
         start = time.perf_counter()
+        if self.caller_training is None:  # a second eval() in a row must not remember its own eval mode
+            self.caller_training = self.module.training
         self.module.eval()
         self.training = False
         stats = SwitchStats()
@@ -200,10 +256,16 @@ class HybridEngine:
                 self.zero.release()  # a second eval() in a row: start from partitioned parameters
             weights = build_weights(self.hf_model, FAMILIES[self.model_type], self.relayer, self.zero, self.tp,
                                     self.config.gather_partition_size, self._pinned(), stats)
+            self.compute_dtype = self._autocast_dtype()
             self.packed_bytes = 0
+            if self.compute_dtype is not None:
+                if isinstance(weights.layers, StreamedLayers):
+                    raise NotImplementedError("generate() under autocast with streamed ZeRO-3 layers: the low-dtype "
+                                              "copies would be remade per forward; use pin_parameters=True")
+                self.packed_bytes = cast_linears(weights, self.compute_dtype)  # copies: counted with the packed
             if self._pack(weights):
                 t = time.perf_counter()
-                self.packed_bytes = pack_linears(weights, self.config.max_batch_size)
+                self.packed_bytes += pack_linears(weights, self.config.max_batch_size)
                 stats.pack_s = time.perf_counter() - t
                 stats.relaid_bytes += self.packed_bytes
             self.inference = InferenceModel(weights, self.ops, self.rotary_tables)
@@ -269,33 +331,72 @@ class HybridEngine:
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = 0, top_p: float = 1.0,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                  generator: torch.Generator | None = None, sampling: SamplingParams | None = None,
-                 keep_cache: bool = False) -> GenerationOutput:
-        """Generate after left-padded prompts. See GenerationOutput for what comes back. `sampling` carries the
-        sampling settings as one object (rlhf's trainer passes its run's); given, it replaces `do_sample`,
-        `temperature`, `top_k`, `top_p` and `generator`. keep_cache=True keeps every row's KV cache (its prompt and
-        its new tokens up to and including its stop token) for continue_rows; a new generate() drops it."""
+                 keep_cache: bool = False, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 generation_config=None) -> GenerationOutput:
+        """Generate after the prompts. See GenerationOutput for what comes back.
+
+        Prompts may be left padded, right padded (SmolLM2's tokenizer's default) or both: each row's real tokens
+        are re-packed left padded internally, and `sequences` keeps the prompts exactly as given, so
+        sequences[:, P:] are the new tokens in either layout. A batch larger than max_batch_size is generated
+        max_batch_size rows at a time and concatenated (greedy: the tokens of one call; sampled: the same
+        distribution, drawn chunk after chunk from `generator`); a prompt longer than planned re-plans the KV cache
+        to hold P + max_new_tokens (rounded up to a multiple of 64). Under an active torch.autocast, generation
+        runs in the autocast dtype (see HybridEngine.eval).
+
+        Sampling: top_k 0 or None is off; min_p and repetition_penalty follow Hugging Face's MinPLogitsWarper
+        (after temperature, top-k, top-p) and RepetitionPenaltyLogitsProcessor (over the prompt as given and the
+        new tokens); they change the choice only, the logprobs stay log softmax(logits / temperature) of the
+        unpenalized logits. `sampling` carries these settings as one object (rlhf's trainer passes its run's);
+        given, it replaces `do_sample`, `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty` and
+        `generator`. `generation_config` (a transformers GenerationConfig) does the same from its fields, and also
+        sets max_new_tokens, eos_token_id and pad_token_id where it has them; one warning line names any field it
+        sets that the engine cannot honour (beams, n-gram bans, ...). keep_cache=True keeps every row's KV cache
+        (its prompt and its new tokens up to and including its stop token) for continue_rows; a new generate()
+        drops it."""
+        if generation_config is not None:
+            if sampling is not None:
+                raise ValueError("generate: pass sampling= or generation_config=, not both")
+            sampling, max_new_tokens, eos_token_id, pad_token_id = from_generation_config(
+                generation_config, max_new_tokens, eos_token_id, pad_token_id, generator)
         if sampling is not None:
-            do_sample, temperature, top_k, top_p, generator = (sampling.do_sample, sampling.temperature,
-                                                               sampling.top_k, sampling.top_p, sampling.generator)
+            params = dataclasses.replace(sampling)  # a copy: TP replaces its generator
+        else:
+            params = SamplingParams(do_sample, temperature, top_k, top_p, generator, min_p, repetition_penalty)
         self.kept = None
         attention_mask = _checked_mask(input_ids, attention_mask, "prompt_len")
-        B, P = input_ids.shape
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: expected at least 1")
-        if P + max_new_tokens > self.config.max_seq_len:
-            raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds max_seq_len "
-                             f"{self.config.max_seq_len}")
-        if B > self.config.max_batch_size:
-            raise ValueError(f"batch size {B} exceeds max_batch_size {self.config.max_batch_size}")
-        params = SamplingParams(do_sample, temperature, top_k, top_p, generator)
         _check_sampling(params)
+        given_ids = input_ids
+        input_ids, attention_mask = left_packed(input_ids, attention_mask)
+        B, P = input_ids.shape
         if keep_cache and self.tp is not None:
             raise NotImplementedError("keep_cache=True with tp_size > 1: the ranks of a TP group would have to "
                                       "continue the same number of rows in lockstep; use tp_size=1")
-        if self.training or (self.supported and self.inference is None):  # after train() or release_memory()
+        limit = self.config.max_batch_size
+        if B > limit and self.supported and (self.tp is not None or keep_cache):
+            why = "the ranks of a TP group generate in lockstep" if self.tp is not None else \
+                "keep_cache=True keeps the rows in the cache's max_batch_size rows"
+            raise ValueError(f"batch size {B} exceeds max_batch_size {limit} ({why}): raise max_batch_size")
+        if B > limit and self.supported:
+            outs = [self._generate(input_ids[i:i + limit], attention_mask[i:i + limit], max_new_tokens, params,
+                                   eos_token_id, pad_token_id, False) for i in range(0, B, limit)]
+            out = concat_outputs(outs, self._stop_tokens(eos_token_id, pad_token_id, input_ids.device)[2])
+        else:
+            out = self._generate(input_ids, attention_mask, max_new_tokens, params, eos_token_id, pad_token_id,
+                                 keep_cache)
+        if input_ids is not given_ids:  # right padded: the prompts as the caller laid them out
+            out = GenerationOutput(torch.cat([given_ids, out.sequences[:, P:]], dim=1), out.logprobs,
+                                   out.action_mask)
+        return out
+
+    def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                  params: SamplingParams, eos_token_id, pad_token_id, keep_cache: bool) -> GenerationOutput:
+        """generate() on left-padded prompts of at most max_batch_size rows."""
+        if self._stale():
             self.eval()
         eos_token_id, eos_ids, pad_token_id = self._stop_tokens(eos_token_id, pad_token_id, input_ids.device)
         if not self.supported:
@@ -305,16 +406,16 @@ class HybridEngine:
             return out
         rows = None
         if self.tp is not None:
+            # every rank of the group gathers the same prompts, so every rank re-plans the cache alike
             input_ids, attention_mask, rows = self.tp.gather_prompts(input_ids, attention_mask, pad_token_id)
-            if input_ids.shape[1] + max_new_tokens > self.config.max_seq_len:
-                raise ValueError(f"TP group's longest prompt {input_ids.shape[1]} + max_new_tokens {max_new_tokens} "
-                                 f"exceeds max_seq_len {self.config.max_seq_len}")
-            if do_sample:
-                params.generator = self.tp.shared_generator(generator, input_ids.device)
-        static = self._static_step()
+            if params.do_sample:
+                params.generator = self.tp.shared_generator(params.generator, input_ids.device)
+        self._plan_seq_len(input_ids.shape[1] + max_new_tokens)
+        static = self._static_step() if not params.penalized else None  # the penalty's state is the eager loop's
         run = static.generate if static is not None else generate
-        out = run(self.inference, self._cache_for(), input_ids, attention_mask, max_new_tokens, params, eos_ids,
-                  pad_token_id)
+        with self._no_autocast():
+            out = run(self.inference, self._cache_for(), input_ids, attention_mask, max_new_tokens, params, eos_ids,
+                      pad_token_id)
         if keep_cache:
             self.kept = KeptRows.after_generate(attention_mask, out, self.config.max_seq_len)
         if rows is not None:
@@ -329,6 +430,16 @@ class HybridEngine:
                 self.static.release()
         return out
 
+    def _plan_seq_len(self, needed: int) -> None:
+        """Re-plan the KV cache for `needed` positions when it holds fewer: the next _cache_for() allocates it
+        anew (rounded up to a multiple of 64, so prompts a little longer each time do not re-plan every call)."""
+        if needed <= self.config.max_seq_len:
+            return
+        self.config.max_seq_len = -(-needed // 64) * 64
+        self.cache = None
+        if self.static is not None:
+            self.static.release()  # its states and graphs are sized by the old cache
+
     def continue_rows(self, rows: list[int] | torch.Tensor, tokens: list[list[int]], max_new_tokens: int = 64,
                       eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                       sampling: SamplingParams | None = None) -> GenerationOutput:
@@ -340,16 +451,19 @@ class HybridEngine:
         4, ... `sampling` None: greedy. release_memory(), score() or a new generate() drop the kept rows."""
         params = sampling if sampling is not None else SamplingParams()
         _check_sampling(params)
+        if params.penalized:
+            raise NotImplementedError("continue_rows: repetition_penalty is not served for continued rows yet")
         if isinstance(self.kept, ReprefillRows):  # the Hugging Face fallback: the whole trajectory again
             eos_token_id, _, pad_token_id = self._stop_tokens(eos_token_id, pad_token_id, self.hf_model.device)
             return self.kept.continue_rows(self._hf_generate, rows, tokens, max_new_tokens, params, eos_token_id,
                                            pad_token_id, self.config.max_seq_len, self.hf_model.device)
         rows = check_rows(self.kept, rows, tokens, max_new_tokens, self.config.max_seq_len)
-        if self.training or self.inference is None:  # after train(): the weights are described again
+        if self._stale():  # after train(): the weights are described again
             self.eval()
         _, eos_ids, pad_token_id = self._stop_tokens(eos_token_id, pad_token_id, self.kept.cached.device)
-        out = continue_rows(self.inference, self._cache_for(), self.kept, rows, tokens, max_new_tokens, params,
-                            eos_ids, pad_token_id, self._static_step())
+        with self._no_autocast():
+            out = continue_rows(self.inference, self._cache_for(), self.kept, rows, tokens, max_new_tokens, params,
+                                eos_ids, pad_token_id, self._static_step())
         return GenerationOutput(out.sequences.clone(), out.logprobs.clone(), out.action_mask.clone())
 
     def _static_step(self) -> StaticDecoder | None:
@@ -409,11 +523,12 @@ class HybridEngine:
                 raise ValueError(f"seq_len {T} exceeds max_seq_len {self.config.max_seq_len}")
             if B > self.config.max_batch_size:
                 raise ValueError(f"batch size {B} exceeds max_batch_size {self.config.max_batch_size}")
-            if self.training or self.inference is None:
+            if self._stale():
                 self.eval()
             cache = self._cache_for()
             key_mask, positions = prompt_masks(attention_mask, cache.max_seq_len)         # (B, S_max), (B, T)
-            logits = self.inference.forward(input_ids, positions, cache, 0, key_mask, keep=keep)  # (B, T - P + 1, V)
+            with self._no_autocast():
+                logits = self.inference.forward(input_ids, positions, cache, 0, key_mask, keep=keep)  # (B, T-P+1, V)
         return token_logprobs(logits[:, :-1], input_ids[:, prompt_len:], temperature)  # (B, T - P)
 
     @torch.no_grad()
@@ -427,7 +542,10 @@ class HybridEngine:
         kwargs = dict(do_sample=params.do_sample, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                       pad_token_id=pad_token_id, output_scores=False, output_logits=True, return_dict_in_generate=True)
         if params.do_sample:
-            kwargs.update(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+            kwargs.update(temperature=params.temperature, top_k=params.top_k or 0, top_p=params.top_p,
+                          min_p=params.min_p or None)
+        if params.penalized:
+            kwargs.update(repetition_penalty=params.repetition_penalty)
         res = self.hf_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         new = res.sequences[:, input_ids.shape[1]:]
         logprobs = token_logprobs(torch.stack(res.logits, dim=1), new, params.temperature)  # (B, N)

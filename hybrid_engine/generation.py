@@ -14,7 +14,7 @@ from .models import InferenceModel
 
 @dataclass
 class GenerationOutput:
-    sequences: torch.Tensor    # (B, P + N) long: the prompts as given (left padded), then the new tokens
+    sequences: torch.Tensor    # (B, P + N) long: the prompts as given (left or right padded), then the new tokens
                                # (continue_rows: (R, N), the new tokens only)
     logprobs: torch.Tensor     # (B, N) float: log softmax(logits / temperature) at each new token, 0 after EOS
     action_mask: torch.Tensor  # (B, N) bool: new tokens up to and including EOS
@@ -24,15 +24,40 @@ class GenerationOutput:
 class SamplingParams:
     do_sample: bool = False
     temperature: float = 1.0
-    top_k: int = 0
+    top_k: int | None = 0               # 0 or None: off
     top_p: float = 1.0
     generator: torch.Generator | None = None
+    min_p: float = 0.0                  # keep tokens of probability >= min_p x the top token's (0: off)
+    repetition_penalty: float = 1.0     # Hugging Face's, over the prompt's and the new tokens' ids (1: off)
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0
 
 
-def filter_logits(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set to -inf every logit outside the top-k and outside the nucleus of mass top_p (Hugging Face's
-    semantics: the smallest set whose probability exceeds top_p, at least one token). scores: (B, V)."""
-    if top_k > 0 and top_k < scores.shape[-1]:
+class RepetitionPenalty:
+    """Hugging Face's RepetitionPenaltyLogitsProcessor over each row's tokens so far (its prompt as given, pads
+    included, as HF's input_ids are, then its new tokens): a seen token's logit is divided by `penalty` where
+    positive and multiplied by it where negative. Kept as a (B, V) mask of seen ids, updated with each choice."""
+
+    def __init__(self, penalty: float, prompt_ids: torch.Tensor, vocab: int):
+        self.penalty = penalty
+        self.seen = torch.zeros(prompt_ids.shape[0], vocab, dtype=torch.bool, device=prompt_ids.device)  # (B, V)
+        self.seen.scatter_(1, prompt_ids, True)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        penalized = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)       # (B, V)
+        return torch.where(self.seen, penalized, logits)
+
+    def update(self, tokens: torch.Tensor) -> None:
+        self.seen.scatter_(1, tokens[:, None], True)
+
+
+def filter_logits(scores: torch.Tensor, top_k: int | None, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k, outside the nucleus of mass top_p (Hugging Face's
+    semantics: the smallest set whose probability exceeds top_p, at least one token) and, after both, below
+    min_p times the top probability (HF's MinPLogitsWarper, applied last as HF does). scores: (B, V)."""
+    if top_k and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]                # (B, 1)
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p < 1.0:
@@ -42,17 +67,25 @@ def filter_logits(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         drop_sorted[..., -1] = False                                              # keep the most likely
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
+    if min_p > 0.0:
+        probs = scores.softmax(dim=-1)                                            # (B, V)
+        scores = scores.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
     return scores
 
 
-def next_tokens(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose one token per row; returns (tokens (B,), logprobs (B,)) with logprobs of softmax(logits / T)."""
+def next_tokens(logits: torch.Tensor, params: SamplingParams,
+                penalty: RepetitionPenalty | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose one token per row; returns (tokens (B,), logprobs (B,)) with logprobs of softmax(logits / T).
+    The repetition penalty changes the choice only: the logprobs stay the training forward's (the contract)."""
+    scores = penalty.apply(logits) if penalty is not None else logits                    # (B, V)
     if params.do_sample:
-        scores = logits / params.temperature if params.temperature != 1.0 else logits   # (B, V) fp32
-        probs = filter_logits(scores, params.top_k, params.top_p).softmax(dim=-1)
+        scores = scores / params.temperature if params.temperature != 1.0 else scores   # (B, V) fp32
+        probs = filter_logits(scores, params.top_k, params.top_p, params.min_p).softmax(dim=-1)
         tokens = torch.multinomial(probs, 1, generator=params.generator).squeeze(-1)
     else:
-        tokens = logits.argmax(dim=-1)
+        tokens = scores.argmax(dim=-1)
+    if penalty is not None:
+        penalty.update(tokens)
     return tokens, token_logprobs(logits, tokens, params.temperature)
 
 
@@ -82,12 +115,14 @@ def generate(model: InferenceModel, cache: KVCache, input_ids: torch.Tensor, att
     def step(tok: torch.Tensor, t: int) -> torch.Tensor:  # every row writes slot P + t: prompts are left padded
         return model.forward(tok[:, None], next_pos + t, cache, P + t, key_mask)
 
-    new = decode_loop(logits, step, max_new_tokens, params, eos_ids, pad_token_id)
+    penalty = RepetitionPenalty(params.repetition_penalty, input_ids, logits.shape[-1]) if params.penalized else None
+    new = decode_loop(logits, step, max_new_tokens, params, eos_ids, pad_token_id, penalty)
     return GenerationOutput(torch.cat([input_ids, new.sequences], dim=1), new.logprobs, new.action_mask)
 
 
 def decode_loop(logits: torch.Tensor, step: Callable[[torch.Tensor, int], torch.Tensor], max_new_tokens: int,
-                params: SamplingParams, eos_ids: torch.Tensor | None, pad_token_id: int) -> GenerationOutput:
+                params: SamplingParams, eos_ids: torch.Tensor | None, pad_token_id: int,
+                penalty: RepetitionPenalty | None = None) -> GenerationOutput:
     """Choose up to max_new_tokens per row from the prefill's last logits (B, V), feeding the tokens chosen at
     step t through `step(tokens (B,), t)` for the next logits; each row stops at its first EOS, and the loop once
     every row has. Returns sequences (B, N): the new tokens only (pad after a row's stop)."""
@@ -99,7 +134,7 @@ def decode_loop(logits: torch.Tensor, step: Callable[[torch.Tensor, int], torch.
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     steps = 0
     for t in range(max_new_tokens):
-        tok, logp = next_tokens(logits, params)
+        tok, logp = next_tokens(logits, params, penalty)
         alive = ~finished
         tok = torch.where(alive, tok, pad_token_id)
         tokens[:, t] = tok

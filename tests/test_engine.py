@@ -256,9 +256,10 @@ def test_fallback_matches_hugging_face_generate_and_forward(name, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(prompt_len=30), "exceeds max_seq_len 32"),
     (dict(max_new_tokens=0), "max_new_tokens=0: expected at least 1"),
-    (dict(batch=5), "batch size 5 exceeds max_batch_size 4"),
+    (dict(batch=5, keep_cache=True), "batch size 5 exceeds max_batch_size 4"),
+    (dict(min_p=1.5), r"min_p=1.5: expected a value in \[0, 1\]"),
+    (dict(repetition_penalty=0.0), "repetition_penalty=0.0: expected a positive value"),
     (dict(top_p=0.0), r"top_p=0.0: expected a value in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p=1.5: expected a value in \(0, 1\]"),
     (dict(temperature=0.0), "temperature=0.0: expected a positive value"),

@@ -55,6 +55,16 @@ class Linear:
 
 
 @dataclass
+class AutocastLinear(Linear):
+    """A Linear as torch.autocast runs nn.Linear: input, weight and bias in the low dtype (the weight and bias
+    cast once, at eval(), by common.cast_linears), the output cast back to the input's dtype. Around it the
+    engine keeps its own dtype, as autocast keeps norms, rotary, softmax and residual adds out of the low dtype."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return super().__call__(x.to(self.weight.dtype)).to(x.dtype)
+
+
+@dataclass
 class Norm:
     weight: torch.Tensor
     bias: torch.Tensor | None

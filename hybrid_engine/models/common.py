@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.reference import ACTIVATIONS
-from .base import Linear, Norm
+from .base import AutocastLinear, Linear, Norm
 
 
 def activation(name: str):
@@ -190,7 +190,7 @@ def pack_linears(weights, batch_hint: int) -> int:
     linears += [weights.lm_head, weights.project_in, weights.project_out]
     total = 0
     for lin in linears:
-        if lin is None or type(lin) is not Linear:  # tensor-parallel linears all-reduce: left as they are
+        if lin is None or type(lin) not in (Linear, AutocastLinear):  # TP linears all-reduce: left as they are
             continue
         weight = lin.weight.detach()
         weight = weight.t().contiguous() if lin.transposed else weight  # oneDNN wants (out, in)
@@ -200,4 +200,27 @@ def pack_linears(weights, batch_hint: int) -> int:
         experts.packed = tuple([torch.ops.mkldnn._reorder_linear_weight(w[e].detach(), batch_hint)
                                 for e in range(w.shape[0])] for w in (experts.gate_up, experts.down))
         total += sum(w.numel() * w.element_size() for w in (experts.gate_up, experts.down))
+    return total
+
+
+def cast_linears(weights, dtype: torch.dtype) -> int:
+    """Replace every projection of `weights` (a ModelWeights) by an AutocastLinear over a `dtype` copy of its
+    weight and bias, so the inference forward runs its matmuls as torch.autocast(dtype) runs the training
+    forward's (in `dtype`, the rest in the parameters' dtype); returns the bytes of the copies. Tensor-parallel
+    linears and mixture-of-experts experts are left in the parameters' dtype."""
+    total = 0
+
+    def cast(lin):
+        nonlocal total
+        if lin is None or type(lin) is not Linear:
+            return lin
+        weight = lin.weight.detach().to(dtype)
+        bias = None if lin.bias is None else lin.bias.detach().to(dtype)
+        total += weight.numel() * weight.element_size() + (0 if bias is None else bias.numel() * bias.element_size())
+        return AutocastLinear(weight, bias, lin.transposed)
+
+    for layer in weights.layers:
+        layer.qkv, layer.o, layer.up, layer.down = cast(layer.qkv), cast(layer.o), cast(layer.up), cast(layer.down)
+    weights.lm_head, weights.project_in, weights.project_out = (cast(weights.lm_head), cast(weights.project_in),
+                                                                cast(weights.project_out))
     return total
