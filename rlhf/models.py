@@ -242,13 +242,16 @@ class RewardModel(nn.Module):
         self.value_head = nn.Linear(hidden_size, 1, bias=False, dtype=next(backbone.parameters()).dtype)
         self.config = backbone.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if attention_mask is None:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) values. `position_ids` without a mask: packed rows (positions restart at each sequence; the
+        backbone's causal mask is block-diagonal, rlhf/core/microbatch.py)."""
+        if attention_mask is None and position_ids is None:
             attention_mask = torch.ones_like(input_ids)
         out = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
+            position_ids=position_ids if position_ids is not None else position_ids_from_mask(attention_mask),
             use_cache=False,
         )
         hidden = out.last_hidden_state  # (B, T, H)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hybrid_engine import HybridEngine, SamplingParams, token_logprobs
+from rlhf.core.microbatch import MicroBatch, Microbatching, in_batch_order
 from rlhf.models import position_ids_from_mask
 
 
@@ -66,6 +67,33 @@ def action_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor
 def action_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """The critic's value of the state before each answer token: (B, N)."""
     return critic(sequences, attention_mask)[:, prompt_len - 1:-1].float()
+
+
+def micro_logprobs(model, mb: MicroBatch, temperature: float = 1.0) -> torch.Tensor:
+    """`action_logprobs` of one micro-batch (rlhf/core/microbatch.py), trimmed or packed: (b, N) in the batch's
+    answer layout, 0 off each row's answer; only the kept columns go through the LM head."""
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                   use_cache=False, logits_to_keep=mb.keep).logits               # (R, K, V)
+    return mb.scatter(token_logprobs(logits, mb.labels, temperature))           # (b, N)
+
+
+def micro_values(critic, mb: MicroBatch) -> torch.Tensor:
+    """`action_values` of one micro-batch: (b, N), 0 off each row's answer."""
+    return mb.scatter(mb.gather(critic(mb.input_ids, mb.attention_mask, mb.position_ids)).float())
+
+
+def micro_scores(reward_model, mb: MicroBatch) -> torch.Tensor:
+    """A reward model's score (its value at the last token) of each row of one micro-batch: (b,)."""
+    return mb.last_values(reward_model(mb.input_ids, mb.attention_mask, mb.position_ids))
+
+
+def batch_scores(reward_model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                 micro: Microbatching | None = None) -> torch.Tensor:
+    """(B,) a reward model's scores, padded (`RewardModel.score`) or by micro-batch."""
+    if micro is None or not micro.enabled:
+        return reward_model.score(sequences, attention_mask)
+    batches = micro.plan(sequences, attention_mask, prompt_len)
+    return in_batch_order(batches, [micro_scores(reward_model, mb) for mb in batches])
 
 
 @dataclass
@@ -155,34 +183,48 @@ def sample(hybrid, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: 
 
 @torch.no_grad()
 def generate_experience(s: Sample, actor, ref, critic, reuse_rollout_logprobs: bool = False, audit: bool = False,
-                        timer: PhaseTimer | None = None) -> tuple[Experience, RolloutStats]:
+                        timer: PhaseTimer | None = None,
+                        micro: Microbatching | None = None) -> tuple[Experience, RolloutStats]:
     """One generation batch, once sampled (`sample`): score it with the training forward of the actor, the
     frozen reference and the critic (None: no values). The models are plain modules (a DeepSpeed engine's
     `.module`); `ref` may be a HybridEngine instead, scored with its prefill-only forward. The rewards are the
     caller's (a reward model or a function).
 
     `reuse_rollout_logprobs`: PPO's old logprobs are the engine's rollout logprobs (same weights, same tokens,
-    within the measured gap), saving the actor's forward; `audit` runs that forward anyway to report the gap."""
+    within the measured gap), saving the actor's forward; `audit` runs that forward anyway to report the gap.
+    `micro`: the training forwards by token-budget micro-batches (rlhf/core/microbatch.py; an engine-scored
+    reference keeps its own padded prefill)."""
     timer = timer or PhaseTimer()
     seq, attention_mask, action_mask, P, stats = s.sequences, s.attention_mask, s.action_mask, s.prompt_len, s.stats
     temperature = s.temperature
     actor.eval()  # no dropout: the "old" logprobs must be those of the policy that generated
     mask = action_mask.float()
     logprobs = s.logprobs
+    batches = micro.plan(seq, attention_mask, P) if micro is not None and micro.enabled else None
+
+    def logprobs_of(model) -> torch.Tensor:  # (B, N): the padded forward, or its micro-batches' in the rows' order
+        if batches is None:
+            return action_logprobs(model, seq, attention_mask, P, temperature)
+        return in_batch_order(batches, [micro_logprobs(model, mb, temperature) for mb in batches])
+
     if not reuse_rollout_logprobs or audit:
         with timer.phase("old_logprobs"):
-            forward = action_logprobs(actor, seq, attention_mask, P, temperature) * mask
-        stats.logprob_gap = max_logprob_gap(s.logprobs, forward, action_mask)
-        logprobs = logprobs if reuse_rollout_logprobs else forward
+            old = logprobs_of(actor) * mask
+        stats.logprob_gap = max_logprob_gap(s.logprobs, old, action_mask)
+        logprobs = logprobs if reuse_rollout_logprobs else old
     with timer.phase("ref_logprobs"):
         if isinstance(ref, HybridEngine):
             ref_logprobs = ref.score(seq, attention_mask, prompt_len=P, temperature=temperature)
         else:
-            ref_logprobs = action_logprobs(ref, seq, attention_mask, P, temperature)
+            ref_logprobs = logprobs_of(ref)
     values = None
     if critic is not None:
         with timer.phase("values"):
-            values = action_values(critic, seq, attention_mask, P) * mask
+            if batches is None:
+                values = action_values(critic, seq, attention_mask, P)
+            else:
+                values = in_batch_order(batches, [micro_values(critic, mb) for mb in batches])
+            values = values * mask
     actor.train()
     return Experience(seq, attention_mask, action_mask, P, logprobs, ref_logprobs * mask, s.logprobs,
                       values), stats

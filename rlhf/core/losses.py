@@ -119,6 +119,21 @@ LOSS_AGGREGATIONS = {"token-mean": token_mean, "seq-mean-token-mean": seq_mean_t
                      "seq-mean-token-sum-norm": seq_mean_token_sum_norm}
 
 
+# What each aggregation averages over, counted in a (B, N) mask: a micro-batch of a minibatch carries the share
+# units(micro) / units(minibatch) of the minibatch's loss (gradient accumulation that weighs micro-batches right).
+AGGREGATION_UNITS = {"token-mean": lambda m: m.sum(), "seq-mean-token-mean": lambda m: (m.sum(-1) > 0).sum(),
+                     "seq-mean-token-sum-norm": lambda m: m.new_tensor(m.shape[0])}
+
+
+def aggregation_share(micro_mask: torch.Tensor, batch_mask: torch.Tensor, mode: str = "token-mean") -> float:
+    """The weight of a micro-batch's loss, ``aggregate(L[rows], m[rows], mode)``, in the minibatch's:
+    ``aggregate(L, m, mode) = sum over micro-batches of share * aggregate(L[rows], m[rows], mode)`` exactly (the
+    norm_len of seq-mean-token-sum-norm given, not the padded width). 0 for a micro-batch with nothing to average."""
+    units = AGGREGATION_UNITS[mode]
+    total = float(units(batch_mask.float()))
+    return float(units(micro_mask.float())) / total if total else 0.0
+
+
 def aggregate(losses: torch.Tensor, action_mask: torch.Tensor, mode: str = "token-mean",
               norm_len: int | None = None) -> torch.Tensor:
     """Reduce per-token losses (B, N) to a scalar with the ``LOSS_AGGREGATIONS`` entry ``mode``."""

@@ -131,12 +131,24 @@ def _gradient_norm(engine) -> torch.Tensor | None:
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
 
 
-def guarded_update(engine, loss: torch.Tensor, guard: NonFiniteGuard, step: int, name: str = "loss") -> bool:
+def guarded_update(engine, loss: torch.Tensor, guard: NonFiniteGuard, step: int, name: str = "loss",
+                   boundary: bool | None = None) -> bool:
     """``engine.backward(loss)`` and ``engine.step()`` unless ``loss`` is not finite (then neither runs: False);
-    a non-finite gradient norm at the accumulation boundary drops the window's gradients instead of stepping."""
+    a non-finite gradient norm at the accumulation boundary drops the window's gradients instead of stepping.
+
+    ``boundary``: None, the engine's own count of micro-steps decides where its accumulation window ends; True or
+    False, the caller's micro-batches do (the step-3 trainer's token-budget micro-batches of one minibatch: False
+    for all but the last, whose update steps). A non-finite loss then also drops what the window accumulated, and
+    the caller skips the window's remaining micro-batches."""
     if not guard.ok(step, **{name: loss}):
+        if boundary is not None:
+            engine.optimizer.zero_grad(set_to_none=True)
         return False
+    if boundary is not None:
+        engine.set_gradient_accumulation_boundary(boundary)
     engine.backward(loss)
+    if boundary is False:
+        return True
     if engine.is_gradient_accumulation_boundary() and not guard.ok(step, gradient_norm=_gradient_norm(engine)):
         engine.optimizer.zero_grad(set_to_none=True)
         return True

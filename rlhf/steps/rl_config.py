@@ -170,6 +170,17 @@ class LoopOptions:
     """Batches, rounds and schedule of the step-3 loop, its evaluation and logging."""
     per_device_generation_batch_size: int = opt(16, "prompts per rollout per device", bounds=AT_LEAST_1)
     per_device_training_batch_size: int = opt(16, "rows (answers) per minibatch per device", bounds=AT_LEAST_1)
+    # Rows sorted by length and cut into micro-batches of at most this many tokens (rows x longest row), each
+    # trimmed to its longest row: the same losses and update as one padded forward (gradients accumulated with each
+    # micro-batch's share of the loss), without computing the padding; benchmarks/RESULTS.md has the measurement.
+    max_tokens_per_microbatch: int = opt(0, "training forwards (actor, reference, critic, reward model) and the "
+                                         "backward by micro-batches of at most this many tokens, rows sorted by "
+                                         "length and trimmed to the micro-batch's longest; same losses and update "
+                                         "as the padded minibatch (0: one padded forward per minibatch)",
+                                         bounds=NON_NEGATIVE)
+    pack_sequences: bool = opt(False, "pack each micro-batch's rows into one row, positions restarting per "
+                               "sequence (per-sequence attention: varlen flash attention with flash_attention_2, a "
+                               "block-diagonal mask with sdpa/eager); llama, mistral, qwen2, qwen3 models")
     generation_batches: int = opt(1, "rollouts collected before each round of PPO updates", bounds=AT_LEAST_1)
     ppo_epochs: int = opt(1, "passes over the collected rollouts per round", bounds=AT_LEAST_1)
     num_train_epochs: int = opt(1, "passes over the prompts", bounds=AT_LEAST_1)

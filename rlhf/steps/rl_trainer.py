@@ -26,18 +26,23 @@ from rlhf.core.experience import (
     Sample,
     action_logprobs,
     action_values,
+    batch_scores,
     generate_experience,
     lm_loss,
+    micro_logprobs,
+    micro_values,
     sample,
 )
 from rlhf.core.losses import (
     aggregate,
+    aggregation_share,
     kl_divergence,
     kl_penalized_rewards,
     last_action_index,
     masked_mean,
     value_loss,
 )
+from rlhf.core.microbatch import PACKABLE_MODEL_TYPES, MicroBatch, Microbatching
 from rlhf.core.rewards import RewardFunction
 from rlhf.core.rollout_correction import correction_weights
 from rlhf.envs import MultiTurn, ToolEnvironment, TurnSettings, load_environment, load_tools
@@ -92,6 +97,12 @@ class RLTrainer:
         actor = create_actor(cfg.actor.model_name_or_path, cfg.actor.model_options(cfg.only_optimize_lora))
         self.reuse_logprobs = reuse_rollout_logprobs(cfg, actor)
         self.rollouts = 0  # rollouts made so far, for the audit interval
+        # the training forwards and backward by token-budget micro-batches, trimmed or packed (rlhf/core/microbatch.py)
+        self.micro = Microbatching(cfg.loop.max_tokens_per_microbatch, cfg.loop.pack_sequences)
+        if self.micro.pack and actor.config.model_type not in PACKABLE_MODEL_TYPES:
+            raise ValueError(f"--pack-sequences: {cfg.actor.model_name_or_path} is a {actor.config.model_type} model; "
+                             f"packing is checked for {', '.join(PACKABLE_MODEL_TYPES)} (use --no-pack-sequences: "
+                             "token-budget micro-batches work for every family)")
         self.timer = PhaseTimer()
         warmup = warmup_steps(total_steps, cfg.loop.num_warmup_steps, cfg.loop.warmup_ratio)
         self.actor = initialize(actor, ds_config(micro, 1, cfg.actor.zero_stage, cfg.offload, cfg.dtype),
@@ -173,7 +184,8 @@ class RLTrainer:
                 return earned
             if self.reward_model is None:  # distill without a task reward
                 return torch.zeros(exp.sequences.shape[0], device=self.device)
-            return self.reward_model.module.score(exp.sequences, exp.attention_mask).float()
+            return batch_scores(self.reward_model.module, exp.sequences, exp.attention_mask, exp.prompt_len,
+                                self.micro).float()
 
     def sample(self, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams, prompts: list[str],
                fields: list[dict], switch: bool = True) -> Sample:
@@ -204,7 +216,8 @@ class RLTrainer:
         ref = self.ref_engine or self.ref.module
         params = dataclasses.replace(self.sampling, generator=generator)
         s = self.sample(ids, mask, params, prompts or [""] * ids.shape[0], fields or [{}] * ids.shape[0])
-        exp, stats = generate_experience(s, self.actor.module, ref, critic, self.reuse_logprobs, audit, self.timer)
+        exp, stats = generate_experience(s, self.actor.module, ref, critic, self.reuse_logprobs, audit, self.timer,
+                                         self.micro)
         exp.env_scores = getattr(s, "env_scores", None)
         if self.teacher is not None:
             with self.timer.phase("teacher_logprobs"), torch.no_grad():
@@ -258,36 +271,75 @@ class RLTrainer:
 
     def train_on(self, exp: Experience, ptx_batch: dict | None = None) -> dict:
         """One minibatch: actor step on the clipped policy loss (+ the KL loss term), a PTX step when given, and
-        a critic step on the clipped value loss when there is a critic."""
-        cfg, algo = self.cfg, self.algo
+        a critic step on the clipped value loss when there is a critic. With --max-tokens-per-microbatch (or
+        --pack-sequences) each step accumulates the gradients of the minibatch's micro-batches, each micro-batch's
+        loss weighed by its share of the minibatch's aggregation (`aggregation_share`): the same loss, gradient and
+        logged numbers as one padded forward of the minibatch."""
+        cfg = self.cfg
+        batches = self.micro.plan(exp.sequences, exp.attention_mask, exp.prompt_len) if self.micro.enabled else [None]
+        out = {"advantage": masked_mean(exp.advantages, exp.action_mask).item()}
         with self.timer.phase("actor_update"):
-            logprobs = action_logprobs(self.actor, exp.sequences, exp.attention_mask, exp.prompt_len,
-                                       self.sampling.temperature)
-            mask = exp.action_mask if exp.loss_mask is None else exp.loss_mask  # overlong filtering drops rows
-            actor_loss = algo.policy_loss_fn(logprobs, exp.logprobs, exp.advantages, mask, algo.clip,
-                                             algo.clip_high, algo.loss_agg, cfg.sampling.max_answer_seq_len,
-                                             exp.correction)
-            out = {"actor_loss": actor_loss.item(), "advantage": masked_mean(exp.advantages, exp.action_mask).item()}
-            loss = actor_loss
-            if algo.kl_loss_coef:
-                kl = aggregate(kl_divergence(logprobs, exp.ref_logprobs, mask, algo.kl_estimator),
-                               mask, algo.loss_agg, cfg.sampling.max_answer_seq_len)
-                loss = loss + algo.kl_loss_coef * kl
-                out["kl_loss"] = kl.item()
-            guarded_update(self.actor, loss, self.guard, self.round, "actor_loss")
+            out.update(self.accumulate(self.actor, batches, lambda mb: self.actor_losses(exp, mb), "actor_loss"))
             if ptx_batch is not None:
                 ptx = lm_loss(self.actor, to_device(ptx_batch, self.device))
                 guarded_update(self.actor, cfg.algo.unsup_coef * ptx, self.guard, self.round, "ptx_loss")
                 out["ptx_loss"] = ptx.item()
         if self.critic is not None:
             with self.timer.phase("critic_update"):
-                values = action_values(self.critic, exp.sequences, exp.attention_mask, exp.prompt_len)
-                critic_loss = value_loss(values, exp.values, exp.returns, exp.action_mask, cfg.algo.cliprange_value)
-                guarded_update(self.critic, critic_loss, self.guard, self.round, "critic_loss")
-            out["critic_loss"] = critic_loss.item()
+                out.update(self.accumulate(self.critic, batches, lambda mb: self.critic_losses(exp, mb),
+                                           "critic_loss"))
         if self.ema is not None:
             self.update_ema()
-        return out
+        return {"actor_loss": out.pop("actor_loss"), **out}
+
+    def accumulate(self, engine, batches: list[MicroBatch | None], losses, name: str) -> dict:
+        """One optimizer step of `engine` over `batches` (None: the padded minibatch): backward of each micro-batch's
+        `losses(mb)` = (loss, its named terms), stepping at the last; the terms summed over the micro-batches. A
+        non-finite loss skips the step (the guard counts it) and the window's remaining micro-batches."""
+        totals = {}
+        for k, mb in enumerate(batches):
+            loss, terms = losses(mb)
+            for key, value in terms.items():
+                totals[key] = totals.get(key, 0.0) + value.item()
+            boundary = None if mb is None else k == len(batches) - 1
+            if not guarded_update(engine, loss, self.guard, self.round, name, boundary):
+                break
+        return totals
+
+    def actor_losses(self, exp: Experience, mb: MicroBatch | None) -> tuple[torch.Tensor, dict]:
+        """The actor's loss on micro-batch `mb` (None: the whole minibatch, padded) as its share of the minibatch's:
+        (policy loss + KL loss term, {actor_loss, kl_loss})."""
+        algo, norm_len = self.algo, self.cfg.sampling.max_answer_seq_len
+        mask = exp.action_mask if exp.loss_mask is None else exp.loss_mask  # overlong filtering drops rows
+        if mb is None:
+            rows, share = slice(None), 1.0
+            logprobs = action_logprobs(self.actor, exp.sequences, exp.attention_mask, exp.prompt_len,
+                                       self.sampling.temperature)
+        else:
+            rows, share = mb.rows, aggregation_share(mask[mb.rows], mask, algo.loss_agg)
+            logprobs = micro_logprobs(self.actor, mb, self.sampling.temperature)
+        weights = None if exp.correction is None else exp.correction[rows]
+        actor_loss = share * algo.policy_loss_fn(logprobs, exp.logprobs[rows], exp.advantages[rows], mask[rows],
+                                                 algo.clip, algo.clip_high, algo.loss_agg, norm_len, weights)
+        terms, loss = {"actor_loss": actor_loss}, actor_loss
+        if algo.kl_loss_coef:
+            kl = share * aggregate(kl_divergence(logprobs, exp.ref_logprobs[rows], mask[rows], algo.kl_estimator),
+                                   mask[rows], algo.loss_agg, norm_len)
+            loss = loss + algo.kl_loss_coef * kl
+            terms["kl_loss"] = kl
+        return loss, terms
+
+    def critic_losses(self, exp: Experience, mb: MicroBatch | None) -> tuple[torch.Tensor, dict]:
+        """The critic's clipped value loss on micro-batch `mb` (None: the whole minibatch) as its share."""
+        if mb is None:
+            rows, share = slice(None), 1.0
+            values = action_values(self.critic, exp.sequences, exp.attention_mask, exp.prompt_len)
+        else:
+            rows, share = mb.rows, aggregation_share(exp.action_mask[mb.rows], exp.action_mask)
+            values = micro_values(self.critic, mb)
+        loss = share * value_loss(values, exp.values[rows], exp.returns[rows], exp.action_mask[rows],
+                                  self.cfg.algo.cliprange_value)
+        return loss, {"critic_loss": loss}
 
     def engines(self) -> dict:
         """The trained DeepSpeed engines, by the name their checkpoint is saved under."""
