@@ -3,6 +3,7 @@
 
     python benchmarks/rlhf_step.py --threads 1 --json step.json     # CPU, ~15M Llama-style model, ppo and grpo
     python benchmarks/rlhf_step.py --threads 1 --clock cpu          # the same in CPU seconds (a shared CPU)
+    python benchmarks/rlhf_step.py --threads 1 --clock cpu --eos-ids 128   # answers of mixed length
     python benchmarks/rlhf_step.py --device cuda --dtype bf16 --model-size 1b --json step.json
     python benchmarks/rlhf_step.py --model PATH                     # your checkpoint (actor, reference, critic, RM)
 
@@ -13,12 +14,19 @@ its phase timer on:
           (DeepSpeed-Chat's HF baseline);
   engine  --reuse-rollout-logprobs --score-reference-with-engine: the hybrid engine generates, its rollout
           logprobs are PPO's old logprobs, the reference is scored by the engine's prefill-only forward
-          (HybridEngine.score; off by default, as on CPU it costs what the training forward costs).
+          (HybridEngine.score; off by default, as on CPU it costs what the training forward costs);
+  budget  the engine with the trainer's defaults for the training forwards: --max-tokens-per-microbatch
+          --max-tokens (rows sorted by length, each micro-batch trimmed to its longest row; the reference on its
+          training forward, micro-batched too);
+  packed  budget with --pack-sequences (each micro-batch's rows in one row, positions restarting per sequence).
 The reward model and the critic start from the actor's checkpoint with a random value head (a score is a score).
 A round is one rollout of --batch-size rows (GRPO: --batch-size / 4 prompts x 4 samples) and one actor (and
-critic) step on all of them. Every answer is --new-tokens long (no EOS stop), so both sides do the same work
-whatever they sample. Each side runs one warm-up round, then the sides take turns for --repeats rounds (in
-ABBA order), so load from elsewhere on the machine falls on both alike; medians are printed. The engine's audit
+critic) step on all of them. By default every answer is --new-tokens long (no EOS stop), so the sides do the same
+work whatever they sample; --eos-ids N gives answers of mixed length (N token ids end an answer), and the engine
+sides then sample the same answers (same weights, same seed, updates equal to fp32 rounding) while the hf side
+samples its own (Hugging Face generate draws its random numbers differently): the `ans len` column shows each
+side's median mean answer length. Each side runs one warm-up round, then the sides take turns for --repeats rounds
+(in ABBA order), so load from elsewhere on the machine falls on all alike; medians are printed. The engine's audit
 of the reused logprobs (every 10th rollout, the first included) falls in the warm-up round; it costs one
 `old logp` of the hf side per 10 rounds.
 """
@@ -45,9 +53,14 @@ from rlhf.runtime.process import end_process  # noqa: E402
 from rlhf.steps.rl_config import RLConfig  # noqa: E402
 from rlhf.steps.rl_trainer import RLTrainer  # noqa: E402
 
-SIDES = {  # RLConfig options of each side
-    "hf": dict(enable_hybrid_engine=False, reuse_rollout_logprobs=False, score_reference_with_engine=False),
-    "engine": dict(enable_hybrid_engine=True, reuse_rollout_logprobs=True, score_reference_with_engine=True),
+PADDED = dict(max_tokens_per_microbatch=0, pack_sequences=False)
+SIDES = {  # RLConfig options of each side (budget and packed: their --max-tokens-per-microbatch is --max-tokens)
+    "hf": dict(enable_hybrid_engine=False, reuse_rollout_logprobs=False, score_reference_with_engine=False, **PADDED),
+    "engine": dict(enable_hybrid_engine=True, reuse_rollout_logprobs=True, score_reference_with_engine=True, **PADDED),
+    "budget": dict(enable_hybrid_engine=True, reuse_rollout_logprobs=True, score_reference_with_engine=False,
+                   pack_sequences=False),
+    "packed": dict(enable_hybrid_engine=True, reuse_rollout_logprobs=True, score_reference_with_engine=False,
+                   pack_sequences=True),
 }
 # the trainer's phase names, in the order of a round, with their column titles
 PHASES = {"generate": "generate", "switch": "switch", "old_logprobs": "old logp", "ref_logprobs": "ref logp",
@@ -100,6 +113,7 @@ def timed_round(trainer: RLTrainer, batch: dict, generator: torch.Generator, dev
     seconds = trainer.timer.pop()
     seconds["round"] = clock() - start
     seconds["other"] = seconds["round"] - sum(v for k, v in seconds.items() if k != "round")  # advantages, ...
+    seconds["answer_len"] = exp.action_mask.sum(-1).float().mean().item()  # tokens, not seconds: the work done
     return seconds
 
 
@@ -110,47 +124,60 @@ def run_algorithm(args, algorithm: str, actor_dir: str, reward_dir: str, vocab: 
         raise SystemExit(f"rlhf_step.py: error: --batch-size {rows}: {algorithm} needs a multiple of {n}")
     batch = prompt_batch(args, vocab, rows // n, dist.device)
     prompt_len = batch["input_ids"].shape[1]
-    trainers = {}
-    for side, fields in SIDES.items():
+    trainers, sides = {}, {side: SIDES[side] for side in args.sides}
+    for side, fields in sides.items():
+        fields = {"max_tokens_per_microbatch": args.max_tokens, **fields}
         cfg = config_from_options(RLConfig, actor_model_name_or_path=actor_dir, critic_model_name_or_path=reward_dir,
                                   algorithm=algorithm, per_device_generation_batch_size=rows // n,
                                   per_device_training_batch_size=rows, max_prompt_seq_len=prompt_len,
                                   max_answer_seq_len=args.new_tokens, num_warmup_steps=0, dtype=args.dtype,
-                                  kernels=args.kernels, disable_tqdm=True, **fields)
+                                  kernels=args.kernels, top_k=args.top_k, disable_tqdm=True, **fields)
         cfg.validate()
         torch.manual_seed(0)
-        trainers[side] = RLTrainer(cfg, SimpleNamespace(eos_token_id=[], pad_token_id=0), total_steps=100,
-                                   device=dist.device, reward_fn=None)  # eos []: never stop early
+        # --eos-ids 0: eos [], never stop early
+        eos = list(range(3, 3 + args.eos_ids))
+        trainers[side] = RLTrainer(cfg, SimpleNamespace(eos_token_id=eos, pad_token_id=0), total_steps=100,
+                                   device=dist.device, reward_fn=None)
         trainers[side].timer = PhaseTimer(enabled=True, clock=CLOCKS[args.clock])
-    generators = {side: torch.Generator(device=dist.device).manual_seed(7) for side in SIDES}
-    times = {side: [] for side in SIDES}
+    generators = {side: torch.Generator(device=dist.device).manual_seed(7) for side in sides}
+    times = {side: [] for side in sides}
     for repeat in range(args.repeats + 1):  # the first is the warm-up
-        order = list(SIDES) if repeat % 2 else list(SIDES)[::-1]  # ABBA: neither side always runs first
+        order = list(sides) if repeat % 2 else list(sides)[::-1]  # ABBA: neither side always runs first
         for side in order:
             seconds = timed_round(trainers[side], batch, generators[side], args.device)
             if repeat:
                 times[side].append(seconds)
-    median = {side: {k: statistics.median(r.get(k, 0.0) for r in runs) for k in ["round", *PHASES]}
+    median = {side: {k: statistics.median(r.get(k, 0.0) for r in runs) for k in ["round", "answer_len", *PHASES]}
               for side, runs in times.items()}
     row = dict(algorithm=algorithm, rows=rows, prompt_len=prompt_len, new_tokens=args.new_tokens,
-               hf_round_s=median["hf"]["round"], engine_round_s=median["engine"]["round"],
-               speedup=median["hf"]["round"] / median["engine"]["round"])
-    for side in SIDES:
+               eos_ids=args.eos_ids, max_tokens=args.max_tokens, sides=list(sides))
+    for side in sides:
+        row[f"{side}_round_s"] = median[side]["round"]
+        row[f"{side}_answer_len"] = median[side]["answer_len"]
         row[f"{side}_phases_s"] = {k: median[side][k] for k in PHASES}
+        if side != "hf" and "hf" in sides:
+            row[f"{side}_speedup"] = median["hf"]["round"] / median[side]["round"]
     return row
 
 
 def print_rows(rows: list[dict]) -> None:
-    print(f"{'algorithm':<9} {'side':<7} {'round s':>8} " + " ".join(f"{t:>10}" for t in PHASES.values()))
+    """Each side's median round and phases, then each side's speedup over the first side (hf), per phase."""
+    print(f"{'algorithm':<9} {'side':<8} {'ans len':>7} {'round s':>8} "
+          + " ".join(f"{t:>10}" for t in PHASES.values()))
     for row in rows:
-        for side in SIDES:
+        sides = row["sides"]
+        for side in sides:
             phases = row[f"{side}_phases_s"]
-            print(f"{row['algorithm']:<9} {side:<7} {row[f'{side}_round_s']:>8.3f} "
+            print(f"{row['algorithm']:<9} {side:<8} {row[f'{side}_answer_len']:>7.1f} {row[f'{side}_round_s']:>8.3f} "
                   + " ".join(f"{phases[k]:>10.3f}" for k in PHASES))
-        hf, eng = row["hf_phases_s"], row["engine_phases_s"]
-        ratios = " ".join(f"{hf[k] / eng[k]:>9.2f}x" if eng[k] > 1e-3 and hf[k] > 1e-3 else f"{'-':>10}"
-                          for k in PHASES)
-        print(f"{row['algorithm']:<9} {'speedup':<7} {row['speedup']:>7.2f}x {ratios}", flush=True)
+        base = sides[0]
+        for side in sides[1:]:
+            hf, eng = row[f"{base}_phases_s"], row[f"{side}_phases_s"]
+            ratios = " ".join(f"{hf[k] / eng[k]:>9.2f}x" if eng[k] > 1e-3 and hf[k] > 1e-3 else f"{'-':>10}"
+                              for k in PHASES)
+            speedup = row[f"{base}_round_s"] / row[f"{side}_round_s"]
+            print(f"{row['algorithm']:<9} {side[:6] + '/' + base[:1]:<8} {'':>7} {speedup:>7.2f}x {ratios}",
+                  flush=True)
 
 
 def main(argv=None) -> int:
@@ -170,7 +197,21 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="rollout rows per round, samples included (default 16)")
     p.add_argument("--prompt-len", type=int, default=64,
                    help="random prompts' length, rows left padded up to half (default 64)")
-    p.add_argument("--new-tokens", type=int, default=128, help="answer tokens per row, no EOS stop (default 128)")
+    p.add_argument("--new-tokens", type=int, default=128, help="answer tokens per row at most (default 128)")
+    p.add_argument("--eos-ids", type=int, default=0,
+                   help="this many token ids (3, 4, ...) end an answer: the random model samples nearly uniformly, so "
+                   "an answer stops after each token with probability about N / vocabulary, answers of mixed length "
+                   "(128 of 8,192: about 1 in 64); default 0, no EOS, every answer --new-tokens long")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="rollouts sample from the k most likely tokens (default 0: all); 1 is greedy, where every side "
+                   "generates the same answers (Hugging Face generate's and the engine's greedy tokens are equal), so "
+                   "with --eos-ids the sides do the same work")
+    p.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES),
+                   help="sides to run, the first the baseline of the speedups (default: all): hf, engine (padded "
+                   "training forwards), budget (the engine with --max-tokens micro-batches, the reference on its "
+                   "training forward), packed (budget with --pack-sequences)")
+    p.add_argument("--max-tokens", type=int, default=RLConfig().loop.max_tokens_per_microbatch or 2048,
+                   help="budget and packed sides' --max-tokens-per-microbatch (default: the trainer's default)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per side, median kept (default 5)")
     p.add_argument("--kernels", default=None, help="engine kernels: auto|cuda|triton|cpu|torch (default: "
                    "$HYBRID_ENGINE_KERNELS or auto)")
