@@ -22,6 +22,8 @@ micro-batch's forward computes (rows x width, trimmed; the sum of lengths, packe
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +46,7 @@ class MicroBatch:
     dest: torch.Tensor                    # (R, K) flat index into the (b, N) answer layout (0 where not valid)
     last: torch.Tensor                    # (b,) flat index into (R * W) of each row's last token (a reward score)
     width: int                            # N, the batch's answer columns
+    ghost: bool = False                   # run only to keep ranks in step (Microbatching.align): no output, no loss
 
     def scatter(self, values: torch.Tensor) -> torch.Tensor:
         """(R, K) outputs at the kept columns -> (b, N) in the batch's answer layout, 0 elsewhere (differentiable)."""
@@ -64,22 +67,29 @@ class MicroBatch:
 @dataclass(frozen=True)
 class Microbatching:
     """How a step-3 batch goes through the training forwards: `max_tokens` per forward (0: the whole batch as one
-    padded forward, the path before this file), trimmed rows or `pack`ed ones."""
+    padded forward, the path before this file), trimmed rows or `pack`ed ones. `align(n)`: how many micro-batches
+    every rank runs given this rank's n (their maximum), where ranks must run as many forwards (ZeRO-3 gathers the
+    parameters in each); a rank with fewer runs ghosts (copies of its last micro-batch, outputs dropped, loss
+    weighed 0)."""
     max_tokens: int = 0
     pack: bool = False
+    align: Callable[[int], int] | None = None
 
     @property
     def enabled(self) -> bool:
         return self.max_tokens > 0 or self.pack
 
     def plan(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> list[MicroBatch]:
-        return plan(sequences, attention_mask, prompt_len, self.max_tokens, self.pack)
+        batches = plan(sequences, attention_mask, prompt_len, self.max_tokens, self.pack)
+        count = self.align(len(batches)) if self.align is not None else len(batches)
+        return batches + [dataclasses.replace(batches[-1], ghost=True)] * (count - len(batches))
 
 
 def in_batch_order(batches: list[MicroBatch], outputs: list[torch.Tensor]) -> torch.Tensor:
-    """Each micro-batch's (b, ...) outputs put back in the rows' order in the batch: (B, ...)."""
-    rows = torch.cat([mb.rows for mb in batches])                               # (B,)
-    return torch.cat(outputs)[torch.argsort(rows)]
+    """Each micro-batch's (b, ...) outputs put back in the rows' order in the batch: (B, ...); ghosts' dropped."""
+    kept = [(mb, out) for mb, out in zip(batches, outputs) if not mb.ghost]
+    rows = torch.cat([mb.rows for mb, _ in kept])                               # (B,)
+    return torch.cat([out for _, out in kept])[torch.argsort(rows)]
 
 
 def row_spans(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

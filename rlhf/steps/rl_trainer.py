@@ -47,7 +47,7 @@ from rlhf.core.rewards import RewardFunction
 from rlhf.core.rollout_correction import correction_weights
 from rlhf.envs import MultiTurn, ToolEnvironment, TurnSettings, load_environment, load_tools
 from rlhf.models import VALUE_HEAD_FILE, ModelOptions, RewardModel, create_actor, create_critic, create_reward_model
-from rlhf.runtime.distributed import to_device
+from rlhf.runtime.distributed import all_gather_objects, is_distributed, to_device
 from rlhf.runtime.engines import ds_config, init_inference, initialize, warmup_steps
 from rlhf.runtime.guards import NonFiniteGuard, guarded_update
 from rlhf.steps.eval import EvalSettings, decode_answers, evaluate
@@ -98,7 +98,10 @@ class RLTrainer:
         self.reuse_logprobs = reuse_rollout_logprobs(cfg, actor)
         self.rollouts = 0  # rollouts made so far, for the audit interval
         # the training forwards and backward by token-budget micro-batches, trimmed or packed (rlhf/core/microbatch.py)
-        self.micro = Microbatching(cfg.loop.max_tokens_per_microbatch, cfg.loop.pack_sequences)
+        # under ZeRO-3 every rank runs as many forwards (each gathers the parameters): the most any rank needs
+        zero3 = is_distributed() and 3 in (cfg.actor.zero_stage, cfg.critic.zero_stage)
+        self.micro = Microbatching(cfg.loop.max_tokens_per_microbatch, cfg.loop.pack_sequences,
+                                   align=(lambda n: max(all_gather_objects(n))) if zero3 else None)
         if self.micro.pack and actor.config.model_type not in PACKABLE_MODEL_TYPES:
             raise ValueError(f"--pack-sequences: {cfg.actor.model_name_or_path} is a {actor.config.model_type} model; "
                              f"packing is checked for {', '.join(PACKABLE_MODEL_TYPES)} (use --no-pack-sequences: "
@@ -316,7 +319,7 @@ class RLTrainer:
             logprobs = action_logprobs(self.actor, exp.sequences, exp.attention_mask, exp.prompt_len,
                                        self.sampling.temperature)
         else:
-            rows, share = mb.rows, aggregation_share(mask[mb.rows], mask, algo.loss_agg)
+            rows, share = mb.rows, 0.0 if mb.ghost else aggregation_share(mask[mb.rows], mask, algo.loss_agg)
             logprobs = micro_logprobs(self.actor, mb, self.sampling.temperature)
         weights = None if exp.correction is None else exp.correction[rows]
         actor_loss = share * algo.policy_loss_fn(logprobs, exp.logprobs[rows], exp.advantages[rows], mask[rows],
@@ -335,7 +338,8 @@ class RLTrainer:
             rows, share = slice(None), 1.0
             values = action_values(self.critic, exp.sequences, exp.attention_mask, exp.prompt_len)
         else:
-            rows, share = mb.rows, aggregation_share(exp.action_mask[mb.rows], exp.action_mask)
+            rows = mb.rows
+            share = 0.0 if mb.ghost else aggregation_share(exp.action_mask[mb.rows], exp.action_mask)
             values = micro_values(self.critic, mb)
         loss = share * value_loss(values, exp.values[rows], exp.returns[rows], exp.action_mask[rows],
                                   self.cfg.algo.cliprange_value)
