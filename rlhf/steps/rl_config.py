@@ -172,8 +172,11 @@ class LoopOptions:
     per_device_training_batch_size: int = opt(16, "rows (answers) per minibatch per device", bounds=AT_LEAST_1)
     # Rows sorted by length and cut into micro-batches of at most this many tokens (rows x longest row), each
     # trimmed to its longest row: the same losses and update as one padded forward (gradients accumulated with each
-    # micro-batch's share of the loss), without computing the padding; benchmarks/RESULTS.md has the measurement.
-    max_tokens_per_microbatch: int = opt(0, "training forwards (actor, reference, critic, reward model) and the "
+    # micro-batch's share of the loss), without computing the padding. 1024: on CPU, with answers of mixed length,
+    # the training phases of a round took 1.4-1.7x less than padded at 1024 and about the same at 4096 (a budget the
+    # whole 16-row batch fits in); benchmarks/RESULTS.md, "Forwards without padding". On a GPU a larger budget fills
+    # the device better; it also bounds a forward's activation memory.
+    max_tokens_per_microbatch: int = opt(1024, "training forwards (actor, reference, critic, reward model) and the "
                                          "backward by micro-batches of at most this many tokens, rows sorted by "
                                          "length and trimmed to the micro-batch's longest; same losses and update "
                                          "as the padded minibatch (0: one padded forward per minibatch)",
