@@ -162,9 +162,18 @@ def test_microbatched_update_is_the_padded_update(tiny_run, algorithm, micro, op
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, atol=1e-7, rtol=1e-4)
     after = [[p.detach() for e in es for p in e.module.parameters()] for es in engines]
-    # one Adam step of lr 1e-3, lr * g / (|g| + eps): where |g| is near eps (1e-8) the step's slope in g is lr / (4 eps),
-    # so the gradients' fp32 differences (< 1e-7 above) can move a few such steps by a few % of lr; all others agree
-    # to 1e-6 (0.1% of lr)
+    # one Adam step of lr 1e-3, lr * g / (|g| + eps): where |g| is near eps (1e-8) the step's slope in g is
+    # lr / (4 eps), so the gradients' fp32 differences (< 1e-7 above) can move a few such steps by a few % of lr; all
+    # others agree to 1e-6 (0.1% of lr)
     diff = torch.cat([((b - b0) - (a - a0)).abs().flatten()
                       for a, b, a0, b0 in zip(after[0], after[1], before[0], before[1])])
     assert float(diff.max()) < 5e-5 and float((diff > 1e-6).float().mean()) < 1e-4
+
+
+def test_packing_is_refused_for_a_family_it_is_not_checked_for(tmp_path):
+    tiny_model("gpt2", tmp_path)  # absolute positions from position_ids, but its mask is not checked packed
+    cfg = config_from_options(RLConfig, actor_model_name_or_path=str(tmp_path / "gpt2"), algorithm="grpo",
+                              reward_fn="synthetic", pack_sequences=True, disable_tqdm=True)
+    with pytest.raises(ValueError, match=rf"^--pack-sequences: {tmp_path / 'gpt2'} is a gpt2 model; packing is "
+                       r"checked for llama, mistral, qwen2, qwen3 \(use --no-pack-sequences"):
+        RLTrainer(cfg, None, total_steps=1, device=init_distributed().device, reward_fn=None)
