@@ -204,13 +204,13 @@ def main(argv=None) -> int:
                    "(128 of 8,192: about 1 in 64); default 0, no EOS, every answer --new-tokens long")
     p.add_argument("--top-k", type=int, default=0,
                    help="rollouts sample from the k most likely tokens (default 0: all); 1 is greedy, where every side "
-                   "generates the same answers (Hugging Face generate's and the engine's greedy tokens are equal), so "
-                   "with --eos-ids the sides do the same work")
+                   "generates the same answers (Hugging Face generate's and the engine's greedy tokens are equal); "
+                   "on the random model greedy answers loop without reaching an EOS id: mixed lengths need sampling")
     p.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES),
                    help="sides to run, the first the baseline of the speedups (default: all): hf, engine (padded "
                    "training forwards), budget (the engine with --max-tokens micro-batches, the reference on its "
                    "training forward), packed (budget with --pack-sequences)")
-    p.add_argument("--max-tokens", type=int, default=RLConfig().loop.max_tokens_per_microbatch or 2048,
+    p.add_argument("--max-tokens", type=int, default=RLConfig().loop.max_tokens_per_microbatch,
                    help="budget and packed sides' --max-tokens-per-microbatch (default: the trainer's default)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per side, median kept (default 5)")
     p.add_argument("--kernels", default=None, help="engine kernels: auto|cuda|triton|cpu|torch (default: "
