@@ -93,7 +93,7 @@ class _EngineRollouts:
                                                          self.eos_token_ids, self._tokenizer.pad_token_id, None,
                                                          warn=False)
         ignored = unhonoured_fields(self.generation_config)
-        if self.args.cast_lm_head_to_fp32 and self._autocast_dtype() is not None:
+        if getattr(self.args, "cast_lm_head_to_fp32", False) and self._autocast_dtype() is not None:  # GRPO only
             ignored.append("cast_lm_head_to_fp32 (the engine's LM head runs in the autocast dtype)")
         if ignored:
             warnings.warn(f"{type(self).__name__}: hybrid_engine does not honour {', '.join(ignored)}; it samples "
@@ -195,12 +195,13 @@ class _EngineRollouts:
             if old is not None and not self._audit_due():
                 return old, None, None
             result = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-                                                                batch_size, compute_entropy, **kwargs)
+                                                                batch_size=batch_size, **kwargs)
             if old is not None:
                 self._log_gap(old, result[0], attention_mask[:, -logits_to_keep:])
             return result
         result = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-                                                            batch_size, compute_entropy, **kwargs)
+                                                            batch_size=batch_size, compute_entropy=compute_entropy,
+                                                            **kwargs)
         audit, self._audit_inputs = self._audit_inputs, None
         if audit is not None and compute_entropy:
             mask = audit["completion_mask"] * audit.get("tool_mask", 1)
