@@ -2,6 +2,7 @@
 sampled tokens, the engine's logprobs match TRL's training forward after each update (the adapter's audit, every
 rollout here), the forward TRL spends on old logprobs is skipped, training moves every trainable parameter (TRL's own
 test style), with full weights, PEFT LoRA, bf16 autocast, RLOO, and on SmolLM2. Skipped without trl."""
+import json
 import subprocess
 import sys
 import warnings
@@ -264,3 +265,20 @@ def test_trl_version_range_and_lazy_import():
     done = subprocess.run([sys.executable, "-c", "import sys, hybrid_engine.integrations; "
                            "assert 'trl' not in sys.modules, 'trl imported'"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-500:]
+
+
+def test_vs_trl_benchmark_times_the_three_runs(tmp_path):
+    """benchmarks/vs_trl.py at toy sizes: a row per run (trl, trl+hybrid_engine, rlhf) with the median step, its
+    phases adding up to it, the answers' length and the speedup against TRL's own."""
+    from benchmarks import vs_trl
+
+    out = tmp_path / "rows.json"
+    assert vs_trl.main(["--prompts", "2", "--group", "2", "--new-tokens", "4", "--steps", "1", "--threads", "1",
+                        "--clock", "cpu", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [row["run"] for row in rows] == ["trl", "trl+hybrid_engine", "rlhf"] and rows[0]["speedup"] == 1.0
+    for row in rows:
+        assert row["step_s"] > 0 and 1 <= row["answer_len"] <= 4 and set(row["phases_s"]) == set(vs_trl.PHASES)
+        assert sum(row["phases_s"].values()) == pytest.approx(row["step_s"], rel=1e-6)
+        assert row["phases_s"]["generate"] > 0 and row["phases_s"]["actor_update"] > 0
+    assert rows[1]["phases_s"]["old_logprobs"] == 0 and rows[0]["phases_s"]["ref_logprobs"] > 0
