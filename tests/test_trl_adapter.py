@@ -127,23 +127,42 @@ def test_grpo_samples_trls_tokens_and_its_forwards_logprobs(tiny):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=0, msg=name)
 
 
-def test_greedy_and_tool_loop_turns_give_trls_tokens(tiny):
-    """Greedy (generation_kwargs do_sample=False) and the calls TRL's tool loop makes (one row per trajectory:
-    prompt + completion + tool response ids, num_generations=1) give TRL's own tokens; logprobs are returned."""
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_tool_loop_turns_continue_the_kept_rows_with_trls_tokens(tiny, do_sample):
+    """TRL's tool loop calls _generate_single_turn again with one row per trajectory (prompt + completion + tool
+    response ids, num_generations=1): with tools the adapter kept every row's cache and continues the rows those
+    prompts extend (engine.continue_rows, prefilling only the tool response), and gives TRL's own tokens, greedy
+    (generation_kwargs do_sample=False) or sampled from the same RNG state; logprobs are returned."""
     tokenizer = word_tokenizer()
     trainers = [cls(model=AutoModelForCausalLM.from_pretrained(tiny), reward_funcs=reward, train_dataset=DATA,
                     processing_class=tokenizer,
                     args=GRPOConfig(output_dir=str(tiny.parent / "out"), per_device_train_batch_size=4,
                                     num_generations=2, max_completion_length=7, use_cpu=True, bf16=False,
-                                    report_to=[], generation_kwargs={"do_sample": False}))
+                                    report_to=[], generation_kwargs={"do_sample": do_sample}))
                 for cls in (GRPOTrainer, HybridEngineGRPOTrainer)]
+    ours = trainers[1]
+    ours.tools = [reward]  # what tools= sets (its chat-template checks need a tool-calling template)
+
+    def both(prompts, num_generations):
+        results = []
+        for trainer in trainers:
+            torch.manual_seed(11)
+            results.append(trainer._generate_single_turn(prompts, None, {}, num_generations))
+        return results
+
     prompts = [[5, 9, 11], [7, 8, 30, 31, 40, 41], [12, 13], [60, 61, 62, 63]]
-    trl_ids, _ = trainers[0]._generate_single_turn(prompts, None, {}, 2)
-    ids, logprobs = trainers[1]._generate_single_turn(prompts, None, {}, 2)
+    (trl_ids, _), (ids, logprobs) = both(prompts, 2)
     assert ids == trl_ids and [len(lp) for lp in logprobs] == [len(i) for i in ids]
-    tool_turn = [p + c + [20, 21, 22] for p, c in zip(prompts[:2], ids[:2], strict=True)]  # + a "tool response"
-    assert trainers[1]._generate_single_turn(tool_turn, None, {}, 1)[0] == \
-        trainers[0]._generate_single_turn(tool_turn, None, {}, 1)[0]
+    continued = []
+    continue_rows = ours.engine.continue_rows
+    ours.engine.continue_rows = lambda rows, *a, **k: continued.append(list(rows)) or continue_rows(rows, *a, **k)
+    for turn in range(2):  # two tool calls of rows 3 and 1, in the loop's order (ascending rows)
+        tool_turn = [prompts[r] + ids[r] + [20 + turn, 21, 22] for r in (1, 3)]  # + a "tool response"
+        (trl_next, _), (ours_next, _) = both(tool_turn, 1)
+        assert ours_next == trl_next
+        for r, new in zip((1, 3), ours_next, strict=True):
+            prompts[r], ids[r] = prompts[r] + ids[r] + [20 + turn, 21, 22], new
+    assert continued == [[1, 3], [1, 3]]
 
 
 @pytest.mark.parametrize("kind", ["rloo", "grpo_two_iterations"])

@@ -10,9 +10,12 @@ The hook. TRL 1.16 generates in three layers: `rollout_func(prompts, trainer)` (
 prompt_ids, ...)` (token ids in, completion ids out). We override `_generate_single_turn`, the least fragile:
 it sits after TRL's own tokenization (chat template, tool schemas, environments) and before its decoding, tool
 loop and rewards, so all of those stay TRL's; the tool loop calls it again for each post-tool turn (one row per
-trajectory: prompt + completion + tool response, as token ids), so `tools=` is served too, by re-prefilling each
-trajectory. `rollout_func` would have to re-do TRL's tokenization, would take that argument from the user, and its
-logprobs only reach TRL's importance-sampling path; copying `_generate` would fork TRL's largest method. The price:
+trajectory: prompt + completion + tool response, as token ids), so `tools=` is served too: with tools every row's
+KV cache is kept (generate(keep_cache=True)) and the tool loop's call continues the rows its prompts extend
+(engine.continue_rows), prefilling only the tool response. `rollout_func` would have to re-do TRL's
+tokenization, would take that argument from the user, and its logprobs only reach TRL's importance-sampling path
+(the tool loop would still call `_generate_single_turn`); copying `_generate` would fork TRL's largest method. The
+price:
 `_generate_single_turn` is private and its signature differs between the trainers (GRPO: (prompt_ids, images,
 multimodal_fields, num_generations, has_tool_images) -> (ids, logprobs); RLOO: (prompt_ids, images,
 multimodal_fields) -> ids), hence the TRL version range checked at import (TRL_RANGE).
@@ -84,6 +87,7 @@ class _EngineRollouts:
         self._rollouts = 0
         self._old_pending = None      # (completion ids, logprobs) lists of the rollout whose old forward TRL is due
         self._audit_inputs = None     # a micro-batch whose training forward the audit compares
+        self._kept = None             # with tools: each kept row's tokens (prompt, completions, tool responses)
         self.engine_unserved = self._unserved()
         if self.engine_unserved:
             warnings.warn(f"{type(self).__name__}: {self.engine_unserved}; TRL's own generation runs instead of "
@@ -138,21 +142,61 @@ class _EngineRollouts:
         return self.engine
 
     def _engine_generate(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
-        """Completion ids and their logprobs, one list per prompt, each up to and including its first EOS."""
+        """Completion ids and their logprobs, one list per prompt, each up to and including its first EOS. With
+        tools, every row's cache is kept, and a call whose prompts extend kept rows (the tool loop's: prompt +
+        completion + tool response) continues those rows (engine.continue_rows): only the tool response is
+        prefilled, not the whole trajectory again."""
         engine = self._hybrid_engine()
-        pad_id = self._tokenizer.pad_token_id
-        rows = [torch.tensor(ids, dtype=torch.long) for ids in prompt_ids]
-        input_ids = pad(rows, padding_value=pad_id, padding_side="left").to(self.accelerator.device)  # (B, P)
-        attention_mask = pad([torch.ones_like(r) for r in rows], padding_value=0,
-                             padding_side="left").to(self.accelerator.device)                      # (B, P)
+        rows = self._kept_rows(prompt_ids)
         with profiling_context(self, "hybrid_engine.generate"):
-            out = engine.generate(input_ids, attention_mask, max_new_tokens=self.max_completion_length,
-                                  eos_token_id=self.eos_token_ids, pad_token_id=pad_id, sampling=self._sampling)
+            if rows is not None:
+                appended = [ids[len(self._kept[r]):] for r, ids in zip(rows, prompt_ids, strict=True)]
+                out = engine.continue_rows(rows, appended, max_new_tokens=self.max_completion_length,
+                                           eos_token_id=self.eos_token_ids, pad_token_id=self._tokenizer.pad_token_id,
+                                           sampling=self._sampling)
+                new = out.sequences                                                              # (R, N)
+            else:
+                input_ids, attention_mask = self._left_padded(prompt_ids)                        # (B, P) each
+                keep = bool(getattr(self, "tools", None)) and not self._sampling.penalized  # continue_rows: no penalty
+                if keep:  # room for the tool turns: TRL caps a trajectory's completion at max_completion_length
+                    engine._plan_seq_len(input_ids.shape[1] + 2 * self.max_completion_length)
+                out = engine.generate(input_ids, attention_mask, max_new_tokens=self.max_completion_length,
+                                      eos_token_id=self.eos_token_ids, pad_token_id=self._tokenizer.pad_token_id,
+                                      sampling=self._sampling, keep_cache=keep)
+                new = out.sequences[:, input_ids.shape[1]:]                                      # (B, N)
             engine.train()  # the module's mode back as TRL left it; the next rollout re-reads the updated weights
-        new = out.sequences[:, input_ids.shape[1]:].cpu()                                        # (B, N)
-        mask, logprobs = out.action_mask.cpu(), out.logprobs.cpu()                               # (B, N) each
-        return ([row[m].tolist() for row, m in zip(new, mask, strict=True)],
-                [row[m].tolist() for row, m in zip(logprobs, mask, strict=True)])
+        new, mask, logprobs = new.cpu(), out.action_mask.cpu(), out.logprobs.cpu()              # (B, N) each
+        completion_ids = [row[m].tolist() for row, m in zip(new, mask, strict=True)]
+        if rows is not None:
+            for r, ids, completion in zip(rows, prompt_ids, completion_ids, strict=True):
+                self._kept[r] = ids + completion
+        else:
+            self._kept = [ids + c for ids, c in zip(prompt_ids, completion_ids, strict=True)] if keep else None
+        return completion_ids, [row[m].tolist() for row, m in zip(logprobs, mask, strict=True)]
+
+    def _left_padded(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [torch.tensor(ids, dtype=torch.long) for ids in prompt_ids]
+        input_ids = pad(rows, padding_value=self._tokenizer.pad_token_id, padding_side="left")
+        attention_mask = pad([torch.ones_like(r) for r in rows], padding_value=0, padding_side="left")
+        return input_ids.to(self.accelerator.device), attention_mask.to(self.accelerator.device)
+
+    def _kept_rows(self, prompt_ids: list[list[int]]) -> list[int] | None:
+        """The kept rows the prompts extend, one each, in order (the tool loop's call), else None."""
+        kept = getattr(self, "_kept", None)
+        if not kept or len(prompt_ids) > len(kept):
+            return None
+        rows, free = [], set(range(len(kept)))
+        for ids in prompt_ids:
+            row = next((r for r in sorted(free) if len(kept[r]) < len(ids) and ids[:len(kept[r])] == kept[r]), None)
+            if row is None:
+                return None
+            rows.append(row)
+            free.discard(row)
+        kept_rows, limit = self.engine.kept, self.engine.config.max_seq_len
+        fits = kept_rows is not None and all(  # the row's slots (its left pad included) + appended + new tokens
+            kept_rows.length(r) + len(ids) - len(kept[r]) + self.max_completion_length <= limit
+            for r, ids in zip(rows, prompt_ids, strict=True))
+        return rows if fits else None  # else the whole trajectories are prefilled again
 
     def _serves(self, images, multimodal_fields, has_tool_images: bool = False) -> bool:
         return not self.engine_unserved and images is None and not multimodal_fields and not has_tool_images
@@ -163,6 +207,7 @@ class _EngineRollouts:
 
     def _generate_and_score_completions(self, inputs):
         self._rollouts += 1
+        self._kept = None  # a new rollout's prompts continue no earlier row
         try:
             return super()._generate_and_score_completions(inputs)
         finally:
