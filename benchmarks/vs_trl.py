@@ -273,9 +273,11 @@ def main(argv=None) -> int:
             for run in (args.runs if block % 2 == 0 else args.runs[::-1]):
                 torch.manual_seed(0)
                 if run == "rlhf":
-                    records[run] += run_rlhf(args, model_path, work, clock)
+                    steps = run_rlhf(args, model_path, work, clock)
                 else:
-                    records[run] += run_trl(args, run, model_path, work, clock)
+                    steps = run_trl(args, run, model_path, work, clock)
+                records[run] += steps
+                print(f"  {run}: steps of " + ", ".join(f"{s['step']:.2f}" for s in steps) + " s", flush=True)
     rows = summarize(records)
     for row in rows:
         row.update(model=args.model or "tiny", prompts=args.prompts, group=args.group, new_tokens=args.new_tokens,

@@ -35,8 +35,8 @@ Served: text models of the engine's families (a PEFT model around one included),
 repetition_penalty, max_completion_length and generation_kwargs' fields of those names. The engine is built at the
 first rollout, after accelerate's prepare, around the DeepSpeed engine as is, else the unwrapped module; with
 bf16=True (fp16=True) it generates in that dtype, as TRL's forward runs under accelerate's autocast. Not served,
-with one warning at construction: vLLM modes, continuous batching, vision-language processors, rollout_func and
-architectures the engine has no path for (TRL's own generation runs); generation settings the engine cannot
+with one warning at construction: vLLM modes, continuous batching, vision-language processors, rollout_func, FSDP
+and architectures the engine has no path for (TRL's own generation runs); generation settings the engine cannot
 honour are named in one warning line and ignored.
 """
 from __future__ import annotations
@@ -113,6 +113,8 @@ class _EngineRollouts:
             return "a vision-language processor's inputs (images) are not served by the engine"
         if getattr(self, "rollout_func", None) is not None:
             return "rollout_func owns the generation"
+        if self.is_fsdp_enabled:
+            return "FSDP shards the parameters across ranks, which the engine cannot read in place"
         if self.engine_kwargs.get("allow_fallback"):
             return ""
         hf_model = unwrap(self.model)
