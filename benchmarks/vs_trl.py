@@ -15,6 +15,11 @@ the medians of the steps are printed. Phases: generate (the engine's train/eval 
 ref logp (no-grad forwards of the policy and the reference), reward, actor upd (training forward, backward,
 optimizer step) and other (the rest: tokenizing, decoding, advantages, TRL's logging). `rlhf` is the CLI's own
 code (rlhf.cli.train.main) with its phase timer switched on; the TRL runs are timed by wrapping their methods.
+
+--trl-head-on-answers is an experiment, not TRL's behaviour: off CUDA/XPU TRL 1.16's fused LM head projects every
+position of prompt + answer (trl.trainer.utils: `compact = _use_triton(device)`), in the reference forward and in
+the training forward and its backward (which projects again); the option makes it project the answer's positions
+only, as it does on GPUs (the same logprobs), to measure what that costs TRL on this CPU.
 """
 from __future__ import annotations
 
@@ -107,6 +112,10 @@ def run_trl(args, run: str, model_path: str, work: str, clock) -> list[dict]:
 
     from hybrid_engine.integrations.trl import HybridEngineGRPOTrainer
 
+    if args.trl_head_on_answers:
+        import trl.trainer.utils
+
+        trl.trainer.utils._use_triton = lambda device: True  # `compact`: the positions with a label only
     steps = Steps(clock)
     rows = args.prompts * args.group
 
@@ -247,6 +256,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2, help="timed steps per run and block, after a warm-up (default 2)")
     p.add_argument("--repeats", type=int, default=1, help="blocks per run, in ABC/CBA order (default 1)")
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS, help="runs to time (default all three)")
+    p.add_argument("--trl-head-on-answers", action="store_true",
+                   help="experiment: TRL's fused LM head projects the answer's positions only, as on GPUs, instead "
+                   "of every position (its CPU default); see above")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
                    help="wall seconds (default), or this process's CPU seconds: on a CPU shared with other jobs and "
@@ -268,7 +280,8 @@ def main(argv=None) -> int:
             tiny_checkpoint(model_path)
         print(f"model: {args.model or 'tiny random Llama'}; {args.prompts} prompts x {args.group} samples, answers "
               f"<= {args.new_tokens} tokens, beta {args.beta}; {torch.get_num_threads()} threads; median of "
-              f"{args.steps} x {args.repeats} steps per run, {args.clock} seconds", flush=True)
+              f"{args.steps} x {args.repeats} steps per run, {args.clock} seconds"
+              + ("; TRL's LM head on the answers only (experiment)" if args.trl_head_on_answers else ""), flush=True)
         for block in range(args.repeats):
             for run in (args.runs if block % 2 == 0 else args.runs[::-1]):
                 torch.manual_seed(0)
@@ -281,7 +294,8 @@ def main(argv=None) -> int:
     rows = summarize(records)
     for row in rows:
         row.update(model=args.model or "tiny", prompts=args.prompts, group=args.group, new_tokens=args.new_tokens,
-                   beta=args.beta, threads=torch.get_num_threads(), clock=args.clock)
+                   beta=args.beta, threads=torch.get_num_threads(), clock=args.clock,
+                   trl_head_on_answers=args.trl_head_on_answers)
     print_rows(rows)
     if args.json:
         tmp = args.json + ".tmp"
