@@ -37,6 +37,17 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token="<unk>")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for these trainer runs: on the shared 2-core machine this file took 12.9 min with torch's
+    default threads (load average 17) and 35 s with one (OMP_NUM_THREADS=1, load average 8): threads waiting on each
+    other at every parallel region."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny Llama of tests/hf_models.py with EOS's LM-head row scaled up, so some rows stop early: its path."""
