@@ -68,6 +68,7 @@ from .. import wrap  # noqa: E402
 from ..arguments import from_generation_config, unhonoured_fields  # noqa: E402
 from ..engine import unwrap  # noqa: E402
 from ..models import FAMILIES  # noqa: E402
+from ..models.common import unserved_rope  # noqa: E402
 
 __all__ = ["HybridEngineGRPOTrainer", "HybridEngineRLOOTrainer", "TRL_RANGE", "check_trl_version"]
 
@@ -121,6 +122,9 @@ class _EngineRollouts:
         model_type = getattr(hf_model.config, "model_type", type(hf_model).__name__)
         if model_type not in FAMILIES:
             return f"architecture {model_type!r} has no inference path in hybrid_engine"
+        rope_type = unserved_rope(hf_model.config)
+        if rope_type is not None:
+            return f"rope type {rope_type!r} (frequencies that change with the sequence length) is not served"
         return ""
 
     def _autocast_dtype(self) -> torch.dtype | None:
