@@ -212,7 +212,7 @@ class _EngineRollouts:
         return self.logprob_audit_every > 0 and (self._rollouts - 1) % self.logprob_audit_every == 0
 
     def _generate_and_score_completions(self, inputs):
-        self._rollouts += 1
+        self._rollouts += self.model.training  # the audit's period counts training rollouts, not evaluation's
         self._kept = None  # a new rollout's prompts continue no earlier row
         try:
             return super()._generate_and_score_completions(inputs)
