@@ -1,7 +1,8 @@
 """hybrid_engine.integrations.trl against TRL's own generation (issue 23, item 1): the same seed gives the same
 sampled tokens, the engine's logprobs match TRL's training forward after each update (the adapter's audit, every
 rollout here), the forward TRL spends on old logprobs is skipped, training moves every trainable parameter (TRL's own
-test style), with full weights, PEFT LoRA, bf16 autocast, RLOO, and on SmolLM2. Skipped without trl."""
+test style), with full weights, PEFT LoRA, bf16 autocast, RLOO, the tool loop's continued turns, and on SmolLM2;
+benchmarks/vs_trl.py at toy sizes. Skipped without trl."""
 import json
 import subprocess
 import sys
