@@ -28,7 +28,9 @@ setup(
         "pyyaml",  # --config files
     ],
     # datasets: the dataset-dir format; gguf: tests/real_model.py converts SmolLM2 from its GGUF file;
-    # tensorboard, wandb: --report-to, optional for users (large dependency trees few runs need), tested here
-    extras_require={"test": ["pytest", "pytest-benchmark", "ruff", "datasets", "gguf", "tensorboard", "wandb"]},
+    # tensorboard, wandb: --report-to, optional for users (large dependency trees few runs need), tested here;
+    # trl: hybrid_engine.integrations.trl (optional for users; the adapter checks its range, 1.16.x, at import)
+    extras_require={"test": ["pytest", "pytest-benchmark", "ruff", "datasets", "gguf", "tensorboard", "wandb",
+                             "trl>=1.16,<1.17"]},
     entry_points={"console_scripts": ["rlhf=rlhf.cli:main"]},
 )

@@ -37,21 +37,27 @@ def concat_outputs(outs: list[GenerationOutput], pad_token_id: int) -> Generatio
 # GenerationConfig fields that say nothing about which tokens come out (formats, caches, versions)
 _GENCONFIG_IGNORED = {"transformers_version", "bos_token_id", "use_cache", "output_scores", "output_logits",
                       "return_dict_in_generate", "output_attentions", "output_hidden_states", "cache_implementation",
-                      "max_length", "_from_model_config", "decoder_start_token_id"}
+                      "max_length", "_from_model_config", "decoder_start_token_id", "disable_compile"}
 _GENCONFIG_MAPPED = {"do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens",
                      "eos_token_id", "pad_token_id"}
 
 
+def unhonoured_fields(gen_config) -> list[str]:
+    """The fields a transformers GenerationConfig sets (away from its defaults) that change which tokens come out
+    and that the engine does not honour (beams, n-gram bans, suppressed tokens, ...), sorted."""
+    return sorted(k for k in gen_config.to_diff_dict() if k not in _GENCONFIG_MAPPED | _GENCONFIG_IGNORED)
+
+
 def from_generation_config(gen_config, max_new_tokens: int, eos_token_id, pad_token_id,
-                           generator: torch.Generator | None) -> tuple:
+                           generator: torch.Generator | None, warn: bool = True) -> tuple:
     """(SamplingParams, max_new_tokens, eos_token_id, pad_token_id) from a transformers GenerationConfig: its
     fields where set (not None), else the defaults (off) and the arguments given; one warning line names the
-    fields it sets that the engine cannot honour."""
+    fields it sets that the engine cannot honour (warn=False: the caller says it, as the TRL adapter does)."""
     def field(name, default):
         value = getattr(gen_config, name, None)
         return default if value is None else value
 
-    unhonoured = sorted(k for k in gen_config.to_diff_dict() if k not in _GENCONFIG_MAPPED | _GENCONFIG_IGNORED)
+    unhonoured = unhonoured_fields(gen_config) if warn else []
     if unhonoured:
         warnings.warn(f"hybrid_engine.generate: generation_config sets {', '.join(unhonoured)}, which the engine "
                       "does not honour; it samples with do_sample, temperature, top_k, top_p, min_p and "

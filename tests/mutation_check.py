@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 UPDATE_MATH = "tests/test_update_math.py"
 EXACT = "tests/test_engine_exactness.py"
 WIRING = "tests/test_algorithm_wiring.py"
+TRL = "tests/test_trl_adapter.py"
 
 
 @dataclass(frozen=True)
@@ -426,6 +427,23 @@ FAULTS = [
           "deltas.append(delta)", "deltas.clear()",
           (f"{EXACT}::test_optimizer_step_is_read_after_eval[mixtral-lora]",),
           "LoRA on PEFT-wrapped parameters (Mixtral's router and experts) ignored by the inference path"),
+    # -- the TRL adapter (issue 23)
+    Fault("trl-old-logprobs-shifted", "hybrid_engine/integrations/trl.py",
+          "        return old.to(input_ids.device)", "        return old.roll(1, dims=1).to(input_ids.device)",
+          (f"{TRL}::test_rollout_logprobs_replace_trls_old_logprob_forward",),
+          "the rollout logprobs handed to TRL as old logprobs one column off"),
+    Fault("trl-old-forward-never-audited", "hybrid_engine/integrations/trl.py",
+          "if old is not None and not self._audit_due():", "if old is not None:",
+          (f"{TRL}::test_rollout_logprobs_replace_trls_old_logprob_forward",),
+          "TRL's old-logprob forward skipped on every rollout, the audit too"),
+    Fault("trl-sampling-settings-dropped", "hybrid_engine/integrations/trl.py",
+          "sampling=self._sampling, keep_cache=keep)", "keep_cache=keep)",
+          (f"{TRL}::test_grpo_samples_trls_tokens_and_its_forwards_logprobs",),
+          "the engine generates greedily instead of with TRL's temperature, top_p, top_k"),
+    Fault("trl-fp32-generation-under-bf16", "hybrid_engine/integrations/trl.py",
+          '"autocast_dtype": self._autocast_dtype(),', '"autocast_dtype": None,',
+          (f"{TRL}::test_bf16_autocast_gap_is_within_hfs_own_attention_spread",),
+          "bf16=True trains under autocast while the engine generates in fp32"),
 ]
 
 
