@@ -122,7 +122,11 @@ def test_wrap_unwraps_ddp_and_reads_its_parameters(llama):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    # an in-process `rlhf train` earlier in the session leaves its one-process group up: DDP takes that one
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    assert dist.get_world_size() == 1
     try:
         ddp = DDP(llama)
         engine = hybrid_engine.wrap(ddp, max_seq_len=24, max_batch_size=2)
@@ -137,7 +141,8 @@ def test_wrap_unwraps_ddp_and_reads_its_parameters(llama):
         after = engine.eval().generate(ids, mask, max_new_tokens=6, eos_token_id=[])
         assert torch.equal(after.sequences, hf_greedy(llama, ids, mask, 6))
     finally:
-        dist.destroy_process_group()
+        if own_group:
+            dist.destroy_process_group()
 
 
 # -- 4: the caller's mode ---------------------------------------------------------------------------------------
