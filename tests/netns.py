@@ -59,27 +59,31 @@ def require_netns():
 
 @dataclass
 class Node:
-    """One namespace: ``addr`` on ``IFNAME``; ``popen`` runs a command inside it (in a session of its own, so
-    ``kill`` reaches the command and everything it started)."""
+    """One namespace: ``addr`` on ``IFNAME``; ``popen`` runs a command inside it, ``kill`` ends every process
+    in it."""
 
     name: str
     addr: str
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def popen(self, cmd: list[str], **kwargs) -> subprocess.Popen:
-        proc = subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], start_new_session=True, **kwargs)
+        proc = subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], **kwargs)
         self.procs.append(proc)
         return proc
 
+    def pids(self) -> list[int]:
+        """Every process inside this namespace (torchrun starts its workers in sessions of their own)."""
+        return [int(pid) for pid in _ip("netns", "pids", self.name).stdout.split()]
+
     def kill(self) -> None:
-        """SIGKILL every process this node started, and their children: a node that lost power."""
+        """SIGKILL every process in this namespace: a node that lost power."""
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
+            proc.wait()
 
     def link(self, up: bool) -> None:
         """Bring this node's end of the link up or down: a pulled cable (no packet in or out, nothing closed)."""

@@ -101,3 +101,89 @@ def test_pipeline_on_two_nodes_equals_one_node(nodes, pipeline_one_node, tmp_pat
     two_s, _ = run_nodes(nodes, 1, tmp_path / "run", PIPELINE)
     print(f"pipeline 2 nodes x 1 process: {two_s:.1f} s; 1 node x 2: {one_s:.1f} s")
     assert_same_weights(tmp_path / "run", reference, ("actor", "reward", "ppo/actor"))
+
+
+@pytest.fixture(scope="module")
+def grpo_one_node(pipeline_one_node, tmp_path_factory):
+    """GRPO on one node, 2 processes: the run the two-node GRPO runs, killed or not, must end as."""
+    out = tmp_path_factory.mktemp("grpo_one_node") / "run"
+    return out, run_one_node(2, out, grpo_args(pipeline_one_node[0]))
+
+
+@pytest.mark.parametrize("nproc", [1, 2], ids=["2x1", "2x2"])
+def test_grpo_on_two_nodes_equals_one_node(nodes, pipeline_one_node, grpo_one_node, tmp_path, nproc):
+    """GRPO under ZeRO-3, TP 2: 2 nodes x 1 process against 1 x 2; 2 nodes x 2 (a TP group inside each node,
+    ZeRO-3 across both) against 1 x 4."""
+    args = grpo_args(pipeline_one_node[0])
+    if nproc == 1:
+        reference, one_s = grpo_one_node
+    else:
+        reference = tmp_path / "one_node"
+        one_s = run_one_node(4, reference, args)
+    two_s, _ = run_nodes(nodes, nproc, tmp_path / "run", args)
+    print(f"grpo 2 nodes x {nproc}: {two_s:.1f} s; 1 node x {2 * nproc}: {one_s:.1f} s")
+    assert_same_weights(tmp_path / "run", reference, ("grpo/actor",))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of its own (root only), unmounted after the test; yields (mount point, remount(size))."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk, lambda size: subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_checkpoints(small_disk):
+    """24 MiB hold the synthetic data and two SFT checkpoints of 9.6 MB, not a third: the third save is refused
+    before it writes (exit 2, one line naming the directory and the room needed), the two stay; once there is
+    room, --resume finishes the run. It used to end in two tracebacks ("unexpected pos 1426624 vs 1426512")."""
+    disk, remount = small_disk
+    out = disk / "run"
+    cmd = [sys.executable, "-m", "rlhf.train", "--output-dir", str(out), "--step", "1", "--sft-max-steps", "4",
+           "--save-interval", "1", "--disable-tqdm", "--sft-zero-stage", "3"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    kept = out / "checkpoints" / "sft" / "step-000002"
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"rlhf train: error: checkpoint {out}/checkpoints/sft/step-000003: the disk of "
+                           f"{out}/checkpoints/sft has not the room ("), last
+    assert f"the previous checkpoint {kept} is kept. Free space there" in last and last.endswith("with --resume")
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints" / "sft").iterdir()) == ["step-000001", "step-000002"]
+    assert (kept / "meta.json").is_file()
+    remount("64m")
+    proc = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "actor" / "model.safetensors").is_file()
+
+
+class BigStateEngine:
+    """A DeepSpeed-engine stand-in with one small parameter whose checkpoint is 2 MiB: its size estimate passes
+    the check before writing, and the disk fills while torch.save writes it."""
+
+    def __init__(self):
+        self.module = torch.nn.Linear(2, 2)
+
+    def save_checkpoint(self, path, tag):
+        Path(path, tag).mkdir(parents=True)
+        torch.save({"state": torch.ones(1 << 19)}, Path(path, tag, "states.pt"))
+
+
+def test_a_disk_that_fills_while_writing_is_one_line_and_leaves_nothing(small_disk):
+    from rlhf.runtime.resume import Checkpointer, DiskFullError
+
+    disk, remount = small_disk
+    remount("1m")
+    ckpt = Checkpointer(disk, "sft", interval=1)
+    with pytest.raises(DiskFullError) as err:
+        ckpt.save(1, {"model": BigStateEngine()}, {"step": 1})
+    assert str(err.value).startswith(f"checkpoint {disk}/checkpoints/sft/step-000001: the disk of "
+                                     f"{disk}/checkpoints/sft filled while writing it (")
+    assert "no earlier checkpoint exists" in str(err.value) and "\n" not in str(err.value)
+    assert list((disk / "checkpoints" / "sft").iterdir()) == []  # the partial checkpoint removed

@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+from rlhf.runtime.cluster import Heartbeat
 
 
 def rank_world() -> tuple[int, int]:
@@ -53,11 +56,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(backend: str | None = None) -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed once; idempotent.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0  # a silent peer ends the run in 5 minutes, not NCCL's or gloo's 30
+
+
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed once; idempotent (the first call's ``timeout_s`` holds).
 
     Without a launcher it runs as rank 0 of 1 (MASTER_ADDR 127.0.0.1, a free MASTER_PORT). On CPU the
-    backend is gloo, on CUDA NCCL.
+    backend is gloo, on CUDA NCCL. ``timeout_s`` (``--collective-timeout``, default 300) bounds every collective
+    and store wait: a rank whose peer went silent raises after it instead of hanging. Several processes each
+    start a heartbeat (rlhf.runtime.cluster), which names the ranks that stopped when a collective fails.
     """
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -85,8 +93,12 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     else:
         device = torch.device("cpu")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    deepspeed.init_distributed(dist_backend=backend)
-    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+    timeout = timedelta(seconds=timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+    if info.world_size > 1:
+        Heartbeat.start(info.rank)
+    return info
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

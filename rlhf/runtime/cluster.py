@@ -1,0 +1,160 @@
+"""What a run across nodes needs of them, and what it does when one is lost.
+
+- **One shared output directory.** Rank 0 alone writes what every rank reads back (the synthetic data, each step's
+  saved model, run_state.json, the checkpoints' meta.json), while every rank writes its own part of a checkpoint
+  (its ZeRO partitions, its rank<r>.pt) next to rank 0's. So every node must see the same ``--output-dir``
+  (NFS, Lustre, a cluster filesystem at the same path); ``require_shared_dir`` refuses node-local ones at start.
+- **A lost node.** Every rank beats a counter in the process group's store (``Heartbeat``, one thread). When a
+  collective fails (gloo's "Connection reset by peer", or its timeout, ``--collective-timeout``, when a node is
+  silent), ``lost_ranks`` names the ranks whose counter stopped, and ``lost_message`` says so in one line.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+BEAT_S = 1.0       # one store increment per rank per second: a few bytes, off the training thread
+SILENT_BEATS = 4   # a rank whose counter has not moved for this many beats is lost
+LOST_EXIT = 75     # EX_TEMPFAIL: the run can go on from its newest checkpoint once the nodes are back
+
+
+def _store():
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def node_name() -> str:
+    """This host's name and its address toward the rendezvous (MASTER_ADDR): what names a node in messages."""
+    addr = "?"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:  # UDP connect: picks the route, sends nothing
+            sock.connect((os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "1"))))
+            addr = sock.getsockname()[0]
+    except OSError:
+        pass
+    return f"{socket.gethostname()} {addr}"
+
+
+def _attempt() -> str:
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a restarted group shares the agent's store
+
+
+class Heartbeat:
+    """A daemon thread adding 1 to ``rlhf/beat/<attempt>/<rank>`` in the store every ``BEAT_S`` seconds; it runs
+    while the training thread waits inside a collective (which releases the GIL). Started once per process."""
+
+    started = False
+
+    @classmethod
+    def start(cls, rank: int) -> None:
+        if cls.started:
+            return
+        store = _store()
+        store.set(f"rlhf/node/{_attempt()}/{rank}", node_name())
+        key = f"rlhf/beat/{_attempt()}/{rank}"
+
+        def beat() -> None:
+            while True:
+                try:
+                    store.add(key, 1)
+                except Exception:  # noqa: BLE001 -- the store's node is gone: nothing left to tell
+                    return
+                time.sleep(BEAT_S)
+
+        threading.Thread(target=beat, name="rlhf-heartbeat", daemon=True).start()
+        cls.started = True
+
+
+def comm_failure(err: BaseException) -> bool:
+    """Whether ``err`` (or what it was raised from) is a failed collective or store operation: a peer that closed
+    its connection or stayed silent past the timeout, not a bug of one rank."""
+    import torch.distributed as dist
+
+    seen = err
+    while seen is not None:
+        text = str(seen)
+        if (isinstance(seen, dist.DistError) or "gloo/transport" in text or "NCCL" in text
+                or (isinstance(seen, OSError) and seen.errno in (errno.ECONNRESET, errno.ECONNREFUSED))):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def lost_ranks(rank: int, world: int) -> tuple[list[int], dict[int, str]] | None:
+    """The ranks whose heartbeat stopped (``SILENT_BEATS`` beats to tell) without saying they saw the failure too,
+    with their nodes' names; None when the store itself cannot be reached (it lives on rank 0's node, or with
+    torchrun on its agent's)."""
+    store = _store()
+    attempt = _attempt()
+    beats = [f"rlhf/beat/{attempt}/{r}" for r in range(world)]
+    try:
+        store.set_timeout(timedelta(seconds=2 * BEAT_S))
+        store.set(f"rlhf/failed/{attempt}/{rank}", "1")  # a survivor that stops first is no lost rank
+        first = [store.add(k, 0) for k in beats]
+        time.sleep(SILENT_BEATS * BEAT_S)
+        lost = [r for r, k in enumerate(beats)
+                if store.add(k, 0) == first[r] and not store.check([f"rlhf/failed/{attempt}/{r}"])]
+        names = {r: store.get(f"rlhf/node/{attempt}/{r}").decode() for r in lost}
+    except Exception:  # noqa: BLE001 -- any store error means the same: it is out of reach
+        return None
+    return lost, names
+
+
+def _ranges(ranks: list[int]) -> str:
+    return ", ".join(str(r) for r in ranks)
+
+
+def lost_message(err: BaseException, rank: int, world: int) -> tuple[str, bool] | None:
+    """One line naming the lost ranks and their nodes after the collective failure ``err``, and whether this rank
+    says it (the lowest surviving rank does); None when every rank still beats (then it is no lost node, and the
+    error is shown as it is)."""
+    found = lost_ranks(rank, world)
+    text = str(err).strip()
+    first_line = (text.splitlines()[0] if text else type(err).__name__)[:200]
+    if found is None:  # no store: no survivor can tell the others; each says it
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        return (f"rank {rank}: a collective failed ({first_line}) and the rendezvous store at {where} is out of "
+                "reach: rank 0's node is lost; restart every node's launch with --resume"), True
+    lost, names = found
+    if not lost:
+        return None
+    nodes = sorted(set(names.values()))
+    speaker = min(r for r in range(world) if r not in lost)
+    return (f"lost rank{'s' if len(lost) > 1 else ''} {_ranges(lost)} (node {', '.join(nodes)}): no heartbeat for "
+            f"{SILENT_BEATS * BEAT_S:.0f} s after a collective failed on rank {rank} ({first_line}); the survivors "
+            "stopped; once the node is back, restart every node's launch with --resume (torchrun --max-restarts N "
+            "does it by itself)"), rank == speaker
+
+
+def require_shared_dir(path: str | Path, rank: int, world: int) -> None:
+    """One line on every rank unless every rank sees the file rank 0 writes into ``path`` (a node-local
+    --output-dir, or a different path per node). Call on every rank; collective."""
+    import torch.distributed as dist
+
+    path = Path(path)
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    probe = path / f".shared-probe-{token[0]}"
+    if rank == 0:
+        probe.write_text(token[0])
+    dist.barrier()
+    sees = [None] * world
+    dist.all_gather_object(sees, (probe.is_file() and probe.read_text() == token[0], node_name()))
+    dist.barrier()
+    if rank == 0:
+        probe.unlink()
+    blind = [r for r, (seen, _) in enumerate(sees) if not seen]
+    if blind:
+        nodes = sorted({sees[r][1] for r in blind})
+        raise ValueError(f"--output-dir {path}: rank{'s' if len(blind) > 1 else ''} {_ranges(blind)} (node "
+                         f"{', '.join(nodes)}) do not see the files rank 0 ({sees[0][1]}) writes there; a run across "
+                         "nodes needs one directory every node shares (NFS, Lustre, ...) at the same path: rank 0 "
+                         "writes the data, models and checkpoint records once, and every rank reads them")
