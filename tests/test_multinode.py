@@ -187,3 +187,67 @@ def test_a_disk_that_fills_while_writing_is_one_line_and_leaves_nothing(small_di
                                      f"{disk}/checkpoints/sft filled while writing it (")
     assert "no earlier checkpoint exists" in str(err.value) and "\n" not in str(err.value)
     assert list((disk / "checkpoints" / "sft").iterdir()) == []  # the partial checkpoint removed
+
+
+def test_node_local_output_dirs_are_refused_at_start(nodes, tmp_path):
+    """Each node its own --output-dir (node-local disks): every rank stops at start with one line naming the ranks
+    that cannot see rank 0's files and what a run across nodes needs; nothing is trained."""
+    outs = (tmp_path / "node0", tmp_path / "node1")
+    _, errs = run_nodes(nodes, 1, outs[0], PIPELINE, outs=outs, expect=1)  # torchrun's status for a failed worker
+    expected = (f"rlhf train: error: --output-dir {outs[1]}: rank 1 (node {os.uname().nodename} {nodes[1].addr}) "
+                f"do not see the files rank 0 ({os.uname().nodename} {nodes[0].addr}) writes there; a run across "
+                "nodes needs one directory every node shares")
+    for i in range(2):
+        lines = [line for line in errs[i].splitlines() if line.startswith("rlhf train: error:")]
+        assert len(lines) == 1 and lines[0].startswith(expected.replace(str(outs[1]), str(outs[i]))), lines
+    assert not (outs[0] / "checkpoints").exists() and not (outs[0] / "run_state.json").exists()
+
+
+def wait_for(proc: subprocess.Popen, path: Path, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path} was written: {proc.communicate()[1][-3000:]}"
+        assert time.time() < deadline, f"{path} not written in {timeout} s"
+        time.sleep(0.05)
+
+
+def test_a_lost_node_stops_the_survivor_in_one_line_and_resume_is_bit_identical(nodes, pipeline_one_node,
+                                                                                 grpo_one_node, tmp_path):
+    """Node 1 dies (every process in it SIGKILLed) after GRPO's second round: node 0's rank stops within seconds,
+    saying which rank and node were lost (its collective failed at once; a silent node would take
+    --collective-timeout); both nodes relaunched with --resume end where one uninterrupted node does."""
+    args = [*grpo_args(pipeline_one_node[0]), "--collective-timeout", "60"]
+    out = tmp_path / "run"
+    procs = start_nodes(nodes, 1, (out, out), args)
+    wait_for(procs[0], out / "checkpoints" / "grpo" / "step-000002" / "meta.json")
+    nodes[1].kill()
+    killed = time.perf_counter()
+    err = procs[0].communicate(timeout=120)[1]
+    stopped = time.perf_counter() - killed
+    assert procs[0].returncode == 1 and stopped < 60, (procs[0].returncode, stopped, err[-3000:])
+    lines = [line for line in err.splitlines() if line.startswith("rlhf train: error:")]
+    assert len(lines) == 1, err[-3000:]
+    assert lines[0].startswith(f"rlhf train: error: lost rank 1 (node {os.uname().nodename} {nodes[1].addr}): no "
+                               "heartbeat for 4 s after a collective failed on rank 0 ("), lines[0]
+    assert "exitcode  : 75" in err  # torchrun's report of its worker: the lost-node status
+    print(f"survivor stopped {stopped:.1f} s after the kill")
+    run_nodes(nodes, 1, out, [*args, "--resume"])
+    assert_same_weights(out, grpo_one_node[0], ("grpo/actor",))
+
+
+def test_torchrun_max_restarts_resumes_by_itself_bit_identical(nodes, pipeline_one_node, grpo_one_node, tmp_path):
+    """With --max-restarts 1, node 1's worker SIGKILLed after the second round: the agents start the group again,
+    which resumes from the newest checkpoint without --resume and ends where an uninterrupted run does."""
+    args = grpo_args(pipeline_one_node[0])
+    out = tmp_path / "run"
+    procs = start_nodes(nodes, 1, (out, out), args, launcher=("--max-restarts", "1"))
+    wait_for(procs[0], out / "checkpoints" / "grpo" / "step-000002" / "meta.json")
+    workers = [pid for pid in nodes[1].pids() if pid != procs[1].pid]  # ip netns exec became the agent
+    assert workers
+    for pid in workers:
+        os.kill(pid, 9)
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    assert "rlhf train: restart 1 of the group (torchrun --max-restarts): resuming from the newest checkpoint" \
+        in errs[0]
+    assert_same_weights(out, grpo_one_node[0], ("grpo/actor",))

@@ -43,23 +43,37 @@ def node_name() -> str:
     return f"{socket.gethostname()} {addr}"
 
 
-def _attempt() -> str:
-    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a restarted group shares the agent's store
+def group_restarts() -> int:
+    """How often torchrun (--max-restarts) has started this group again: the largest TORCHELASTIC_RESTART_COUNT of
+    its ranks. Agents count apart: one whose workers failed counts a restart, one that only restarts its healthy
+    workers to re-form the group does not. Collective."""
+    import torch.distributed as dist
+
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    return max(counts)
 
 
 class Heartbeat:
-    """A daemon thread adding 1 to ``rlhf/beat/<attempt>/<rank>`` in the store every ``BEAT_S`` seconds; it runs
-    while the training thread waits inside a collective (which releases the GIL). Started once per process."""
+    """A daemon thread adding 1 to ``rlhf/<launch>/beat/<rank>`` in the store every ``BEAT_S`` seconds; it runs
+    while the training thread waits inside a collective (which releases the GIL). ``launch`` is a token rank 0
+    draws for this group (a restarted group may meet the keys of the one before it in the same store). Started
+    once per process; collective."""
 
-    started = False
+    prefix: str | None = None
 
     @classmethod
     def start(cls, rank: int) -> None:
-        if cls.started:
+        import torch.distributed as dist
+
+        if cls.prefix is not None:
             return
+        token = [uuid.uuid4().hex if rank == 0 else None]
+        dist.broadcast_object_list(token, src=0)
+        cls.prefix = f"rlhf/{token[0]}"
         store = _store()
-        store.set(f"rlhf/node/{_attempt()}/{rank}", node_name())
-        key = f"rlhf/beat/{_attempt()}/{rank}"
+        store.set(f"{cls.prefix}/node/{rank}", node_name())
+        key = f"{cls.prefix}/beat/{rank}"
 
         def beat() -> None:
             while True:
@@ -70,7 +84,6 @@ class Heartbeat:
                 time.sleep(BEAT_S)
 
         threading.Thread(target=beat, name="rlhf-heartbeat", daemon=True).start()
-        cls.started = True
 
 
 def comm_failure(err: BaseException) -> bool:
@@ -92,17 +105,16 @@ def lost_ranks(rank: int, world: int) -> tuple[list[int], dict[int, str]] | None
     """The ranks whose heartbeat stopped (``SILENT_BEATS`` beats to tell) without saying they saw the failure too,
     with their nodes' names; None when the store itself cannot be reached (it lives on rank 0's node, or with
     torchrun on its agent's)."""
-    store = _store()
-    attempt = _attempt()
-    beats = [f"rlhf/beat/{attempt}/{r}" for r in range(world)]
+    store, prefix = _store(), Heartbeat.prefix
+    beats = [f"{prefix}/beat/{r}" for r in range(world)]
     try:
         store.set_timeout(timedelta(seconds=2 * BEAT_S))
-        store.set(f"rlhf/failed/{attempt}/{rank}", "1")  # a survivor that stops first is no lost rank
+        store.set(f"{prefix}/failed/{rank}", "1")  # a survivor that stops first is no lost rank
         first = [store.add(k, 0) for k in beats]
         time.sleep(SILENT_BEATS * BEAT_S)
         lost = [r for r, k in enumerate(beats)
-                if store.add(k, 0) == first[r] and not store.check([f"rlhf/failed/{attempt}/{r}"])]
-        names = {r: store.get(f"rlhf/node/{attempt}/{r}").decode() for r in lost}
+                if store.add(k, 0) == first[r] and not store.check([f"{prefix}/failed/{r}"])]
+        names = {r: store.get(f"{prefix}/node/{r}").decode() for r in lost}
     except Exception:  # noqa: BLE001 -- any store error means the same: it is out of reach
         return None
     return lost, names
@@ -116,6 +128,8 @@ def lost_message(err: BaseException, rank: int, world: int) -> tuple[str, bool] 
     """One line naming the lost ranks and their nodes after the collective failure ``err``, and whether this rank
     says it (the lowest surviving rank does); None when every rank still beats (then it is no lost node, and the
     error is shown as it is)."""
+    if Heartbeat.prefix is None:  # failed before the heartbeats began: nothing to tell lost ranks by
+        return None
     found = lost_ranks(rank, world)
     text = str(err).strip()
     first_line = (text.splitlines()[0] if text else type(err).__name__)[:200]
