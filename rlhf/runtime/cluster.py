@@ -25,10 +25,13 @@ SILENT_BEATS = 4   # a rank whose counter has not moved for this many beats is l
 LOST_EXIT = 75     # EX_TEMPFAIL: the run can go on from its newest checkpoint once the nodes are back
 
 
-def _store():
-    from torch.distributed import distributed_c10d
+def _store(timeout_s: float):
+    """A client of its own to the store the process group rendezvoused through (torchrun's agent's, or rank 0's):
+    heartbeats and the lost-rank check never wait behind the group's own store calls."""
+    import torch.distributed as dist
 
-    return distributed_c10d._get_default_store()
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
 def node_name() -> str:
@@ -71,7 +74,7 @@ class Heartbeat:
         token = [uuid.uuid4().hex if rank == 0 else None]
         dist.broadcast_object_list(token, src=0)
         cls.prefix = f"rlhf/{token[0]}"
-        store = _store()
+        store = _store(10 * BEAT_S)
         store.set(f"{cls.prefix}/node/{rank}", node_name())
         key = f"{cls.prefix}/beat/{rank}"
 
@@ -105,10 +108,10 @@ def lost_ranks(rank: int, world: int) -> tuple[list[int], dict[int, str]] | None
     """The ranks whose heartbeat stopped (``SILENT_BEATS`` beats to tell) without saying they saw the failure too,
     with their nodes' names; None when the store itself cannot be reached (it lives on rank 0's node, or with
     torchrun on its agent's)."""
-    store, prefix = _store(), Heartbeat.prefix
+    prefix = Heartbeat.prefix
     beats = [f"{prefix}/beat/{r}" for r in range(world)]
     try:
-        store.set_timeout(timedelta(seconds=2 * BEAT_S))
+        store = _store(2 * BEAT_S)
         store.set(f"{prefix}/failed/{rank}", "1")  # a survivor that stops first is no lost rank
         first = [store.add(k, 0) for k in beats]
         time.sleep(SILENT_BEATS * BEAT_S)

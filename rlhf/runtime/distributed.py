@@ -59,6 +59,18 @@ def _free_port() -> int:
 DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0  # a silent peer ends the run in 5 minutes, not NCCL's or gloo's 30
 
 
+def require_fresh_store_on_restart() -> None:
+    """One line unless a torchrun with --max-restarts gives each start of the group a store of its own. With its
+    default, one store shared by every round of the rendezvous (the agent's), a restarted group finds the previous
+    group's keys there: a rank can read a dead peer's address before the peer's new start overwrites it ("Gloo
+    connectFullMesh failed ... Connection refused", seen in 1 of 2 restarts of tests/test_multinode.py)."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise ValueError(f"torchrun --max-restarts {restarts}: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in every "
+                         "node's environment, so each start of the group gets a store of its own (with torchrun's "
+                         "shared store a restarted group can read its dead predecessors' addresses)")
+
+
 def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed once; idempotent (the first call's ``timeout_s`` holds).
 
@@ -73,6 +85,7 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:  # one process of its own: any port the system has free
         os.environ["MASTER_PORT"] = str(_free_port())
+    require_fresh_store_on_restart()
     import deepspeed
 
     if _cpu_only():
