@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import threading
 import time
@@ -123,6 +124,15 @@ def lost_ranks(rank: int, world: int) -> tuple[list[int], dict[int, str]] | None
     return lost, names
 
 
+def _gist(err: BaseException) -> str:
+    """The first sentence of an error, without the source location gloo puts first: "Read error
+    [10.0.0.2]:32485: Connection reset by peer"."""
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    line = re.sub(r"^\[[^\]]*\]\s*", "", line)
+    return line.split(". ")[0][:200]
+
+
 def _ranges(ranks: list[int]) -> str:
     return ", ".join(str(r) for r in ranks)
 
@@ -134,12 +144,12 @@ def lost_message(err: BaseException, rank: int, world: int) -> tuple[str, bool] 
     if Heartbeat.prefix is None:  # failed before the heartbeats began: nothing to tell lost ranks by
         return None
     found = lost_ranks(rank, world)
-    text = str(err).strip()
-    first_line = (text.splitlines()[0] if text else type(err).__name__)[:200]
+    first_line = _gist(err)
     if found is None:  # no store: no survivor can tell the others; each says it
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-        return (f"rank {rank}: a collective failed ({first_line}) and the rendezvous store at {where} is out of "
-                "reach: rank 0's node is lost; restart every node's launch with --resume"), True
+        return (f"rank {rank}: a collective failed ({first_line}) and the rendezvous store at {where} (on rank 0's "
+                "node) is out of reach: that node is lost or this one is cut off; once they are back, restart every "
+                "node's launch with --resume"), True
     lost, names = found
     if not lost:
         return None
@@ -171,7 +181,8 @@ def require_shared_dir(path: str | Path, rank: int, world: int) -> None:
     blind = [r for r, (seen, _) in enumerate(sees) if not seen]
     if blind:
         nodes = sorted({sees[r][1] for r in blind})
-        raise ValueError(f"--output-dir {path}: rank{'s' if len(blind) > 1 else ''} {_ranges(blind)} (node "
-                         f"{', '.join(nodes)}) do not see the files rank 0 ({sees[0][1]}) writes there; a run across "
-                         "nodes needs one directory every node shares (NFS, Lustre, ...) at the same path: rank 0 "
-                         "writes the data, models and checkpoint records once, and every rank reads them")
+        who = f"ranks {_ranges(blind)} (node {', '.join(nodes)}) do" if len(blind) > 1 else \
+            f"rank {blind[0]} (node {nodes[0]}) does"
+        raise ValueError(f"--output-dir {path}: {who} not see the files rank 0 ({sees[0][1]}) writes there; a run "
+                         "across nodes needs one directory every node shares (NFS, Lustre, ...) at the same path: "
+                         "rank 0 writes the data, models and checkpoint records once, and every rank reads them")

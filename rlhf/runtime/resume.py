@@ -191,14 +191,14 @@ class Checkpointer:
             for p in (engine.module.parameters() if hasattr(engine, "module") else ()))
         free = min(all_gather_objects(_free_bytes(self.root)))
         if free < needed:
-            raise DiskFullError(self._full_message(final, free, needed, "has not the room"))
+            raise DiskFullError(self._full_message(final, free, needed, "has too little room"))
         return needed
 
     def _full_message(self, final: Path, free: int, needed: int, what: str) -> str:
         latest = self.latest()
         kept = f"the previous checkpoint {latest} is kept" if latest is not None else "no earlier checkpoint exists"
         return (f"checkpoint {final}: the disk of {self.root} {what} ({_mb(free)} free, a checkpoint needs about "
-                f"{_mb(needed)}); {kept}. Free space there (or --keep-checkpoints 1), then rerun with --resume")
+                f"{_mb(needed)}); {kept}. Free space there, then rerun with --resume")
 
     def load(self, engines: dict) -> dict | None:
         """With ``resume``, the newest checkpoint's state (engines loaded in place, metrics.jsonl truncated);
