@@ -348,3 +348,19 @@ def test_collective_timeout_out_of_range_is_one_line(tmp_path, capsys):
     assert main(["train", "--output-dir", str(tmp_path / "run"), "--collective-timeout", "0"]) == 2
     assert capsys.readouterr().err.strip() == ("rlhf train: error: argument --collective-timeout: expected a positive "
                                                "number, got 0 (rlhf train --help lists the options)")
+
+
+def test_groups_made_later_take_the_collective_timeout(monkeypatch):
+    """DeepSpeed's data-parallel group and the engine's TP groups come from torch's new_group, whose timeout is its
+    module default (30 minutes) unless set."""
+    from datetime import timedelta
+
+    from torch.distributed import Backend, distributed_c10d
+
+    from rlhf.runtime.distributed import set_default_group_timeout
+
+    monkeypatch.setattr(distributed_c10d, "default_pg_timeout", distributed_c10d.default_pg_timeout)
+    monkeypatch.setattr(distributed_c10d, "default_pg_nccl_timeout", distributed_c10d.default_pg_nccl_timeout)
+    set_default_group_timeout(timedelta(seconds=7))
+    for backend in (Backend.GLOO, Backend.NCCL):
+        assert distributed_c10d._get_default_timeout(backend) == timedelta(seconds=7)

@@ -71,6 +71,16 @@ def require_fresh_store_on_restart() -> None:
                          "shared store a restarted group can read its dead predecessors' addresses)")
 
 
+def set_default_group_timeout(timeout: timedelta) -> None:
+    """The timeout of every process group made later without one: torch's ``new_group`` takes its module default
+    (30 minutes for gloo and NCCL), not the world group's, and DeepSpeed makes its data-parallel group (every ZeRO
+    collective) and the engine its TP groups that way."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+
+
 def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed once; idempotent (the first call's ``timeout_s`` holds).
 
@@ -107,6 +117,7 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
         device = torch.device("cpu")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     timeout = timedelta(seconds=timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S)
+    set_default_group_timeout(timeout)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
     if info.world_size > 1:
