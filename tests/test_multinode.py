@@ -155,7 +155,7 @@ def test_grpo_on_two_nodes_equals_one_node(nodes, pipeline_one_node, grpo_one_no
 def test_deepspeed_hostfile_launcher_on_two_nodes_equals_one_node(nodes, pipeline_one_node, grpo_one_node,
                                                                  tmp_path):
     """DeepSpeed's launcher from a hostfile, started on each node (--no_ssh --node_rank i: the namespaces run no
-    ssh server), GRPO 2 x 1: the weights of torchrun's 1 x 2 (22:39 UTC run: bit-identical, 54 s)."""
+    ssh server), GRPO 2 x 1: the weights of torchrun's 1 x 2, bit for bit."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{node.addr} slots=1\n" for node in nodes.nodes))
     out, port = tmp_path / "run", next(PORTS)
