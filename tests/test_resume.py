@@ -246,7 +246,9 @@ def torchrun(out: Path, uninterrupted: Path, stage: int, *extra: str) -> list[st
             str(stage), "--max-steps", "4", *extra]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-3 is killed and resumed across two nodes instead, one node's processes lost, in tests/test_multinode.py
+# (test_a_killed_node_stops_the_survivor_in_one_line_and_resume_is_bit_identical), which CI runs
+@pytest.mark.parametrize("stage", [2])
 def test_two_processes_grpo_resume_exactly(uninterrupted, tmp_path, stage):
     reference = tmp_path / "reference"
     proc = subprocess.run(torchrun(reference, uninterrupted, stage), cwd=ROOT, env=ENV, capture_output=True,

@@ -29,6 +29,7 @@ from rlhf.data import Example, build_prompt_dataset, load_step_examples
 from rlhf.data.synthetic import gold_scores, write_synthetic_data
 from rlhf.models import load_tokenizer, require_checkpoint, require_model_source, require_tokenizer_source
 from rlhf.runtime.checkpoint import atomic_write_bytes
+from rlhf.runtime.cluster import group_restarts, require_shared_dir
 from rlhf.runtime.config import (
     AT_LEAST_1,
     NON_NEGATIVE,
@@ -354,7 +355,10 @@ def main(argv: list[str] | None = None) -> dict:
     names = {1: "sft", 2: "reward", 3: args.algorithm, "dpo": "dpo"}
     outputs = {"sft": paths["actor"], "reward": paths["reward"], args.algorithm: paths["rl"], "dpo": paths["dpo"]}
     out.mkdir(parents=True, exist_ok=True)
-    dist = init_distributed()
+    dist = init_distributed(timeout_s=args.collective_timeout)
+    if dist.world_size > 1:
+        require_shared_dir(out, dist.rank, dist.world_size)
+        resume_after_restart(args, dist.is_main)
     metrics = MetricsLogger(out, enabled=dist.is_main, report_to=args.report_to)
     run = open_run(out, [names[s] for s in args.step] + (["dpo"] if with_dpo else []), outputs, args.resume,
                    args.overwrite, metrics.path, dist.is_main)
@@ -419,6 +423,17 @@ def main(argv: list[str] | None = None) -> dict:
     summary["run"] = {"output_dir": str(out), "seconds": time.time() - start}
     print(format_summary(summary), flush=True)
     return summary
+
+
+def resume_after_restart(args: argparse.Namespace, is_main: bool) -> None:
+    """A group that torchrun (--max-restarts) started again after a failure continues from the newest checkpoint
+    (--resume) without being told; the first attempt already started over what --overwrite asked. Collective."""
+    restarts = group_restarts()
+    if restarts and not args.resume:
+        if is_main:
+            print(f"rlhf train: restart {restarts} of the group (torchrun --max-restarts): resuming from the newest "
+                  f"checkpoint in {args.output_dir}", file=sys.stderr, flush=True)
+        args.resume, args.overwrite = True, False
 
 
 def resume_command(argv: list[str]) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from rlhf.models import ModelOptions, require_model_source, require_tokenizer_source
+from rlhf.runtime.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, init_distributed
 
 
 @dataclass(frozen=True)
@@ -302,12 +303,14 @@ def step_main(config_cls: type, run: Callable, description: str, argv: list[str]
     parser = ArgumentParser(prog=prog, description=description)
     add_launcher_args(parser)
     add_config_args(parser, config_cls)
-    cfg = config_from_args(config_cls, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    cfg = config_from_args(config_cls, args)
     require_output_dir(cfg.output_dir)
     if getattr(cfg, "model_name_or_path", None):  # step 3's models: rlhf.steps.rl.require_step3_models
         require_model_source(cfg.model_name_or_path, "--model-name-or-path")
     if getattr(cfg, "tokenizer_name_or_path", None):
         require_tokenizer_source(cfg.tokenizer_name_or_path, "--tokenizer-name-or-path")
+    init_distributed(timeout_s=args.collective_timeout)
     summary = run(cfg)
     print(summary)
     return summary
@@ -333,9 +336,15 @@ def require_output_dir(path: str | Path, flag: str = "--output-dir") -> None:
 
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> None:
-    """The flag the ``deepspeed`` launcher passes to every process (torchrun sets LOCAL_RANK instead)."""
+    """The flag the ``deepspeed`` launcher passes to every process (torchrun sets LOCAL_RANK instead), and the
+    collective timeout of a run across processes."""
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
                         help="set by the deepspeed launcher; init_distributed reads LOCAL_RANK either way")
+    parser.add_argument("--collective-timeout", type=bounded(float, POSITIVE), default=DEFAULT_COLLECTIVE_TIMEOUT_S,
+                        metavar="SECONDS",
+                        help="how long a rank waits in a collective for a silent peer (a lost node, a pulled "
+                        "cable) before the run stops with an error naming the lost ranks (default: "
+                        f"{DEFAULT_COLLECTIVE_TIMEOUT_S:.0f}); given to torch.distributed and DeepSpeed")
 
 
 def num_update_steps(num_batches: int, cfg: StepConfig) -> int:

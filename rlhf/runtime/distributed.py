@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+from rlhf.runtime.cluster import Heartbeat
 
 
 def rank_world() -> tuple[int, int]:
@@ -53,11 +56,38 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(backend: str | None = None) -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed once; idempotent.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0  # a silent peer ends the run in 5 minutes, not NCCL's or gloo's 30
+
+
+def require_fresh_store_on_restart() -> None:
+    """One line unless a torchrun with --max-restarts gives each start of the group a store of its own. With its
+    default, one store shared by every round of the rendezvous (the agent's), a restarted group finds the previous
+    group's keys there: a rank can read a dead peer's address before the peer's new start overwrites it ("Gloo
+    connectFullMesh failed ... Connection refused", seen in 1 of 2 restarts of tests/test_multinode.py)."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise ValueError(f"torchrun --max-restarts {restarts}: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in every "
+                         "node's environment, so each start of the group gets a store of its own (with torchrun's "
+                         "shared store a restarted group can read its dead predecessors' addresses)")
+
+
+def set_default_group_timeout(timeout: timedelta) -> None:
+    """The timeout of every process group made later without one: torch's ``new_group`` takes its module default
+    (30 minutes for gloo and NCCL), not the world group's, and DeepSpeed makes its data-parallel group (every ZeRO
+    collective) and the engine its TP groups that way."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+
+
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed once; idempotent (the first call's ``timeout_s`` holds).
 
     Without a launcher it runs as rank 0 of 1 (MASTER_ADDR 127.0.0.1, a free MASTER_PORT). On CPU the
-    backend is gloo, on CUDA NCCL.
+    backend is gloo, on CUDA NCCL. ``timeout_s`` (``--collective-timeout``, default 300) bounds every collective
+    and store wait: a rank whose peer went silent raises after it instead of hanging. Several processes each
+    start a heartbeat (rlhf.runtime.cluster), which names the ranks that stopped when a collective fails.
     """
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -65,6 +95,7 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:  # one process of its own: any port the system has free
         os.environ["MASTER_PORT"] = str(_free_port())
+    require_fresh_store_on_restart()
     import deepspeed
 
     if _cpu_only():
@@ -85,8 +116,13 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     else:
         device = torch.device("cpu")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    deepspeed.init_distributed(dist_backend=backend)
-    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+    timeout = timedelta(seconds=timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S)
+    set_default_group_timeout(timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+    if info.world_size > 1:
+        Heartbeat.start(info.rank)
+    return info
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

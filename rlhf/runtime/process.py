@@ -7,14 +7,17 @@ import os
 import sys
 from collections.abc import Callable
 
-from rlhf.runtime.distributed import is_distributed
+from rlhf.runtime.cluster import LOST_EXIT, comm_failure, lost_message
+from rlhf.runtime.distributed import is_distributed, rank_world
 
 
 def run_cli(main: Callable, prog: str, argv: list[str] | None = None) -> int:
     """Run an entry point's `main(argv)`. Bad input (a ValueError, such as the data loader's DataError naming
     file, line and field) ends the run with that one line on stderr and exit status 2, not a traceback;
     RLHF_TRACEBACK=1 shows the traceback instead. A run stopped by SIGTERM/SIGINT after its checkpoint prints how
-    to resume and exits 143/130. In a multi-process run the process ends here, through `end_process`."""
+    to resume and exits 143/130. A collective that fails because ranks stopped (a lost node: their heartbeats
+    stopped) ends in one line naming them, exit 75. In a multi-process run the process ends here, through
+    `end_process`."""
     from rlhf.runtime.guards import Stopped
 
     try:
@@ -28,6 +31,16 @@ def run_cli(main: Callable, prog: str, argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{prog}: {stop}", file=sys.stderr, flush=True)
         return end_process(stop.code)
+    except RuntimeError as err:  # torch.distributed's DistError too
+        if not is_distributed() or not comm_failure(err) or os.environ.get("RLHF_TRACEBACK"):
+            raise
+        found = lost_message(err, *rank_world())
+        if found is None:  # every rank still beats: not a lost node; the traceback says what it is
+            raise
+        message, speaker = found
+        if speaker:
+            print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        return end_process(LOST_EXIT, all_ranks=False)
     return end_process(result if isinstance(result, int) else 0)
 
 
