@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import throughput  # noqa: E402
 from rlhf.core.experience import PhaseTimer  # noqa: E402
 from rlhf.models import create_reward_model, save_reward_model  # noqa: E402
+from rlhf.runtime.checkpoint import atomic_write_bytes  # noqa: E402
 from rlhf.runtime.config import config_from_options  # noqa: E402
 from rlhf.runtime.distributed import init_distributed  # noqa: E402
 from rlhf.runtime.process import end_process  # noqa: E402
@@ -242,10 +243,7 @@ def main(argv=None) -> int:
                    repeats=args.repeats, clock=args.clock)
     print_rows(rows)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_bytes(args.json, json.dumps(rows, indent=2).encode())
     return 0
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hybrid_engine  # noqa: E402
 from benchmarks.throughput import build_model, random_prompts  # noqa: E402
+from rlhf.runtime.checkpoint import atomic_write_bytes  # noqa: E402
 
 BATCH, PROMPT, NEW = 4, 32, 32
 LORA_RANK = 8
@@ -194,8 +195,7 @@ def main(argv=None) -> int:
           f"{NEW} new tokens; LoRA rank {LORA_RANK} on {len(LORA_TARGETS)} projections per layer")
     print_table(rows)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        atomic_write_bytes(args.json, json.dumps(rows, indent=2).encode())
     return 0
 
 

@@ -38,6 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hybrid_engine  # noqa: E402
 from benchmarks._family_models import FAMILY_CONFIGS  # noqa: E402
+from rlhf.runtime.checkpoint import atomic_write_bytes  # noqa: E402
 
 SIZES = {
     # ~15.6M parameters: big enough that matmuls matter, small enough for a 2-core CPU
@@ -324,10 +325,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     rows = run(args)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_bytes(args.json, json.dumps(rows, indent=2).encode())
     if not all(r["outputs_equal"] and r.get("compiled_equal", True) for r in rows):
         print("WARNING: the engine's tokens differ from Hugging Face's in some rows", file=sys.stderr)
         return 1 if args.dtype == "fp32" else 0

@@ -36,6 +36,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rlhf.runtime.checkpoint import atomic_write_bytes  # noqa: E402
 
 RUNS = ("trl", "trl+hybrid_engine", "rlhf")
 PHASES = ("generate", "old_logprobs", "ref_logprobs", "reward", "actor_update", "other")
@@ -298,10 +299,7 @@ def main(argv=None) -> int:
                    trl_head_on_answers=args.trl_head_on_answers)
     print_rows(rows)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_bytes(args.json, json.dumps(rows, indent=2).encode())
     return 0
 
 
