@@ -71,6 +71,14 @@ SAMPLES = {"ppo": 1, "grpo": 4}  # rows per prompt (ALGORITHMS' defaults in rlhf
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+def add_clock_options(p: argparse.ArgumentParser) -> None:
+    """--threads and --clock, as every benchmark that times phases with a PhaseTimer takes them."""
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                   help="wall seconds (default), or this process's CPU seconds: on a CPU shared with other jobs and "
+                   "--threads 1, the work each phase did, whatever else runs")
+
+
 def prepare_models(args, work: str) -> tuple[str, str, str, int, int]:
     """The actor checkpoint (--model, else a random --model-size one saved into `work`) and a reward model from
     its backbone; returns (actor dir, reward dir, model name, parameters, vocabulary size)."""
@@ -216,10 +224,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per side, median kept (default 5)")
     p.add_argument("--kernels", default=None, help="engine kernels: auto|cuda|triton|cpu|torch (default: "
                    "$HYBRID_ENGINE_KERNELS or auto)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
-                   help="wall seconds (default), or this process's CPU seconds: on a CPU shared with other jobs and "
-                   "--threads 1, the work each phase did, whatever else runs")
+    add_clock_options(p)
     p.add_argument("--json", default=None, help="also write the rows as a JSON list to this path")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")

@@ -30,17 +30,16 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.rlhf_step import CLOCKS, add_clock_options  # noqa: E402
 from rlhf.runtime.checkpoint import atomic_write_bytes  # noqa: E402
 
 RUNS = ("trl", "trl+hybrid_engine", "rlhf")
 PHASES = ("generate", "old_logprobs", "ref_logprobs", "reward", "actor_update", "other")
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 # asks for answers longer than --new-tokens, so most rows run to the cap and the three runs do alike work
 PROMPTS = ["Write a long story about a dragon who learns to cook.", "Explain in detail how a bicycle works.",
            "Describe your ideal city, street by street.", "Write a letter to a friend about a trip to the sea.",
@@ -260,10 +259,7 @@ def main(argv=None) -> int:
     p.add_argument("--trl-head-on-answers", action="store_true",
                    help="experiment: TRL's fused LM head projects the answer's positions only, as on GPUs, instead "
                    "of every position (its CPU default); see above")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
-                   help="wall seconds (default), or this process's CPU seconds: on a CPU shared with other jobs and "
-                   "--threads 1, the work each phase did, whatever else runs")
+    add_clock_options(p)
     p.add_argument("--json", default=None, help="also write the rows as a JSON list to this path")
     args = p.parse_args(argv)
     if args.clock == "cpu" and torch.get_num_threads() > 1 and args.threads != 1:
